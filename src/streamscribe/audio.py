@@ -1,0 +1,100 @@
+"""Audio in: decoding wire frames, resampling to the engine's rate, files, and the growing buffer."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import soxr
+
+from streamscribe.protocol import ErrorType, StreamError
+
+AudioFormat = Literal["float32", "pcm16"]
+_SAMPLE_DTYPES: dict[str, np.dtype] = {"float32": np.dtype("<f4"), "pcm16": np.dtype("<i2")}
+
+
+def decode_audio_payload(data: str, audio_format: AudioFormat, max_bytes: int) -> np.ndarray:
+    """Base64 little-endian samples -> float32 in [-1, 1]. Raises StreamError(invalid_audio)."""
+    if len(data) > (max_bytes * 4) // 3 + 4:
+        raise StreamError(ErrorType.INVALID_AUDIO, f"audio frame larger than {max_bytes} bytes")
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise StreamError(ErrorType.INVALID_AUDIO, "audio data is not valid base64") from None
+    dtype = _SAMPLE_DTYPES[audio_format]
+    if len(raw) % dtype.itemsize:
+        raise StreamError(
+            ErrorType.INVALID_AUDIO,
+            f"audio frame has {len(raw)} bytes, not a multiple of the {dtype.itemsize}-byte {audio_format} sample",
+        )
+    samples = np.frombuffer(raw, dtype=dtype)
+    if audio_format == "pcm16":
+        return samples.astype(np.float32) / 32768.0
+    if not np.isfinite(samples).all():
+        raise StreamError(ErrorType.INVALID_AUDIO, "audio frame contains NaN or infinite samples")
+    return np.clip(samples, -1.0, 1.0).astype(np.float32, copy=False)
+
+
+class StreamResampler:
+    """Resamples a live stream chunk by chunk, keeping filter state across chunk borders."""
+
+    def __init__(self, in_rate: int, out_rate: int) -> None:
+        self._stream = None if in_rate == out_rate else soxr.ResampleStream(in_rate, out_rate, 1, dtype="float32")
+
+    def __call__(self, samples: np.ndarray, last: bool = False) -> np.ndarray:
+        if self._stream is None:
+            return samples
+        return self._stream.resample_chunk(samples, last=last)
+
+
+def load_audio_file(path: str | Path, sample_rate: int = 16000) -> np.ndarray:
+    """Decode any file PyAV reads (wav, flac, mp3, ogg, m4a, webm) to mono float32 at ``sample_rate``."""
+    from faster_whisper.audio import decode_audio
+
+    return decode_audio(str(path), sampling_rate=sample_rate)
+
+
+class AudioBuffer:
+    """Audio of one stream from ``start`` (absolute sample index) to ``end``; trimmed from the front."""
+
+    def __init__(self, capacity: int = 16000 * 8) -> None:
+        self._data = np.zeros(capacity, dtype=np.float32)
+        self._length = 0
+        self.start = 0
+
+    @property
+    def end(self) -> int:
+        return self.start + self._length
+
+    def __len__(self) -> int:
+        return self._length
+
+    def append(self, samples: np.ndarray) -> None:
+        needed = self._length + len(samples)
+        if needed > len(self._data):
+            grown = np.zeros(max(needed, 2 * len(self._data)), dtype=np.float32)
+            grown[: self._length] = self._data[: self._length]
+            self._data = grown
+        self._data[self._length : needed] = samples
+        self._length = needed
+
+    def slice(self, start: int, end: int) -> np.ndarray:
+        """A copy of absolute samples [start, end), clipped to what the buffer holds."""
+        lo = max(start, self.start) - self.start
+        hi = min(end, self.end) - self.start
+        return self._data[lo:hi].copy() if hi > lo else np.zeros(0, dtype=np.float32)
+
+    def trim_before(self, index: int) -> None:
+        """Forget samples before absolute ``index``."""
+        drop = min(max(index - self.start, 0), self._length)
+        if drop:
+            self._data[: self._length - drop] = self._data[drop : self._length]
+            self._length -= drop
+            self.start += drop
+
+    def clear(self, start: int) -> None:
+        self._length = 0
+        self.start = start

@@ -1,0 +1,244 @@
+"""The command line: ``serve``, ``stream`` (test client), ``transcribe`` (a file) and ``models``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def _settings_epilog() -> str:
+    from streamscribe.config import describe_settings
+
+    lines = ["settings (environment variables; also keys of the --config TOML file):"]
+    for variable, default, description in describe_settings():
+        lines.append(f"  {variable}  [default: {default}]\n      {description}")
+    return "\n".join(lines)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from streamscribe.config import Settings
+    from streamscribe.server.app import STREAM_PATH, create_app
+    from streamscribe.server.auth import generate_api_key
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        settings = Settings.load(args.config, host=args.host, port=args.port, log_level=args.log_level)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    api_key = settings.api_key.get_secret_value() if settings.api_key else generate_api_key()
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    shown_host = "localhost" if settings.host in ("0.0.0.0", "::", "127.0.0.1") else settings.host
+    print(f"streamscribe on http://{shown_host}:{settings.port}", flush=True)
+    print(f"  stream:  ws://{shown_host}:{settings.port}{STREAM_PATH}?token=<API key>", flush=True)
+    print(f"  API key: {api_key}" if not settings.api_key else "  API key: from STREAMSCRIBE_API_KEY", flush=True)
+    uvicorn.run(
+        create_app(settings, api_key),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        ws_max_size=4 * settings.streaming.max_frame_bytes,
+    )
+    return 0
+
+
+def _synthetic_audio(seconds: float, rate: int) -> np.ndarray:
+    """A quiet tone sweep: exercises the protocol without speech."""
+    t = np.arange(int(seconds * rate)) / rate
+    return (0.1 * np.sin(2 * np.pi * (200 + 100 * t) * t)).astype(np.float32)
+
+
+def _stream(args: argparse.Namespace) -> int:
+    from streamscribe.audio import load_audio_file
+    from streamscribe.client import ReceivedFrame, stream_audio, stream_url
+
+    if args.audio:
+        try:
+            samples = load_audio_file(args.audio, args.sample_rate)
+        except Exception as exc:
+            print(f"error: cannot read {args.audio}: {exc}", file=sys.stderr)
+            return 2
+    else:
+        samples = _synthetic_audio(args.duration, args.sample_rate)
+    token = args.token or os.environ.get("STREAMSCRIBE_API_KEY")
+    config: dict[str, Any] = {"language": args.language, "audio_format": args.audio_format}
+    if args.model:
+        config["model"] = args.model
+    if args.variant:
+        config["variant"] = args.variant
+    interactive = sys.stdout.isatty()
+
+    def show(received: ReceivedFrame) -> None:
+        frame = received.frame
+        kind = frame.get("type")
+        if kind == "partial" and interactive:
+            print(f"\r\x1b[K… {frame['text']}", end="", flush=True)
+        elif kind == "final":
+            prefix = "\r\x1b[K" if interactive else ""
+            print(f"{prefix}[{frame['start']:7.2f}-{frame['end']:7.2f}] {frame['text']}", flush=True)
+        elif kind == "warning":
+            print(f"warning: {frame['message']}", file=sys.stderr)
+        elif kind == "status" and args.verbose:
+            print(f"status: {frame}", file=sys.stderr)
+
+    try:
+        result = asyncio.run(
+            stream_audio(
+                stream_url(args.url, token),
+                samples,
+                args.sample_rate,
+                config=config,
+                speed=args.speed,
+                on_frame=show,
+            )
+        )
+    except (OSError, TimeoutError) as exc:
+        print(f"error: cannot stream to {args.url}: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # websockets raises InvalidStatus, InvalidURI, ...
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    if result.error:
+        print(f"error ({result.error['error_type']}): {result.error['message']}", file=sys.stderr)
+        return 1
+    if result.close_code not in (1000, None):
+        print(f"error: connection closed with code {result.close_code} {result.close_reason}", file=sys.stderr)
+        return 1
+    print("\nFull transcript:")
+    print(result.full_transcript or "")
+    return 0
+
+
+def _transcribe(args: argparse.Namespace) -> int:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from streamscribe.audio import load_audio_file
+    from streamscribe.config import Settings
+    from streamscribe.engines.base import EngineUnavailable
+    from streamscribe.engines.registry import EngineRegistry
+    from streamscribe.offline import render, transcribe_samples
+    from streamscribe.streaming.vad import SileroVad, VadOptions
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    settings = Settings.load(args.config)
+    try:
+        samples = load_audio_file(args.file)
+    except Exception as exc:
+        print(f"error: cannot read {args.file}: {exc}", file=sys.stderr)
+        return 2
+    try:
+        engine = EngineRegistry(settings).get(args.model, args.variant, args.language)
+    except EngineUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    duration = len(samples) / engine.sample_rate
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed:.0f}/{task.total:.0f} s"),
+        TimeRemainingColumn(),
+        console=None if sys.stderr.isatty() else None,
+        transient=True,
+        disable=not sys.stderr.isatty(),
+    ) as progress:
+        task = progress.add_task(f"{engine.name}", total=duration)
+        pieces = transcribe_samples(
+            samples,
+            engine,
+            SileroVad(),
+            args.language,
+            VadOptions(**settings.vad.model_dump()),
+            progress=lambda done: progress.update(task, completed=done),
+        )
+    text = render(pieces, args.format)
+    if args.output:
+        Path(args.output).write_text(text)
+        print(f"wrote {args.output}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from streamscribe.config import Settings
+    from streamscribe.engines.registry import EngineRegistry
+
+    table = Table("model", "variant", "languages", "available", "reason")
+    for status in EngineRegistry(Settings.load(args.config)).status():
+        table.add_row(
+            status.model,
+            status.variant,
+            ", ".join(status.languages),
+            "yes" if status.available else "no",
+            status.reason or "",
+        )
+    Console(width=160).print(table)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="streamscribe", description="Real-time speech-to-text server.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser(
+        "serve",
+        help="run the server",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_settings_epilog(),
+    )
+    serve.add_argument("--host", help="address to listen on (STREAMSCRIBE_HOST)")
+    serve.add_argument("--port", type=int, help="port (STREAMSCRIBE_PORT)")
+    serve.add_argument("--config", type=Path, help="TOML settings file (STREAMSCRIBE_CONFIG_FILE)")
+    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    serve.set_defaults(handler=_serve)
+
+    stream = commands.add_parser("stream", help="stream a file (or synthetic audio) to a server and print text")
+    source = stream.add_mutually_exclusive_group(required=True)
+    source.add_argument("--audio", type=Path, help="audio file (any rate, mono or stereo, any common format)")
+    source.add_argument("--duration", type=float, help="seconds of synthetic audio instead of a file")
+    stream.add_argument("--url", default="ws://127.0.0.1:8000", help="server URL (default: %(default)s)")
+    stream.add_argument("--token", help="API key (default: $STREAMSCRIBE_API_KEY)")
+    stream.add_argument("--model", help="parakeet, canary or whisper (server default if omitted)")
+    stream.add_argument("--variant", choices=["standard", "onnx", "mlx"])
+    stream.add_argument("--language", default="en")
+    stream.add_argument("--speed", type=float, default=1.0, help="times real time; 0 = as fast as possible")
+    stream.add_argument("--sample-rate", type=int, default=16000, help="rate to send at (server resamples)")
+    stream.add_argument("--audio-format", choices=["float32", "pcm16"], default="float32")
+    stream.add_argument("--verbose", action="store_true", help="also print status frames")
+    stream.set_defaults(handler=_stream)
+
+    transcribe = commands.add_parser("transcribe", help="transcribe a file offline, with a progress bar")
+    transcribe.add_argument("file", type=Path)
+    transcribe.add_argument("--model", default="whisper")
+    transcribe.add_argument("--variant", default="standard", choices=["standard", "onnx", "mlx"])
+    transcribe.add_argument("--language", default="en")
+    transcribe.add_argument("--format", choices=["txt", "srt", "vtt", "json"], default="txt")
+    transcribe.add_argument("--output", "-o", type=Path, help="write here instead of standard output")
+    transcribe.add_argument("--config", type=Path)
+    transcribe.set_defaults(handler=_transcribe)
+
+    models = commands.add_parser("models", help="list engines and whether each is available here")
+    models.add_argument("--config", type=Path)
+    models.set_defaults(handler=_models)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.handler(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

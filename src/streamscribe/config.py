@@ -1,0 +1,149 @@
+"""All server settings in one object, read from STREAMSCRIBE_* variables and an optional TOML file.
+
+Precedence, highest first: command-line flags, environment variables, the config file, defaults.
+Nested groups use a double underscore: ``STREAMSCRIBE_VAD__MIN_SILENCE_MS=400``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, SecretStr
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+ENV_PREFIX = "STREAMSCRIBE_"
+CONFIG_FILE_VARIABLE = "STREAMSCRIBE_CONFIG_FILE"
+
+
+class WhisperSettings(BaseModel):
+    """faster-whisper (CTranslate2), the embedded default engine."""
+
+    english_model: str = Field(
+        "tiny.en", description="Bundled model name (tiny.en, base) or a local CTranslate2 Whisper folder."
+    )
+    multilingual_model: str = Field(
+        "base", description="Model used for every language other than English (bundled name or folder)."
+    )
+    compute_type: str = Field("int8", description="CTranslate2 compute type: int8, int8_float16, float16, float32.")
+    beam_size: int = Field(5, ge=1, le=10, description="Beam size for final segments (partials use greedy).")
+    min_encoder_seconds: float = Field(
+        15.0,
+        ge=10.0,
+        le=30.0,
+        description="Encode short windows as this many seconds instead of Whisper's 30 s (saves ~5x encoder "
+        "time; below 15 s accuracy drops).",
+    )
+
+
+class VadSettings(BaseModel):
+    """Silero VAD: where utterances start and end."""
+
+    threshold: float = Field(0.5, gt=0.0, lt=1.0, description="Speech probability that starts speech.")
+    min_silence_ms: int = Field(500, ge=100, le=5000, description="Silence that ends an utterance (a final).")
+    speech_pad_ms: int = Field(200, ge=0, le=1000, description="Audio kept before and after speech.")
+    min_speech_ms: int = Field(250, ge=0, le=2000, description="Shorter bursts are ignored as noise.")
+
+
+class StreamingSettings(BaseModel):
+    """How a live stream turns into partial and final text."""
+
+    max_segment_seconds: float = Field(
+        15.0, ge=3.0, le=30.0, description="An utterance longer than this is cut at its quietest moment."
+    )
+    max_backlog_seconds: float = Field(
+        60.0,
+        ge=5.0,
+        description="Audio a stream may have waiting for decoding before the server stops reading its socket "
+        "(backpressure: audio is delayed, never dropped).",
+    )
+    prompt_chars: int = Field(
+        200, ge=0, le=1000, description="Characters of previous final text given to the engine as context."
+    )
+    config_timeout_seconds: float = Field(10.0, gt=0, description="Time allowed for the first config message.")
+    max_frame_bytes: int = Field(
+        1_048_576, ge=1024, description="Largest decoded audio payload accepted in one frame."
+    )
+
+
+class Settings(BaseSettings):
+    """Every knob of a streamscribe server. Defaults work on a laptop with nothing configured."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="ignore", validate_default=True
+    )
+
+    host: str = Field("127.0.0.1", description="Address to listen on.")
+    port: int = Field(8000, ge=0, le=65535, description="Port to listen on.")
+    api_key: SecretStr | None = Field(
+        None, description="The single user's API key. When unset, a random key is generated and printed at start."
+    )
+    default_model: Literal["whisper", "parakeet", "canary"] = Field(
+        "whisper", description="Engine used when a config names none."
+    )
+    allow_fallback: bool = Field(
+        True,
+        description="When a requested engine is unavailable, use the default one and warn. If false, the "
+        "session ends with an error (close 1011).",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where engines run.")
+    cpu_threads: int = Field(0, ge=0, description="Threads per engine on CPU; 0 means all cores.")
+    decode_workers: int = Field(1, ge=1, le=16, description="Engine calls that may run at the same time.")
+    cache_dir: Path = Field(
+        Path.home() / ".cache" / "streamscribe",
+        description="Where bundled models that ship in parts are assembled (once).",
+    )
+    preload: bool = Field(True, description="Load the default English model at start-up, not on first use.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log verbosity.")
+    whisper: WhisperSettings = Field(default_factory=WhisperSettings)  # type: ignore[arg-type]
+    vad: VadSettings = Field(default_factory=VadSettings)  # type: ignore[arg-type]
+    streaming: StreamingSettings = Field(default_factory=StreamingSettings)  # type: ignore[arg-type]
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = os.environ.get(CONFIG_FILE_VARIABLE)
+        if config_file:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(config_file)))
+        return tuple(sources)
+
+    @classmethod
+    def load(cls, config_file: Path | None = None, **overrides: Any) -> Settings:
+        """Settings from the environment, ``config_file`` (or $STREAMSCRIBE_CONFIG_FILE) and overrides."""
+        if config_file is not None:
+            os.environ[CONFIG_FILE_VARIABLE] = str(config_file)
+        path = os.environ.get(CONFIG_FILE_VARIABLE)
+        if path and not Path(path).is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        return cls(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def describe_settings() -> list[tuple[str, str, str]]:
+    """(environment variable, default, description) for every setting, nested groups expanded."""
+    rows: list[tuple[str, str, str]] = []
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            annotation = field.annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                walk(annotation, f"{prefix}{name.upper()}__")
+                continue
+            default = field.get_default(call_default_factory=True)
+            shown = "(generated)" if name == "api_key" else str(default)
+            rows.append((f"{prefix}{name.upper()}", shown, field.description or ""))
+
+    walk(Settings, ENV_PREFIX)
+    return rows

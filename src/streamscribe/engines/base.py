@@ -1,0 +1,86 @@
+"""The narrow interface every speech engine implements, and the values it exchanges."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, runtime_checkable
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Word:
+    """A recognised word.
+
+    Attributes:
+        text: The word as the engine wrote it, with its leading space if any.
+        start: Start in seconds from the start of the window.
+        end: End in seconds from the start of the window.
+        probability: The engine's confidence, 0..1.
+    """
+
+    text: str
+    start: float
+    end: float
+    probability: float
+
+
+@dataclass(frozen=True)
+class AudioWindow:
+    """One piece of audio to transcribe, with how to decode it.
+
+    Attributes:
+        samples: Mono float32 samples at the engine's sample rate.
+        language: Source language code ("en", "es", ...).
+        final: True for text that will be final (worth a wider beam); False for a quick partial.
+        prompt: Previous text of the stream, given as context where the engine supports it.
+        word_timestamps: Whether to return per-word timing.
+        task: "transcribe", or "translate" (to English) where the engine supports it.
+    """
+
+    samples: np.ndarray
+    language: str
+    final: bool = True
+    prompt: str | None = None
+    word_timestamps: bool = False
+    task: Literal["transcribe", "translate"] = "transcribe"
+
+
+@dataclass(frozen=True)
+class Transcript:
+    """An engine's text for one window.
+
+    Attributes:
+        text: The recognised text, stripped.
+        language: The language the text is in.
+        words: Per-word timing when asked for (seconds from the start of the window).
+    """
+
+    text: str
+    language: str
+    words: tuple[Word, ...] = field(default_factory=tuple)
+
+
+class EngineUnavailable(RuntimeError):
+    """An engine cannot run here: a package or the weights are missing. The message says which."""
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """A loaded speech model. Implementations are thread-safe for ``transcribe``."""
+
+    @property
+    def name(self) -> str:
+        """Identity reported to clients, e.g. ``whisper-tiny.en`` or ``parakeet-onnx``."""
+        ...
+
+    @property
+    def sample_rate(self) -> int: ...
+
+    @property
+    def languages(self) -> frozenset[str]: ...
+
+    def transcribe(self, batch: Sequence[AudioWindow]) -> list[Transcript]:
+        """Transcribe each window; one result per window, in order."""
+        ...

@@ -1,0 +1,200 @@
+"""The WebSocket wire protocol: every frame as a pydantic model, the error types and close codes.
+
+Existing clients speak this protocol, so field names, defaults and aliases are part of the contract.
+"""
+
+from __future__ import annotations
+
+import time
+from enum import IntEnum, StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+
+
+class CloseCode(IntEnum):
+    NORMAL = 1000
+    GOING_AWAY = 1001
+    POLICY_VIOLATION = 1008
+    ENGINE_FAILURE = 1011
+    PROTOCOL_ERROR = 4400
+    UNAUTHORIZED = 4401
+
+
+class ErrorType(StrEnum):
+    BAD_REQUEST = "bad_request"
+    INVALID_AUDIO = "invalid_audio"
+    AUTH_FAILED = "auth_failed"
+    MODEL_UNAVAILABLE = "model_unavailable"
+    TIMEOUT = "timeout"
+    INTERNAL_ERROR = "internal_error"
+
+
+class StreamError(Exception):
+    """An error the client is told about; ``close_code`` ends the session, ``None`` lets it continue."""
+
+    def __init__(self, error_type: ErrorType, message: str, close_code: CloseCode | None = None) -> None:
+        super().__init__(message)
+        self.error_type = error_type
+        self.message = message
+        self.close_code = close_code
+
+    def to_frame(self) -> ErrorFrame:
+        return ErrorFrame(message=self.message, error_type=self.error_type)
+
+
+ModelName = Literal["parakeet", "canary", "whisper"]
+Variant = Literal["standard", "onnx", "mlx"]
+
+# Names older clients send, mapped to (model, variant or None to keep the requested one).
+MODEL_ALIASES: dict[str, tuple[ModelName, Variant | None]] = {
+    "parakeet": ("parakeet", None),
+    "parakeet-standard": ("parakeet", "standard"),
+    "parakeet-onnx": ("parakeet", "onnx"),
+    "parakeet-mlx": ("parakeet", "mlx"),
+    "canary": ("canary", None),
+    "canary-1b": ("canary", None),
+    "whisper": ("whisper", None),
+    "whisper-1": ("whisper", None),
+}
+
+MIN_SAMPLE_RATE = 8000
+MAX_SAMPLE_RATE = 48000
+
+
+class _ClientFrame(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class ConfigMessage(_ClientFrame):
+    """The first frame of a session. Every field is optional."""
+
+    type: Literal["config"]
+    model: str | None = None
+    variant: Variant = Field("standard", validation_alias=AliasChoices("variant", "model_variant"))
+    sample_rate: int = Field(16000, ge=MIN_SAMPLE_RATE, le=MAX_SAMPLE_RATE)
+    language: str = Field("en", min_length=2, max_length=8)
+    # Accepted for compatibility with the chunked design this server replaces; the VAD policy segments
+    # audio itself, so these only bound the buffer (see docs in README "Protocol").
+    chunk_duration: float = Field(2.0, gt=0, le=30)
+    overlap_duration: float = Field(0.5, ge=0, le=10)
+    max_buffer_duration: float = Field(30.0, ge=3, le=120)
+    enable_partial: bool = True
+    partial_interval: float = Field(0.5, ge=0.1, le=10)
+    audio_format: Literal["float32", "pcm16"] = "float32"
+
+    @field_validator("language")
+    @classmethod
+    def _lowercase_language(cls, value: str) -> str:
+        return value.strip().lower()
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        name = value.strip().lower()
+        if name not in MODEL_ALIASES:
+            raise ValueError(f"unknown model {value!r}; expected one of {sorted(MODEL_ALIASES)}")
+        return name
+
+    def engine_choice(self, default_model: ModelName) -> tuple[ModelName, Variant]:
+        """The (model, variant) this config asks for, aliases resolved."""
+        if self.model is None:
+            return default_model, self.variant
+        model, variant = MODEL_ALIASES[self.model]
+        return model, variant or self.variant
+
+
+class AudioMessage(_ClientFrame):
+    type: Literal["audio"]
+    data: str
+
+
+class CommitMessage(_ClientFrame):
+    type: Literal["commit"]
+
+
+class ResetMessage(_ClientFrame):
+    type: Literal["reset"]
+
+
+class StopMessage(_ClientFrame):
+    type: Literal["stop"]
+
+
+ClientMessage = Annotated[
+    ConfigMessage | AudioMessage | CommitMessage | ResetMessage | StopMessage,
+    Field(discriminator="type"),
+]
+_client_message_adapter: TypeAdapter[ClientMessage] = TypeAdapter(ClientMessage)
+
+
+def parse_client_message(raw: str | bytes) -> ClientMessage:
+    """Parse one text frame; raises StreamError(bad_request) with a readable reason."""
+    try:
+        return _client_message_adapter.validate_json(raw)
+    except ValidationError as exc:
+        raise StreamError(ErrorType.BAD_REQUEST, _describe_validation_error(exc)) from None
+
+
+def _describe_validation_error(exc: ValidationError) -> str:
+    first = exc.errors(include_url=False)[0]
+    if first["type"] == "json_invalid":
+        return "message is not valid JSON"
+    if first["type"] == "union_tag_invalid":
+        return f"unknown message type {first['input'].get('type')!r}" if isinstance(first["input"], dict) else (
+            "unknown message type"
+        )
+    if first["type"] == "union_tag_not_found":
+        return "message has no 'type' field"
+    location = ".".join(str(part) for part in first["loc"][1:]) or "message"
+    return f"{location}: {first['msg']}"
+
+
+class _ServerFrame(BaseModel):
+    timestamp: float = Field(default_factory=time.time)
+
+    def to_json(self) -> str:
+        return self.model_dump_json(exclude_none=True)
+
+
+class StatusFrame(_ServerFrame):
+    type: Literal["status"] = "status"
+    state: Literal["configured", "ready", "reset"]
+    model: str | None = None
+    variant: str | None = None
+    language: str | None = None
+
+
+class TranscriptFrame(_ServerFrame):
+    """A partial (tentative, replaced by the next one) or a final (never revised) segment."""
+
+    type: Literal["partial", "final"]
+    text: str
+    is_final: bool
+    model: str
+    segment_id: int
+    start: float
+    end: float
+    language: str
+    words: list[dict[str, Any]] | None = None
+
+
+class FullTranscriptFrame(_ServerFrame):
+    type: Literal["full_transcript"] = "full_transcript"
+    text: str
+
+
+class WarningFrame(_ServerFrame):
+    type: Literal["warning"] = "warning"
+    fallback: bool
+    original_model: str
+    active_model: str
+    message: str
+
+
+class ErrorFrame(_ServerFrame):
+    type: Literal["error"] = "error"
+    message: str
+    error_type: ErrorType

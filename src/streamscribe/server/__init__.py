@@ -1,0 +1,1 @@
+"""The web application: WebSocket route, HTTP routes, auth."""

@@ -1,0 +1,55 @@
+"""The FastAPI application: routes, and the lifespan that loads models once per process."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import asdict
+from typing import Any
+
+from fastapi import FastAPI, WebSocket
+
+from streamscribe import __version__
+from streamscribe.config import Settings
+from streamscribe.server.auth import install_log_redaction
+from streamscribe.server.runtime import Runtime
+from streamscribe.server.stream import StreamConnection
+
+STREAM_PATH = "/api/v1/audio/stream/transcribe"
+
+
+def create_app(settings: Settings, api_key: str) -> FastAPI:
+    """A server for ``settings`` that accepts ``api_key``."""
+    install_log_redaction()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        runtime = Runtime(settings, api_key)
+        if settings.preload:
+            await runtime.preload()
+        app.state.runtime = runtime
+        yield
+        await runtime.close()
+
+    app = FastAPI(title="streamscribe", version=__version__, lifespan=lifespan)
+
+    @app.websocket(STREAM_PATH)
+    async def transcribe_stream(websocket: WebSocket) -> None:
+        await StreamConnection(websocket, websocket.app.state.runtime).run()
+
+    @app.get("/api/v1/audio/stream/status")
+    async def stream_status() -> dict[str, Any]:
+        """Every engine, variant and language, with availability and the reason when unavailable."""
+        runtime: Runtime = app.state.runtime
+        return {
+            "default_model": settings.default_model,
+            "fallback": settings.allow_fallback,
+            "loaded": [engine.name for engine in runtime.registry.loaded()],
+            "engines": [asdict(status) for status in runtime.registry.status()],
+        }
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    return app

@@ -1,0 +1,46 @@
+"""What every connection shares: settings, auth, loaded engines, their schedulers, the VAD model."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from streamscribe.config import Settings
+from streamscribe.engines.base import Engine
+from streamscribe.engines.registry import EngineRegistry
+from streamscribe.server.auth import SingleUserAuth
+from streamscribe.streaming.scheduler import DecodeScheduler
+from streamscribe.streaming.vad import SileroVad
+
+log = logging.getLogger(__name__)
+
+
+class Runtime:
+    """Process-wide state of a running server; created once by the app's lifespan."""
+
+    def __init__(self, settings: Settings, api_key: str) -> None:
+        self.settings = settings
+        self.auth = SingleUserAuth(api_key)
+        self.registry = EngineRegistry(settings)
+        self.vad = SileroVad()
+        self._schedulers: dict[str, DecodeScheduler] = {}
+        self._load_lock = asyncio.Lock()
+
+    async def engine(self, model: str, variant: str, language: str) -> Engine:
+        """The loaded engine for this choice; loading (seconds) runs off the event loop, once."""
+        async with self._load_lock:
+            return await asyncio.to_thread(self.registry.get, model, variant, language)
+
+    def scheduler(self, engine: Engine) -> DecodeScheduler:
+        if engine.name not in self._schedulers:
+            self._schedulers[engine.name] = DecodeScheduler(engine, workers=self.settings.decode_workers)
+        return self._schedulers[engine.name]
+
+    async def preload(self) -> None:
+        """Load the default (fallback) English engine before the first client needs it."""
+        engine = await self.engine("whisper", "standard", "en")
+        log.info("model %s ready", engine.name)
+
+    async def close(self) -> None:
+        for scheduler in self._schedulers.values():
+            await scheduler.close()

@@ -1,0 +1,228 @@
+"""The streaming WebSocket: authenticate, configure, then turn audio frames into transcript frames."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+
+from streamscribe.audio import StreamResampler, decode_audio_payload
+from streamscribe.engines.base import Engine, EngineUnavailable
+from streamscribe.protocol import (
+    AudioMessage,
+    CloseCode,
+    CommitMessage,
+    ConfigMessage,
+    ErrorType,
+    FullTranscriptFrame,
+    ResetMessage,
+    StatusFrame,
+    StopMessage,
+    StreamError,
+    TranscriptFrame,
+    WarningFrame,
+    parse_client_message,
+)
+from streamscribe.server.auth import presented_key
+from streamscribe.server.runtime import Runtime
+from streamscribe.streaming.session import (
+    EngineFailure,
+    FinalSegment,
+    PartialText,
+    SessionEvent,
+    SessionOptions,
+    StreamingSession,
+)
+from streamscribe.streaming.vad import VadOptions
+
+log = logging.getLogger(__name__)
+
+
+class _SessionEnded(Exception):
+    """The socket is closed (by us or the peer); stop handling it."""
+
+
+class StreamConnection:
+    """One client's WebSocket, from accept to close."""
+
+    def __init__(self, websocket: WebSocket, runtime: Runtime) -> None:
+        self._ws = websocket
+        self._runtime = runtime
+        self._send_lock = asyncio.Lock()
+        self._closed = False
+
+    async def run(self) -> None:
+        await self._ws.accept()
+        session: StreamingSession | None = None
+        try:
+            if not self._runtime.auth.is_valid(presented_key(self._ws)):
+                raise StreamError(ErrorType.AUTH_FAILED, "missing or invalid API key", CloseCode.UNAUTHORIZED)
+            config = await self._receive_config()
+            engine, resampler = await self._start(config)
+            session = self._new_session(config, engine)
+            await self._serve(config, session, resampler)
+        except StreamError as error:
+            await self._fail(error)
+        except (_SessionEnded, WebSocketDisconnect):
+            pass
+        except Exception:
+            log.exception("unexpected error in stream")
+            await self._fail(
+                StreamError(ErrorType.INTERNAL_ERROR, "internal server error", CloseCode.ENGINE_FAILURE)
+            )
+        finally:
+            if session is not None:
+                await session.close()
+
+    async def _receive_config(self) -> ConfigMessage:
+        timeout = self._runtime.settings.streaming.config_timeout_seconds
+        try:
+            message = parse_client_message(await asyncio.wait_for(self._receive_text(), timeout))
+        except TimeoutError:
+            raise StreamError(
+                ErrorType.TIMEOUT, f"no config message within {timeout:g} s", CloseCode.PROTOCOL_ERROR
+            ) from None
+        except StreamError as error:
+            raise StreamError(error.error_type, f"invalid config: {error.message}", CloseCode.PROTOCOL_ERROR) from None
+        if not isinstance(message, ConfigMessage):
+            raise StreamError(
+                ErrorType.BAD_REQUEST,
+                f"the first message must be a config, got {message.type!r}",
+                CloseCode.PROTOCOL_ERROR,
+            )
+        return message
+
+    async def _start(self, config: ConfigMessage) -> tuple[Engine, StreamResampler]:
+        settings = self._runtime.settings
+        model, variant = config.engine_choice(settings.default_model)
+        await self._send(StatusFrame(state="configured", model=model, variant=variant, language=config.language))
+        try:
+            engine = await self._runtime.engine(model, variant, config.language)
+        except EngineUnavailable as exc:
+            if model == "whisper" or not settings.allow_fallback:
+                raise StreamError(
+                    ErrorType.MODEL_UNAVAILABLE, f"{model} ({variant}) is unavailable: {exc}", CloseCode.ENGINE_FAILURE
+                ) from None
+            try:
+                engine = await self._runtime.engine("whisper", "standard", config.language)
+            except EngineUnavailable as fallback_exc:
+                raise StreamError(
+                    ErrorType.MODEL_UNAVAILABLE,
+                    f"{model} ({variant}) is unavailable ({exc}) and so is the fallback: {fallback_exc}",
+                    CloseCode.ENGINE_FAILURE,
+                ) from None
+            await self._send(
+                WarningFrame(
+                    fallback=True,
+                    original_model=f"{model}-{variant}",
+                    active_model=engine.name,
+                    message=f"{model} ({variant}) is unavailable here ({exc}); using {engine.name}",
+                )
+            )
+        await self._send(StatusFrame(state="ready", model=engine.name))
+        return engine, StreamResampler(config.sample_rate, engine.sample_rate)
+
+    def _new_session(self, config: ConfigMessage, engine: Engine) -> StreamingSession:
+        settings = self._runtime.settings
+        options = SessionOptions(
+            language=config.language,
+            enable_partial=config.enable_partial,
+            partial_interval=config.partial_interval,
+            max_segment_seconds=min(settings.streaming.max_segment_seconds, config.max_buffer_duration),
+            max_backlog_seconds=settings.streaming.max_backlog_seconds,
+            prompt_chars=settings.streaming.prompt_chars,
+            vad=VadOptions(**settings.vad.model_dump()),
+        )
+        model_name = engine.name
+
+        async def emit(event: SessionEvent) -> None:
+            if isinstance(event, PartialText):
+                await self._send(
+                    TranscriptFrame(
+                        type="partial",
+                        text=event.text,
+                        is_final=False,
+                        model=model_name,
+                        segment_id=event.segment_id,
+                        start=round(event.start, 3),
+                        end=round(event.end, 3),
+                        language=config.language,
+                    )
+                )
+            elif isinstance(event, FinalSegment):
+                await self._send(
+                    TranscriptFrame(
+                        type="final",
+                        text=event.text,
+                        is_final=True,
+                        model=model_name,
+                        segment_id=event.segment_id,
+                        start=round(event.start, 3),
+                        end=round(event.end, 3),
+                        language=event.language,
+                    )
+                )
+            elif isinstance(event, EngineFailure):
+                await self._fail(
+                    StreamError(ErrorType.INTERNAL_ERROR, "the speech engine failed", CloseCode.ENGINE_FAILURE)
+                )
+
+        return StreamingSession(self._runtime.scheduler(engine), self._runtime.vad, options, emit)
+
+    async def _serve(self, config: ConfigMessage, session: StreamingSession, resampler: StreamResampler) -> None:
+        max_bytes = self._runtime.settings.streaming.max_frame_bytes
+        while True:
+            try:
+                message = parse_client_message(await self._receive_text())
+                if isinstance(message, AudioMessage):
+                    samples = decode_audio_payload(message.data, config.audio_format, max_bytes)
+                    await session.feed(resampler(samples))
+                elif isinstance(message, CommitMessage):
+                    await self._send(FullTranscriptFrame(text=await session.flush()))
+                elif isinstance(message, ResetMessage):
+                    session.reset()
+                    await self._send(StatusFrame(state="reset"))
+                elif isinstance(message, StopMessage):
+                    await self._send(FullTranscriptFrame(text=await session.flush()))
+                    await self._close(CloseCode.NORMAL)
+                    return
+                else:
+                    raise StreamError(ErrorType.BAD_REQUEST, "the session is already configured")
+            except StreamError as error:
+                if error.close_code is not None:
+                    raise
+                await self._send(error.to_frame())
+
+    async def _receive_text(self) -> str:
+        message = await self._ws.receive()
+        if message["type"] == "websocket.disconnect":
+            self._closed = True
+            raise _SessionEnded
+        if message.get("text") is None:
+            raise StreamError(ErrorType.BAD_REQUEST, "binary frames are not supported: send JSON text frames")
+        return str(message["text"])
+
+    async def _send(self, frame: StatusFrame | TranscriptFrame | FullTranscriptFrame | WarningFrame) -> None:
+        if self._closed:
+            raise _SessionEnded
+        async with self._send_lock:
+            try:
+                await self._ws.send_text(frame.to_json())
+            except (WebSocketDisconnect, RuntimeError):
+                self._closed = True
+                raise _SessionEnded from None
+
+    async def _fail(self, error: StreamError) -> None:
+        with contextlib.suppress(_SessionEnded):
+            await self._send(error.to_frame())  # type: ignore[arg-type]
+        await self._close(error.close_code or CloseCode.ENGINE_FAILURE)
+
+    async def _close(self, code: CloseCode) -> None:
+        if self._closed or self._ws.client_state != WebSocketState.CONNECTED:
+            return
+        self._closed = True
+        async with self._send_lock:
+            with contextlib.suppress(RuntimeError, WebSocketDisconnect):
+                await self._ws.close(code=int(code))

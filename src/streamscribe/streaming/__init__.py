@@ -1,0 +1,1 @@
+"""Turning a live, growing audio stream into stable partial and final text."""

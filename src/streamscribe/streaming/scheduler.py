@@ -1,0 +1,98 @@
+"""Between sessions and an engine: one queue, finals before partials, oldest audio first.
+
+Each session keeps at most one request in flight, so oldest-first is a round robin over streams, and
+a stream that falls behind sends one larger window instead of a queue of stale ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+from streamscribe.engines.base import AudioWindow, Engine, Transcript
+
+
+class Priority(IntEnum):
+    FINAL = 0
+    PARTIAL = 1
+
+
+@dataclass(order=True)
+class _Job:
+    priority: int
+    order: int
+    window: AudioWindow = field(compare=False)
+    result: asyncio.Future[Transcript] = field(compare=False)
+
+
+class DecodeScheduler:
+    """Runs an engine's ``transcribe`` in worker threads, never on the event loop."""
+
+    def __init__(self, engine: Engine, workers: int = 1, max_batch: int = 1) -> None:
+        self.engine = engine
+        self._workers = workers
+        self._max_batch = max_batch
+        self._queue: list[_Job] = []
+        self._order = itertools.count()
+        self._ready: asyncio.Event | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"decode-{engine.name}")
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    async def decode(self, window: AudioWindow, priority: Priority) -> Transcript:
+        """Queue one window and wait for its transcript (engine errors are raised here)."""
+        if self._ready is None:
+            self._ready = asyncio.Event()
+            self._tasks = [asyncio.create_task(self._work()) for _ in range(self._workers)]
+        future: asyncio.Future[Transcript] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._queue, _Job(priority, next(self._order), window, future))
+        self._ready.set()
+        return await future
+
+    async def _work(self) -> None:
+        assert self._ready is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            while not self._queue:
+                self._ready.clear()
+                await self._ready.wait()
+            batch = self._take_batch()
+            if not batch:
+                continue
+            try:
+                results = await loop.run_in_executor(
+                    self._executor, self.engine.transcribe, [job.window for job in batch]
+                )
+            except Exception as exc:
+                for job in batch:
+                    if not job.result.done():
+                        job.result.set_exception(exc)
+                continue
+            for job, transcript in zip(batch, results, strict=True):
+                if not job.result.done():
+                    job.result.set_result(transcript)
+
+    def _take_batch(self) -> list[_Job]:
+        batch: list[_Job] = []
+        while self._queue and len(batch) < self._max_batch:
+            job = heapq.heappop(self._queue)
+            if job.result.cancelled():
+                continue
+            if batch and job.priority != batch[0].priority:
+                heapq.heappush(self._queue, job)
+                break
+            batch.append(job)
+        return batch
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._executor.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,279 @@
+"""One live stream: VAD cuts audio into utterances; closed ones become finals, the open one partials.
+
+Audio flows in through ``feed`` (already at the engine's rate). A decoder task per session sends work to
+the shared scheduler: every closed utterance once, as a final (in order, never revised), and the open
+utterance every ``partial_interval`` of new audio, stabilised by LocalAgreement. Finals never overlap, so
+no word is repeated at a border. Memory is bounded: silence is dropped, an utterance is cut at its
+quietest moment once it reaches ``max_segment_seconds``, and audio waiting for decoding is capped by
+backpressure on ``feed``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from streamscribe.audio import AudioBuffer
+from streamscribe.engines.base import AudioWindow, Word
+from streamscribe.streaming.policy import LocalAgreement
+from streamscribe.streaming.scheduler import DecodeScheduler, Priority
+from streamscribe.streaming.vad import SileroVad, SpeechEnd, SpeechStart, VadOptions, VadStream
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SessionOptions:
+    """How one stream is transcribed (from the client's config and the server's settings)."""
+
+    language: str = "en"
+    enable_partial: bool = True
+    partial_interval: float = 0.5
+    max_segment_seconds: float = 15.0
+    max_backlog_seconds: float = 60.0
+    prompt_chars: int = 200
+    word_timestamps: bool = False
+    vad: VadOptions = field(default_factory=VadOptions)
+
+
+@dataclass(frozen=True)
+class PartialText:
+    """The open utterance's text so far (replaces the previous partial)."""
+
+    segment_id: int
+    text: str
+    start: float
+    end: float
+
+
+@dataclass(frozen=True)
+class FinalSegment:
+    """A finished utterance; never revised."""
+
+    segment_id: int
+    text: str
+    start: float
+    end: float
+    language: str
+    words: tuple[Word, ...] = ()
+
+
+@dataclass(frozen=True)
+class EngineFailure:
+    message: str
+
+
+SessionEvent = PartialText | FinalSegment | EngineFailure
+
+
+@dataclass
+class _Utterance:
+    segment_id: int
+    start: int
+    end: int
+    samples: np.ndarray
+
+
+class StreamingSession:
+    """Turns a live stream of 16 kHz samples into partial and final text events."""
+
+    def __init__(
+        self,
+        scheduler: DecodeScheduler,
+        vad: SileroVad,
+        options: SessionOptions,
+        emit: Callable[[SessionEvent], Awaitable[None]],
+    ) -> None:
+        self._scheduler = scheduler
+        self._options = options
+        self._emit = emit
+        self._rate = scheduler.engine.sample_rate
+        self._vad = VadStream(vad, options.vad)
+        self._pad = options.vad.speech_pad_ms * self._rate // 1000
+        self._min_speech = options.vad.min_speech_ms * self._rate // 1000
+        self._max_segment = int(options.max_segment_seconds * self._rate)
+        self._partial_step = int(options.partial_interval * self._rate)
+        self._buffer = AudioBuffer()
+        self._closed: deque[_Utterance] = deque()
+        self._agreement = LocalAgreement()
+        self._finals: list[str] = []
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._drained = asyncio.Event()
+        self._generation = 0
+        self._segment_start: int | None = None
+        self._next_segment_id = 0
+        self._partial_decoded_to = 0
+        self._last_partial = ""
+        self._worker = asyncio.create_task(self._decode_loop())
+
+    @property
+    def received_seconds(self) -> float:
+        return self._buffer.end / self._rate
+
+    @property
+    def full_transcript(self) -> str:
+        return " ".join(self._finals)
+
+    def backlog_seconds(self) -> float:
+        waiting = sum(len(u.samples) for u in self._closed)
+        if self._segment_start is not None:
+            waiting += self._buffer.end - self._segment_start
+        return waiting / self._rate
+
+    async def feed(self, samples: np.ndarray) -> None:
+        """Add audio; waits (backpressure) while too much audio is waiting for the engine."""
+        while self.backlog_seconds() > self._options.max_backlog_seconds and self._closed:
+            self._drained.clear()
+            await self._drained.wait()
+        self._buffer.append(samples)
+        for event in self._vad.process(samples):
+            if isinstance(event, SpeechStart) and self._segment_start is None:
+                self._segment_start = max(self._buffer.start, event.sample - self._pad)
+            elif isinstance(event, SpeechEnd) and self._segment_start is not None:
+                if event.duration < self._min_speech:
+                    self._drop_open_segment(event.sample)
+                else:
+                    self._close_segment(min(event.sample + self._pad, self._buffer.end))
+        if self._segment_start is None:
+            self._buffer.trim_before(self._buffer.end - self._pad)
+        elif self._buffer.end - self._segment_start >= self._max_segment:
+            self._cut_long_segment()
+        self._wake.set()
+
+    async def flush(self) -> str:
+        """Finish everything received so far: emit its finals, then return the full transcript."""
+        if self._segment_start is not None and self._buffer.end - self._segment_start >= self._min_speech:
+            self._close_segment(self._buffer.end)
+        if self._closed:
+            self._idle.clear()
+            self._wake.set()
+        await self._idle.wait()
+        return self.full_transcript
+
+    def reset(self) -> None:
+        """Drop buffered audio, pending work and the transcript; the stream's clock keeps running."""
+        self._generation += 1
+        position = self._buffer.end
+        self._buffer.clear(position)
+        self._vad.reset(position)
+        self._closed.clear()
+        self._segment_start = None
+        self._agreement.reset()
+        self._finals.clear()
+        self._last_partial = ""
+        self._next_segment_id = 0
+        self._idle.set()
+        self._drained.set()
+
+    async def close(self) -> None:
+        self._worker.cancel()
+        await asyncio.gather(self._worker, return_exceptions=True)
+
+    def _close_segment(self, end: int) -> None:
+        assert self._segment_start is not None
+        samples = self._buffer.slice(self._segment_start, end)
+        self._closed.append(_Utterance(self._next_segment_id, self._segment_start, end, samples))
+        self._idle.clear()
+        self._next_segment_id += 1
+        self._buffer.trim_before(end)
+        self._vad.forget_before(end)
+        self._segment_start = None
+        self._start_new_utterance()
+
+    def _drop_open_segment(self, end: int) -> None:
+        self._buffer.trim_before(end)
+        self._segment_start = None
+        self._start_new_utterance()
+
+    def _cut_long_segment(self) -> None:
+        """Close a long utterance at its quietest moment in the last half, and keep streaming the rest."""
+        assert self._segment_start is not None
+        lo = self._segment_start + self._max_segment // 2
+        hi = self._buffer.end - self._rate // 2
+        cut = self._vad.quietest_sample(lo, hi) or self._buffer.end
+        self._close_segment(cut)
+        self._segment_start = cut
+
+    def _start_new_utterance(self) -> None:
+        self._agreement.reset()
+        self._partial_decoded_to = 0
+        self._last_partial = ""
+
+    def _wants_partial(self) -> bool:
+        if not self._options.enable_partial or self._segment_start is None or self._closed:
+            return False
+        decoded_to = max(self._partial_decoded_to, self._segment_start)
+        return self._buffer.end - decoded_to >= self._partial_step
+
+    def _window(self, samples: np.ndarray, final: bool) -> AudioWindow:
+        prompt = self.full_transcript[-self._options.prompt_chars :] if self._options.prompt_chars else None
+        return AudioWindow(
+            samples=samples,
+            language=self._options.language,
+            final=final,
+            prompt=prompt or None,
+            word_timestamps=final and self._options.word_timestamps,
+        )
+
+    async def _decode_loop(self) -> None:
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                await self._decode_finals()
+                if self._wants_partial():
+                    await self._decode_partial()
+                    self._wake.set()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("engine failure in stream")
+            self._idle.set()
+            await self._emit(EngineFailure(f"{type(exc).__name__}: {exc}"))
+
+    async def _decode_finals(self) -> None:
+        while self._closed:
+            generation = self._generation
+            utterance = self._closed[0]
+            transcript = await self._scheduler.decode(self._window(utterance.samples, final=True), Priority.FINAL)
+            if generation != self._generation:
+                return
+            self._closed.popleft()
+            self._drained.set()
+            if transcript.text:
+                self._finals.append(transcript.text)
+                offset = utterance.start / self._rate
+                words = tuple(
+                    Word(w.text, w.start + offset, w.end + offset, w.probability) for w in transcript.words
+                )
+                await self._emit(
+                    FinalSegment(
+                        utterance.segment_id,
+                        transcript.text,
+                        offset,
+                        utterance.end / self._rate,
+                        transcript.language,
+                        words,
+                    )
+                )
+        self._idle.set()
+
+    async def _decode_partial(self) -> None:
+        assert self._segment_start is not None
+        generation, start, end = self._generation, self._segment_start, self._buffer.end
+        self._partial_decoded_to = end
+        samples = self._buffer.slice(start, end)
+        transcript = await self._scheduler.decode(self._window(samples, final=False), Priority.PARTIAL)
+        if generation != self._generation or self._segment_start != start:
+            return  # the utterance closed or the stream was reset while decoding: stale
+        text = self._agreement.update(transcript.text)
+        if text and text != self._last_partial:
+            self._last_partial = text
+            await self._emit(PartialText(self._next_segment_id, text, start / self._rate, end / self._rate))

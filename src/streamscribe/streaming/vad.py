@@ -1,0 +1,144 @@
+"""Silero VAD through onnxruntime (no torch): where speech starts and ends in a live stream."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from streamscribe.engines.base import EngineUnavailable
+from streamscribe.engines.bundled import package_dir
+
+SAMPLE_RATE = 16000
+CHUNK = 512  # samples per model step at 16 kHz (32 ms)
+_CONTEXT = 64  # samples of the previous chunk the model sees with each step
+
+
+def silero_model_path() -> Path:
+    """The ONNX file shipped in the silero-vad wheel (found without importing its torch-based module)."""
+    try:
+        path = package_dir("silero_vad") / "data" / "silero_vad.onnx"
+    except EngineUnavailable:
+        raise EngineUnavailable("silero-vad is not installed: pip install --no-deps silero-vad") from None
+    if not path.is_file():
+        raise EngineUnavailable(f"silero-vad is installed but {path.name} is missing")
+    return path
+
+
+class SileroVad:
+    """The shared ONNX model. Each stream keeps its own state in a ``VadStream``."""
+
+    def __init__(self, path: Path | None = None) -> None:
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.inter_op_num_threads = 1
+        options.intra_op_num_threads = 1
+        self._session = onnxruntime.InferenceSession(
+            str(path or silero_model_path()), sess_options=options, providers=["CPUExecutionProvider"]
+        )
+        self._sr = np.array(SAMPLE_RATE, dtype=np.int64)
+
+    def step(self, chunks: np.ndarray, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Speech probabilities for [batch, CONTEXT + CHUNK] samples; returns (probs[batch], new state)."""
+        probs, new_state = self._session.run(None, {"input": chunks, "state": state, "sr": self._sr})
+        return probs[:, 0], new_state
+
+
+@dataclass(frozen=True)
+class VadOptions:
+    """Attributes: threshold to enter speech; silence that ends it; padding; shortest speech kept (ms)."""
+
+    threshold: float = 0.5
+    min_silence_ms: int = 500
+    speech_pad_ms: int = 200
+    min_speech_ms: int = 250
+
+
+@dataclass(frozen=True)
+class SpeechStart:
+    sample: int
+
+
+@dataclass(frozen=True)
+class SpeechEnd:
+    """Speech ended at ``sample``; ``duration`` is the length of the speech run in samples."""
+
+    sample: int
+    duration: int
+
+
+VadEvent = SpeechStart | SpeechEnd
+
+
+class VadStream:
+    """Per-stream VAD state: feeds 32 ms steps to the model and turns probabilities into speech events.
+
+    Hysteresis as in Silero's own iterator: enter speech at ``threshold``, leave after ``min_silence_ms``
+    below ``threshold - 0.15``. Sample indexes are absolute within the stream.
+    """
+
+    def __init__(self, model: SileroVad, options: VadOptions) -> None:
+        self._model = model
+        self._options = options
+        self._min_silence = options.min_silence_ms * SAMPLE_RATE // 1000
+        self.reset(0)
+
+    def reset(self, position: int) -> None:
+        """Forget all state; the next sample fed has absolute index ``position``."""
+        self._state = np.zeros((2, 1, 128), dtype=np.float32)
+        self._context = np.zeros(_CONTEXT, dtype=np.float32)
+        self._pending = np.zeros(0, dtype=np.float32)
+        self._position = position  # absolute index of the first sample in _pending
+        self.in_speech = False
+        self._speech_start = 0
+        self._silence_start: int | None = None
+        self.probabilities: list[tuple[int, float]] = []  # (chunk start, prob) while in speech
+
+    def process(self, samples: np.ndarray) -> list[VadEvent]:
+        """Consume samples (16 kHz float32); return the speech boundaries they revealed."""
+        self._pending = np.concatenate([self._pending, samples]) if len(self._pending) else samples
+        events: list[VadEvent] = []
+        steps = len(self._pending) // CHUNK
+        for i in range(steps):
+            chunk = self._pending[i * CHUNK : (i + 1) * CHUNK]
+            window = np.concatenate([self._context, chunk])[None, :]
+            probs, self._state = self._model.step(window, self._state)
+            self._context = chunk[-_CONTEXT:]
+            event = self._advance(self._position + i * CHUNK, float(probs[0]))
+            if event is not None:
+                events.append(event)
+        self._pending = self._pending[steps * CHUNK :]
+        self._position += steps * CHUNK
+        return events
+
+    def _advance(self, at: int, prob: float) -> VadEvent | None:
+        threshold = self._options.threshold
+        if self.in_speech:
+            self.probabilities.append((at, prob))
+        if prob >= threshold:
+            self._silence_start = None
+            if not self.in_speech:
+                self.in_speech = True
+                self._speech_start = at
+                self.probabilities = [(at, prob)]
+                return SpeechStart(at)
+            return None
+        if self.in_speech and prob < threshold - 0.15:
+            if self._silence_start is None:
+                self._silence_start = at
+            elif at + CHUNK - self._silence_start >= self._min_silence:
+                self.in_speech = False
+                end = self._silence_start
+                self._silence_start = None
+                return SpeechEnd(end, end - self._speech_start)
+        return None
+
+    def quietest_sample(self, lo: int, hi: int) -> int | None:
+        """The chunk start in [lo, hi) with the lowest speech probability: the least harmful place to cut."""
+        candidates = [(prob, at) for at, prob in self.probabilities if lo <= at < hi]
+        return min(candidates)[1] if candidates else None
+
+    def forget_before(self, sample: int) -> None:
+        self.probabilities = [(at, prob) for at, prob in self.probabilities if at >= sample]
