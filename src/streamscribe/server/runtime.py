@@ -1,4 +1,5 @@
-"""What every connection shares: settings, auth, loaded engines, their schedulers, the VAD model."""
+"""What every connection shares: settings, access control (keys, quotas), loaded engines, their schedulers,
+the VAD model."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import logging
 from streamscribe.config import Settings
 from streamscribe.engines.base import Engine
 from streamscribe.engines.registry import EngineRegistry
-from streamscribe.server.auth import SingleUserAuth
+from streamscribe.server.auth import AccessControl
 from streamscribe.streaming.scheduler import DecodeScheduler
 from streamscribe.streaming.vad import SileroVad
 
@@ -20,7 +21,7 @@ class Runtime:
 
     def __init__(self, settings: Settings, api_key: str) -> None:
         self.settings = settings
-        self.auth = SingleUserAuth(api_key)
+        self.access = AccessControl(settings, api_key)
         self.registry = EngineRegistry(settings)
         self.vad = SileroVad()
         self._schedulers: dict[str, DecodeScheduler] = {}
@@ -42,5 +43,6 @@ class Runtime:
         log.info("model %s ready", engine.name)
 
     async def close(self) -> None:
+        await self.access.close()
         for scheduler in self._schedulers.values():
             await scheduler.close()

@@ -15,6 +15,7 @@ from streamscribe.protocol import (
     CloseCode,
     CommitMessage,
     ConfigMessage,
+    ErrorFrame,
     ErrorType,
     FullTranscriptFrame,
     ResetMessage,
@@ -25,7 +26,7 @@ from streamscribe.protocol import (
     WarningFrame,
     parse_client_message,
 )
-from streamscribe.server.auth import presented_key
+from streamscribe.server.quotas import StreamLease
 from streamscribe.server.runtime import Runtime
 from streamscribe.streaming.session import (
     EngineFailure,
@@ -38,6 +39,8 @@ from streamscribe.streaming.session import (
 from streamscribe.streaming.vad import VadOptions
 
 log = logging.getLogger(__name__)
+
+ServerFrame = StatusFrame | TranscriptFrame | FullTranscriptFrame | WarningFrame | ErrorFrame
 
 
 class _SessionEnded(Exception):
@@ -56,13 +59,15 @@ class StreamConnection:
     async def run(self) -> None:
         await self._ws.accept()
         session: StreamingSession | None = None
+        lease: StreamLease | None = None
         try:
-            if not self._runtime.auth.is_valid(presented_key(self._ws)):
-                raise StreamError(ErrorType.AUTH_FAILED, "missing or invalid API key", CloseCode.UNAUTHORIZED)
+            access = self._runtime.access
+            principal = await access.admit(self._ws, self._receive_text)
+            lease = await access.quotas.open_stream(principal.user_id, principal.limits)
             config = await self._receive_config()
             engine, resampler = await self._start(config)
             session = self._new_session(config, engine)
-            await self._serve(config, session, resampler)
+            await self._serve(config, session, resampler, lease)
         except StreamError as error:
             await self._fail(error)
         except (_SessionEnded, WebSocketDisconnect):
@@ -75,6 +80,8 @@ class StreamConnection:
         finally:
             if session is not None:
                 await session.close()
+            if lease is not None:
+                await lease.close()
 
     async def _receive_config(self) -> ConfigMessage:
         timeout = self._runtime.settings.streaming.config_timeout_seconds
@@ -171,13 +178,23 @@ class StreamConnection:
 
         return StreamingSession(self._runtime.scheduler(engine), self._runtime.vad, options, emit)
 
-    async def _serve(self, config: ConfigMessage, session: StreamingSession, resampler: StreamResampler) -> None:
+    async def _serve(
+        self, config: ConfigMessage, session: StreamingSession, resampler: StreamResampler, lease: StreamLease
+    ) -> None:
         max_bytes = self._runtime.settings.streaming.max_frame_bytes
+        idle_timeout = self._runtime.settings.access.idle_timeout_seconds
         while True:
             try:
-                message = parse_client_message(await self._receive_text())
+                try:
+                    text = await asyncio.wait_for(self._receive_text(), idle_timeout)
+                except TimeoutError:
+                    raise StreamError(
+                        ErrorType.TIMEOUT, f"no message for {idle_timeout:g} s: closing", CloseCode.GOING_AWAY
+                    ) from None
+                message = parse_client_message(text)
                 if isinstance(message, AudioMessage):
                     samples = decode_audio_payload(message.data, config.audio_format, max_bytes)
+                    await lease.charge(len(samples) / config.sample_rate)
                     await session.feed(resampler(samples))
                 elif isinstance(message, CommitMessage):
                     await self._send(FullTranscriptFrame(text=await session.flush()))
@@ -204,7 +221,7 @@ class StreamConnection:
             raise StreamError(ErrorType.BAD_REQUEST, "binary frames are not supported: send JSON text frames")
         return str(message["text"])
 
-    async def _send(self, frame: StatusFrame | TranscriptFrame | FullTranscriptFrame | WarningFrame) -> None:
+    async def _send(self, frame: ServerFrame) -> None:
         if self._closed:
             raise _SessionEnded
         async with self._send_lock:
@@ -216,7 +233,7 @@ class StreamConnection:
 
     async def _fail(self, error: StreamError) -> None:
         with contextlib.suppress(_SessionEnded):
-            await self._send(error.to_frame())  # type: ignore[arg-type]
+            await self._send(error.to_frame())
         await self._close(error.close_code or CloseCode.ENGINE_FAILURE)
 
     async def _close(self, code: CloseCode) -> None:
