@@ -65,7 +65,9 @@ def _synthetic_audio(seconds: float, rate: int) -> np.ndarray:
 def _stream(args: argparse.Namespace) -> int:
     from streamscribe.audio import load_audio_file
     from streamscribe.client import ReceivedFrame, stream_audio, stream_url
+    from streamscribe.server.auth import install_log_redaction
 
+    install_log_redaction()
     if args.audio:
         try:
             samples = load_audio_file(args.audio, args.sample_rate)

@@ -348,7 +348,10 @@ class RedactSecrets(logging.Filter):
 
 
 def install_log_redaction() -> None:
-    for name in ("uvicorn.access", "uvicorn.error", "uvicorn", "streamscribe"):
+    # A logger's filters see only records logged on that very logger, so each one that prints URLs is named:
+    # websockets' client logs its request line (with ?token=) at debug level.
+    names = ("uvicorn.access", "uvicorn.error", "uvicorn", "streamscribe", "websockets.client", "websockets.server")
+    for name in names:
         logger = logging.getLogger(name)
         if not any(isinstance(f, RedactSecrets) for f in logger.filters):
             logger.addFilter(RedactSecrets())

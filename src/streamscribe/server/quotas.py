@@ -23,7 +23,7 @@ import uuid
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any, Protocol, TypeVar
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 from streamscribe.config import Settings, TierLimits
 from streamscribe.protocol import CloseCode, ErrorType, Quota, StreamError, quota_exceeded
@@ -43,6 +43,14 @@ def utc_day(now: float) -> str:
     return datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%d")
 
 
+class Charge(NamedTuple):
+    """What charging one frame did: whether it fitted, the seconds added, and the day's new total."""
+
+    accepted: bool
+    added: float
+    total: float
+
+
 class SharedStoreUnavailable(Exception):
     """Redis did not answer (down, unreachable, or too slow)."""
 
@@ -60,11 +68,11 @@ class Counters(Protocol):
 
     async def active_streams(self, user: str) -> int: ...
 
-    async def charge(
-        self, user: str, day: str, seconds: float, limit: float | None, seed: float
-    ) -> float | None:
-        """Add ``seconds`` unless that would pass ``limit``; the new total, or None when refused.
-        ``seed`` is the day's usage from the database, used when the counter does not exist yet."""
+    async def charge(self, user: str, day: str, seconds: float, limit: float | None, seed: float) -> Charge:
+        """Add ``seconds`` to the day's usage. When that would pass ``limit`` the frame is refused and the
+        usage set to the limit: what was left cannot be used by a frame that does not fit, and the next
+        stream is refused at once. ``seed`` is the day's usage from the database, used when the counter
+        does not exist yet."""
         ...
 
     async def used(self, user: str, day: str, seed: float) -> float: ...
@@ -106,14 +114,13 @@ class LocalCounters:
     async def active_streams(self, user: str) -> int:
         return len(self._live(user))
 
-    async def charge(
-        self, user: str, day: str, seconds: float, limit: float | None, seed: float
-    ) -> float | None:
+    async def charge(self, user: str, day: str, seconds: float, limit: float | None, seed: float) -> Charge:
         used = self._usage.setdefault((user, day), seed)
         if limit is not None and used + seconds > limit:
-            return None
+            self._usage[(user, day)] = max(used, limit)
+            return Charge(False, max(0.0, limit - used), max(used, limit))
         self._usage[(user, day)] = used + seconds
-        return used + seconds
+        return Charge(True, seconds, used + seconds)
 
     async def used(self, user: str, day: str, seed: float) -> float:
         return self._usage.setdefault((user, day), seed)
@@ -150,15 +157,20 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 return redis.call('ZCOUNT', KEYS[1], '(' .. now, '+inf')
 """
 
-# ARGV: seconds, limit (negative: none), seed, ttl. Returns {1, total} or {0, used} as strings.
+# ARGV: seconds, limit (negative: none), seed, ttl. Returns {accepted, added, total} (numbers as strings:
+# Lua numbers would reach Python as integers).
 _CHARGE = """
 if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('SET', KEYS[1], ARGV[3], 'EX', ARGV[4]) end
 local used = tonumber(redis.call('GET', KEYS[1]))
 local limit = tonumber(ARGV[2])
-if limit >= 0 and used + tonumber(ARGV[1]) > limit then return {0, tostring(used)} end
+if limit >= 0 and used + tonumber(ARGV[1]) > limit then
+  if used >= limit then return {0, '0', tostring(used)} end
+  redis.call('SET', KEYS[1], ARGV[2], 'KEEPTTL')
+  return {0, tostring(limit - used), ARGV[2]}
+end
 local total = redis.call('INCRBYFLOAT', KEYS[1], ARGV[1])
 redis.call('EXPIRE', KEYS[1], ARGV[4])
-return {1, total}
+return {1, ARGV[1], total}
 """
 
 _USED = """
@@ -224,15 +236,13 @@ class RedisCounters:
     async def active_streams(self, user: str) -> int:
         return int(await self._call("active", [f"ss:streams:{user}"], []))
 
-    async def charge(
-        self, user: str, day: str, seconds: float, limit: float | None, seed: float
-    ) -> float | None:
-        accepted, total = await self._call(
+    async def charge(self, user: str, day: str, seconds: float, limit: float | None, seed: float) -> Charge:
+        accepted, added, total = await self._call(
             "charge",
             [f"ss:usage:{user}:{day}"],
             [repr(seconds), -1 if limit is None else repr(limit), repr(seed), USAGE_TTL_SECONDS],
         )
-        return float(total) if int(accepted) else None
+        return Charge(bool(int(accepted)), float(added), float(total))
 
     async def used(self, user: str, day: str, seed: float) -> float:
         return float(await self._call("used", [f"ss:usage:{user}:{day}"], [repr(seed), USAGE_TTL_SECONDS]))
@@ -458,27 +468,30 @@ class StreamLease:
         seed = self._stored_usage[day]
         limit = _daily_seconds(self._limits)
         if self._on_allowance:
+            # Bounded by the fail_open allowance, and by the tier as far as the database knows.
             allowance = self._quotas._settings.shared_store.fail_open_minutes * 60
-            used_here = await self._counters.charge(self._user, day, seconds, allowance, 0.0)
-            if used_here is None or (limit is not None and seed + used_here > limit):
-                raise _minutes_used_up(self._limits)
+            if limit is not None:
+                allowance = min(allowance, max(0.0, limit - seed))
+            charge = await self._counters.charge(self._user, day, seconds, allowance, 0.0)
         else:
-            total: float | None
             try:
-                if self._unsynced[day]:
+                if self._unsynced.get(day):
                     backlog = self._unsynced.pop(day)
                     await self._call(lambda: self._counters.charge(self._user, day, backlog, None, seed))
-                total = await self._call(lambda: self._counters.charge(self._user, day, seconds, limit, seed))
+                charge = await self._call(
+                    lambda: self._counters.charge(self._user, day, seconds, limit, seed)
+                )
             except SharedStoreUnavailable:
                 # A running stream goes on while Redis is away, checked against what was last known.
-                total = self._known_used.get(day, seed) + seconds
-                if limit is not None and total > limit:
-                    raise _minutes_used_up(self._limits) from None
-                self._unsynced[day] += seconds
-            if total is None:
-                raise _minutes_used_up(self._limits)
-            self._known_used[day] = total
-        self._quotas.record_usage(self._user, day, seconds)
+                used = self._known_used.get(day, seed)
+                fits = limit is None or used + seconds <= limit
+                added = seconds if fits else max(0.0, (limit or 0.0) - used)
+                charge = Charge(fits, added, used + added)
+                self._unsynced[day] += added
+            self._known_used[day] = charge.total
+        self._quotas.record_usage(self._user, day, charge.added)
+        if not charge.accepted:
+            raise _minutes_used_up(self._limits)
 
     async def close(self) -> None:
         """Free the slot and write the usage out."""
