@@ -64,7 +64,7 @@ def test_store_keeps_hashes_only_and_migrates_once(tmp_path: Path) -> None:
     [record] = reopened.list_keys()
     assert (record.user_id, record.tier, record.scope) == ("alice", "standard", "stream")
     reopened.close()
-    secret = key.rsplit("_", 1)[1].encode()
+    secret = key.split("_", 2)[2].encode()
     database = tmp_path / "data" / "streamscribe.db"
     assert all(secret not in path.read_bytes() for path in database.parent.iterdir())
     rows = sqlite3.connect(database).execute("SELECT version FROM schema_version").fetchall()
@@ -314,5 +314,5 @@ def test_no_key_in_any_log_line(
         running.stream(SILENCE, token=key, speed=0)
     running.stop()
     assert any("/api/v1/audio/stream" in line for line in captured_logs), "no access log captured"
-    for secret in (key, revoked, key.rsplit("_", 1)[1], revoked.rsplit("_", 1)[1]):
+    for secret in (key, revoked, key.split("_", 2)[2], revoked.split("_", 2)[2]):
         assert not [line for line in captured_logs if secret in line]

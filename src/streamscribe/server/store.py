@@ -110,10 +110,11 @@ class KeyStore:
         return _SqliteTransactions(connection)
 
     @contextmanager
-    def _transaction(self) -> Iterator[_Connection]:
+    def _transaction(self, write: bool = False) -> Iterator[_Connection]:
         with self._lock:
             if not self._postgres:
-                self._connection.execute("BEGIN IMMEDIATE")
+                # A writer takes SQLite's write lock up front, so two writers queue instead of deadlocking.
+                self._connection.execute("BEGIN IMMEDIATE" if write else "BEGIN")
             try:
                 yield self._connection
             except BaseException:
@@ -128,7 +129,7 @@ class KeyStore:
         return connection.execute(self._sql(sql), params)
 
     def _migrate(self) -> None:
-        with self._transaction() as connection:
+        with self._transaction(write=True) as connection:
             if self._postgres:
                 # Two replicas starting together must not both migrate.
                 connection.execute("SELECT pg_advisory_xact_lock(5150412)")
@@ -152,7 +153,7 @@ class KeyStore:
     ) -> KeyRecord:
         """Store a new key; creates the user (tier ``free`` unless given) or updates its tier when given."""
         now = time.time()
-        with self._transaction() as connection:
+        with self._transaction(write=True) as connection:
             existing = self._run(connection, "SELECT tier FROM users WHERE user_id = ?", (user_id,))
             if existing.fetchone() is None:
                 self._run(
@@ -194,7 +195,7 @@ class KeyStore:
         return [KeyRecord(*row) for row in rows]
 
     def revoke_key(self, key_id: str) -> bool:
-        with self._transaction() as connection:
+        with self._transaction(write=True) as connection:
             cursor = self._run(
                 connection,
                 "UPDATE api_keys SET revoked_at = ? WHERE key_id = ? AND revoked_at IS NULL",
@@ -203,13 +204,13 @@ class KeyStore:
             return bool(cursor.rowcount)
 
     def set_tier(self, user_id: str, tier: str) -> bool:
-        with self._transaction() as connection:
+        with self._transaction(write=True) as connection:
             cursor = self._run(connection, "UPDATE users SET tier = ? WHERE user_id = ?", (tier, user_id))
             return bool(cursor.rowcount)
 
     def add_usage(self, seconds_by_user_day: Mapping[tuple[str, str], float]) -> None:
         """Add seconds of audio to each (user, UTC day)."""
-        with self._transaction() as connection:
+        with self._transaction(write=True) as connection:
             for (user_id, day), seconds in seconds_by_user_day.items():
                 self._run(
                     connection,
@@ -232,7 +233,7 @@ class KeyStore:
 
 
 class _SqliteTransactions:
-    """sqlite3 in autocommit mode with explicit BEGIN IMMEDIATE (so writers queue instead of deadlocking)."""
+    """sqlite3 in autocommit mode, transactions begun explicitly by KeyStore."""
 
     def __init__(self, connection: sqlite3.Connection) -> None:
         self._connection = connection

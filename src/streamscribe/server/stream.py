@@ -186,7 +186,8 @@ class StreamConnection:
         while True:
             try:
                 try:
-                    text = await asyncio.wait_for(self._receive_text(), idle_timeout)
+                    async with asyncio.timeout(idle_timeout):
+                        text = await self._receive_text()
                 except TimeoutError:
                     raise StreamError(
                         ErrorType.TIMEOUT, f"no message for {idle_timeout:g} s: closing", CloseCode.GOING_AWAY
