@@ -162,7 +162,8 @@ class SharedStoreSettings(BaseModel):
     fail_open_minutes: float = Field(
         5.0,
         ge=0,
-        description="fail_open: minutes a user may stream on this replica while Redis is unreachable.",
+        description="fail_open: minutes a user may stream on this replica (per UTC day) while Redis is "
+        "unreachable.",
     )
     stream_ttl_seconds: float = Field(
         30.0, gt=0, description="Lifetime of a stream's slot in Redis, refreshed while it streams (a crashed "
