@@ -31,7 +31,11 @@ class WhisperSettings(BaseModel):
     multilingual_model: str = Field(
         "base", description="Model used for every language other than English (bundled name or folder)."
     )
-    compute_type: str = Field("int8", description="CTranslate2 compute type: int8, int8_float16, float16, float32.")
+    compute_type: str = Field(
+        "int8",
+        description="CTranslate2 compute type on CPU: int8, int8_float16, float16, float32 "
+        "(float16 on CUDA).",
+    )
     beam_size: int = Field(5, ge=1, le=10, description="Beam size for final segments (partials use greedy).")
     min_encoder_seconds: float = Field(
         15.0,
@@ -66,7 +70,9 @@ class StreamingSettings(BaseModel):
     prompt_chars: int = Field(
         200, ge=0, le=1000, description="Characters of previous final text given to the engine as context."
     )
-    config_timeout_seconds: float = Field(10.0, gt=0, description="Time allowed for the first config message.")
+    config_timeout_seconds: float = Field(
+        10.0, gt=0, description="Time allowed for the first config message."
+    )
     max_frame_bytes: int = Field(
         1_048_576, ge=1024, description="Largest decoded audio payload accepted in one frame."
     )
@@ -82,7 +88,8 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="Address to listen on.")
     port: int = Field(8000, ge=0, le=65535, description="Port to listen on.")
     api_key: SecretStr | None = Field(
-        None, description="The single user's API key. When unset, a random key is generated and printed at start."
+        None,
+        description="The single user's API key. When unset, a random key is generated and printed at start.",
     )
     default_model: Literal["whisper", "parakeet", "canary"] = Field(
         "whisper", description="Engine used when a config names none."
@@ -92,7 +99,9 @@ class Settings(BaseSettings):
         description="When a requested engine is unavailable, use the default one and warn. If false, the "
         "session ends with an error (close 1011).",
     )
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where engines run.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where engines run: cpu, cuda, or auto (CUDA when CTranslate2 sees a GPU)."
+    )
     cpu_threads: int = Field(0, ge=0, description="Threads per engine on CPU; 0 means all cores.")
     decode_workers: int = Field(1, ge=1, le=16, description="Engine calls that may run at the same time.")
     cache_dir: Path = Field(

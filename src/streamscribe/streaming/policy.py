@@ -34,9 +34,8 @@ class LocalAgreement:
         tail = self._tail_after_stable(words)
         previous_tail = self._tail_after_stable(self._previous)
         agreed = 0
-        while (
-            agreed < min(len(tail), len(previous_tail))
-            and normalize_word(tail[agreed]) == normalize_word(previous_tail[agreed])
+        while agreed < min(len(tail), len(previous_tail)) and normalize_word(tail[agreed]) == normalize_word(
+            previous_tail[agreed]
         ):
             agreed += 1
         self.stable.extend(tail[:agreed])
