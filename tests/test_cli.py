@@ -119,3 +119,11 @@ def test_serve_help_documents_every_setting() -> None:
     for variable, _, _ in describe_settings():
         assert variable in done.stdout
         assert variable in readme, f"{variable} missing from README"
+
+
+def test_serve_with_a_missing_model_fails_fast_and_clearly() -> None:
+    done = run_cli(
+        "serve", "--port", "0", env={"STREAMSCRIBE_WHISPER__ENGLISH_MODEL": "/models/gone"}, timeout=30
+    )
+    assert done.returncode == 2
+    assert "/models/gone" in done.stderr and "neither a bundled model" in done.stderr

@@ -26,6 +26,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from streamscribe.config import Settings
+    from streamscribe.engines.registry import EngineRegistry
     from streamscribe.server.app import STREAM_PATH, create_app
     from streamscribe.server.auth import generate_api_key
 
@@ -34,6 +35,10 @@ def _serve(args: argparse.Namespace) -> int:
         settings = Settings.load(args.config, host=args.host, port=args.port, log_level=args.log_level)
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    whisper = next(row for row in EngineRegistry(settings).status() if row.model == "whisper")
+    if not whisper.available:
+        print(f"error: the default Whisper engine cannot start: {whisper.reason}", file=sys.stderr)
         return 2
     api_key = settings.api_key.get_secret_value() if settings.api_key else generate_api_key()
     logging.basicConfig(

@@ -7,6 +7,7 @@ Nested groups use a double underscore: ``STREAMSCRIBE_VAD__MIN_SILENCE_MS=400``.
 from __future__ import annotations
 
 import os
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,6 +21,7 @@ from pydantic_settings import (
 
 ENV_PREFIX = "STREAMSCRIBE_"
 CONFIG_FILE_VARIABLE = "STREAMSCRIBE_CONFIG_FILE"
+_config_file: ContextVar[Path | None] = ContextVar("config_file", default=None)
 
 
 class WhisperSettings(BaseModel):
@@ -124,7 +126,7 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        config_file = os.environ.get(CONFIG_FILE_VARIABLE)
+        config_file = _config_file.get() or os.environ.get(CONFIG_FILE_VARIABLE)
         if config_file:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(config_file)))
         return tuple(sources)
@@ -132,12 +134,14 @@ class Settings(BaseSettings):
     @classmethod
     def load(cls, config_file: Path | None = None, **overrides: Any) -> Settings:
         """Settings from the environment, ``config_file`` (or $STREAMSCRIBE_CONFIG_FILE) and overrides."""
-        if config_file is not None:
-            os.environ[CONFIG_FILE_VARIABLE] = str(config_file)
-        path = os.environ.get(CONFIG_FILE_VARIABLE)
+        path = config_file or os.environ.get(CONFIG_FILE_VARIABLE)
         if path and not Path(path).is_file():
             raise FileNotFoundError(f"config file not found: {path}")
-        return cls(**{k: v for k, v in overrides.items() if v is not None})
+        token = _config_file.set(Path(path) if path else None)
+        try:
+            return cls(**{k: v for k, v in overrides.items() if v is not None})
+        finally:
+            _config_file.reset(token)
 
 
 def describe_settings() -> list[tuple[str, str, str]]:

@@ -127,4 +127,7 @@ class WhisperEngine:
             words.extend(
                 Word(w.word, float(w.start), float(w.end), float(w.probability)) for w in segment.words or ()
             )
-        return Transcript(text="".join(texts).strip(), language=info.language, words=tuple(words))
+        text = "".join(texts).strip()
+        if not any(character.isalnum() for character in text):
+            text, words = "", []  # a lone "." or "..." is Whisper's way of hearing nothing
+        return Transcript(text=text, language=info.language, words=tuple(words))
