@@ -81,7 +81,7 @@ class WhisperEngine:
             str(folder),
             device=device,
             compute_type=compute_type,
-            cpu_threads=cpu_threads or (os.cpu_count() or 1),
+            cpu_threads=cpu_threads or max(1, (os.cpu_count() or 1) // workers),
             num_workers=workers,
             local_files_only=True,
         )
