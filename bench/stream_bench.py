@@ -7,7 +7,8 @@ Per N it prints one JSON object: WER (mean and worst stream), time to first part
 word's start in the audio), per-sentence emission delay (from a sentence's end in the audio to when all
 its words are on the client's screen, as finals or partial; median and p90 over every sentence of every
 stream), final lag (from the stop message, sent 0.1 s after the last word, to the full transcript),
-server CPU seconds per audio second, the server's peak RSS, and how many streams kept up (final lag under 2 s and no sentence later than 5 s).
+server CPU seconds per audio second, the server's peak RSS, and how many streams kept up (final lag
+under 2 s and no sentence later than 5 s).
 """
 
 from __future__ import annotations

@@ -104,7 +104,9 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="Where engines run: cpu, cuda, or auto (CUDA when CTranslate2 sees a GPU)."
     )
-    cpu_threads: int = Field(0, ge=0, description="Threads per engine call on CPU; 0 means cores divided by decode workers.")
+    cpu_threads: int = Field(
+        0, ge=0, description="Threads per engine call on CPU; 0 means cores divided by decode workers."
+    )
     decode_workers: int = Field(1, ge=1, le=16, description="Engine calls that may run at the same time.")
     cache_dir: Path = Field(
         Path.home() / ".cache" / "streamscribe",
