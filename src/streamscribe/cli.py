@@ -28,6 +28,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from streamscribe.config import Settings
+    from streamscribe.engines.registry import EngineRegistry
     from streamscribe.server.app import STREAM_PATH, create_app
     from streamscribe.server.auth import generate_api_key
 
@@ -37,15 +38,24 @@ def _serve(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    whisper = next(row for row in EngineRegistry(settings).status() if row.model == "whisper")
+    if not whisper.available:
+        print(f"error: the default Whisper engine cannot start: {whisper.reason}", file=sys.stderr)
+        return 2
     api_key = settings.api_key.get_secret_value() if settings.api_key else generate_api_key()
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     shown_host = "localhost" if settings.host in ("0.0.0.0", "::", "127.0.0.1") else settings.host
     print(f"streamscribe on http://{shown_host}:{settings.port}", flush=True)
     print(f"  stream:  ws://{shown_host}:{settings.port}{STREAM_PATH}?token=<API key>", flush=True)
     if settings.auth_mode == "multi_user":
         print("  API keys: multi-user mode, keys from `streamscribe keys create --user NAME`", flush=True)
     else:
-        print(f"  API key: {api_key}" if not settings.api_key else "  API key: from STREAMSCRIBE_API_KEY", flush=True)
+        print(
+            f"  API key: {api_key}" if not settings.api_key else "  API key: from STREAMSCRIBE_API_KEY",
+            flush=True,
+        )
     uvicorn.run(
         create_app(settings, api_key),
         host=settings.host,
@@ -118,7 +128,9 @@ def _stream(args: argparse.Namespace) -> int:
         print(f"error ({result.error['error_type']}): {result.error['message']}", file=sys.stderr)
         return 1
     if result.close_code not in (1000, None):
-        print(f"error: connection closed with code {result.close_code} {result.close_reason}", file=sys.stderr)
+        print(
+            f"error: connection closed with code {result.close_code} {result.close_reason}", file=sys.stderr
+        )
         return 1
     print("\nFull transcript:")
     print(result.full_transcript or "")
@@ -153,7 +165,6 @@ def _transcribe(args: argparse.Namespace) -> int:
         BarColumn(),
         TextColumn("{task.completed:.0f}/{task.total:.0f} s"),
         TimeRemainingColumn(),
-        console=None if sys.stderr.isatty() else None,
         transient=True,
         disable=not sys.stderr.isatty(),
     ) as progress:
@@ -234,7 +245,7 @@ def _keys(args: argparse.Namespace) -> int:
             print(f"{'key id':14}{'user':20}{'tier':10}{'scope':8}{'created':22}{'expires':22}status")
             now = time.time()
             for record in store.list_keys(args.user):
-                status = "revoked" if record.revoked_at else ("expired" if not record.is_usable(now) else "active")
+                status = "revoked" if record.revoked_at else "active" if record.is_usable(now) else "expired"
                 print(
                     f"{record.key_id:14}{record.user_id:20}{record.tier:10}{record.scope:8}"
                     f"{when(record.created_at):22}{when(record.expires_at):22}{status}"
@@ -270,7 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     serve.set_defaults(handler=_serve)
 
-    stream = commands.add_parser("stream", help="stream a file (or synthetic audio) to a server and print text")
+    stream = commands.add_parser(
+        "stream", help="stream a file (or synthetic audio) to a server and print text"
+    )
     source = stream.add_mutually_exclusive_group(required=True)
     source.add_argument("--audio", type=Path, help="audio file (any rate, mono or stereo, any common format)")
     source.add_argument("--duration", type=float, help="seconds of synthetic audio instead of a file")

@@ -15,15 +15,15 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from conftest import RunningServer
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
-from ws_helpers import limits, new_key, open_stream, refused
 
 from streamscribe.client import StreamResult, stream_audio
 from streamscribe.config import Settings
 from streamscribe.server.auth import KeyHasher, create_key, load_pepper
 from streamscribe.server.store import MIGRATIONS, KeyStore, open_store
+from tests.conftest import RunningServer
+from tests.server.ws_helpers import limits, new_key, open_stream, refused
 
 LIMITS_FIELDS = {
     "user_id",

@@ -21,10 +21,10 @@ import httpx
 import numpy as np
 import pytest
 import redis
-from ws_helpers import limits, new_key, open_stream, refused
 
 from streamscribe.client import encode_samples, stream_audio, stream_url
 from streamscribe.config import Settings
+from tests.server.ws_helpers import limits, new_key, open_stream, refused
 
 STREAM_TTL_SECONDS = 1.5
 

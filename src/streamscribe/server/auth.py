@@ -340,7 +340,8 @@ class RedactSecrets(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.args, tuple):
             record.args = tuple(
-                _SECRET_IN_TEXT.sub(r"\1[redacted]", arg) if isinstance(arg, str) else arg for arg in record.args
+                _SECRET_IN_TEXT.sub(r"\1[redacted]", arg) if isinstance(arg, str) else arg
+                for arg in record.args
             )
         if isinstance(record.msg, str):
             record.msg = _SECRET_IN_TEXT.sub(r"\1[redacted]", record.msg)
@@ -350,8 +351,8 @@ class RedactSecrets(logging.Filter):
 def install_log_redaction() -> None:
     # A logger's filters see only records logged on that very logger, so each one that prints URLs is named:
     # websockets' client logs its request line (with ?token=) at debug level.
-    names = ("uvicorn.access", "uvicorn.error", "uvicorn", "streamscribe", "websockets.client", "websockets.server")
-    for name in names:
+    names = ("uvicorn.access", "uvicorn.error", "uvicorn", "websockets.client", "websockets.server")
+    for name in (*names, "streamscribe"):
         logger = logging.getLogger(name)
         if not any(isinstance(f, RedactSecrets) for f in logger.filters):
             logger.addFilter(RedactSecrets())

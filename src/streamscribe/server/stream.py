@@ -15,10 +15,10 @@ from streamscribe.protocol import (
     CloseCode,
     CommitMessage,
     ConfigMessage,
-    ErrorFrame,
     ErrorType,
     FullTranscriptFrame,
     ResetMessage,
+    ServerFrame,
     StatusFrame,
     StopMessage,
     StreamError,
@@ -39,8 +39,6 @@ from streamscribe.streaming.session import (
 from streamscribe.streaming.vad import VadOptions
 
 log = logging.getLogger(__name__)
-
-ServerFrame = StatusFrame | TranscriptFrame | FullTranscriptFrame | WarningFrame | ErrorFrame
 
 
 class _SessionEnded(Exception):
@@ -92,7 +90,9 @@ class StreamConnection:
                 ErrorType.TIMEOUT, f"no config message within {timeout:g} s", CloseCode.PROTOCOL_ERROR
             ) from None
         except StreamError as error:
-            raise StreamError(error.error_type, f"invalid config: {error.message}", CloseCode.PROTOCOL_ERROR) from None
+            raise StreamError(
+                error.error_type, f"invalid config: {error.message}", CloseCode.PROTOCOL_ERROR
+            ) from None
         if not isinstance(message, ConfigMessage):
             raise StreamError(
                 ErrorType.BAD_REQUEST,
@@ -104,13 +104,17 @@ class StreamConnection:
     async def _start(self, config: ConfigMessage) -> tuple[Engine, StreamResampler]:
         settings = self._runtime.settings
         model, variant = config.engine_choice(settings.default_model)
-        await self._send(StatusFrame(state="configured", model=model, variant=variant, language=config.language))
+        await self._send(
+            StatusFrame(state="configured", model=model, variant=variant, language=config.language)
+        )
         try:
             engine = await self._runtime.engine(model, variant, config.language)
         except EngineUnavailable as exc:
             if model == "whisper" or not settings.allow_fallback:
                 raise StreamError(
-                    ErrorType.MODEL_UNAVAILABLE, f"{model} ({variant}) is unavailable: {exc}", CloseCode.ENGINE_FAILURE
+                    ErrorType.MODEL_UNAVAILABLE,
+                    f"{model} ({variant}) is unavailable: {exc}",
+                    CloseCode.ENGINE_FAILURE,
                 ) from None
             try:
                 engine = await self._runtime.engine("whisper", "standard", config.language)
@@ -173,13 +177,19 @@ class StreamConnection:
                 )
             elif isinstance(event, EngineFailure):
                 await self._fail(
-                    StreamError(ErrorType.INTERNAL_ERROR, "the speech engine failed", CloseCode.ENGINE_FAILURE)
+                    StreamError(
+                        ErrorType.INTERNAL_ERROR, "the speech engine failed", CloseCode.ENGINE_FAILURE
+                    )
                 )
 
         return StreamingSession(self._runtime.scheduler(engine), self._runtime.vad, options, emit)
 
     async def _serve(
-        self, config: ConfigMessage, session: StreamingSession, resampler: StreamResampler, lease: StreamLease
+        self,
+        config: ConfigMessage,
+        session: StreamingSession,
+        resampler: StreamResampler,
+        lease: StreamLease,
     ) -> None:
         max_bytes = self._runtime.settings.streaming.max_frame_bytes
         idle_timeout = self._runtime.settings.access.idle_timeout_seconds

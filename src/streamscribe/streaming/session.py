@@ -98,6 +98,7 @@ class StreamingSession:
         self._min_speech = options.vad.min_speech_ms * self._rate // 1000
         self._max_segment = int(options.max_segment_seconds * self._rate)
         self._partial_step = int(options.partial_interval * self._rate)
+        self._first_partial = self._rate + self._pad
         self._buffer = AudioBuffer()
         self._closed: deque[_Utterance] = deque()
         self._agreement = LocalAgreement()
@@ -209,8 +210,11 @@ class StreamingSession:
     def _wants_partial(self) -> bool:
         if not self._options.enable_partial or self._segment_start is None or self._closed:
             return False
-        decoded_to = max(self._partial_decoded_to, self._segment_start)
-        return self._buffer.end - decoded_to >= self._partial_step
+        if self._buffer.end - self._segment_start < self._first_partial:
+            return False  # hypotheses of under a second of speech mostly get rewritten: wait
+        if self._vad.last_voiced <= self._partial_decoded_to:
+            return False  # only silence since the last partial: its text cannot have changed
+        return self._buffer.end - self._partial_decoded_to >= self._partial_step
 
     def _window(self, samples: np.ndarray, final: bool) -> AudioWindow:
         prompt = self.full_transcript[-self._options.prompt_chars :] if self._options.prompt_chars else None
@@ -242,7 +246,9 @@ class StreamingSession:
         while self._closed:
             generation = self._generation
             utterance = self._closed[0]
-            transcript = await self._scheduler.decode(self._window(utterance.samples, final=True), Priority.FINAL)
+            transcript = await self._scheduler.decode(
+                self._window(utterance.samples, final=True), Priority.FINAL
+            )
             if generation != self._generation:
                 return
             self._closed.popleft()
