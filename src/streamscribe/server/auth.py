@@ -261,7 +261,7 @@ class AccessControl:
         principal = await self.authenticator.authenticate(key)
         if principal is None:
             raise StreamError(
-                ErrorType.AUTH_FAILED, "invalid, revoked or expired API key", CloseCode.UNAUTHORIZED
+                ErrorType.AUTH_FAILED, "invalid API key (wrong, revoked or expired)", CloseCode.UNAUTHORIZED
             )
         if self.multi_user:
             await self.quotas.check_rate(
@@ -294,7 +294,9 @@ class AccessControl:
         principal = await self.authenticator.authenticate(key) if key else None
         if principal is None:
             raise StreamError(
-                ErrorType.AUTH_FAILED, "missing, invalid, revoked or expired API key", CloseCode.UNAUTHORIZED
+                ErrorType.AUTH_FAILED,
+                "missing or invalid API key (wrong, revoked or expired)",
+                CloseCode.UNAUTHORIZED,
             )
         return principal
 
