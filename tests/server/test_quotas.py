@@ -4,6 +4,7 @@ reach quickly: UTC midnight)."""
 from __future__ import annotations
 
 import asyncio
+import socket
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -77,3 +78,57 @@ def test_a_restarted_process_starts_from_the_stored_minutes(tmp_path: Path) -> N
     asyncio.run(scenario())
     assert store.usage_seconds("alice", utc_day(0.0)) == pytest.approx(180.0)
     store.close()
+
+
+def unreachable_redis(tmp_path: Path, **shared_store: object) -> Settings:
+    """Settings whose Redis URL points at a loopback port nobody listens on."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return Settings(
+        auth_mode="multi_user",
+        data_dir=tmp_path,
+        shared_store={"redis_url": f"redis://127.0.0.1:{port}/0", "timeout_seconds": 0.5, **shared_store},
+    )
+
+
+def test_fail_closed_refuses_new_streams_when_redis_is_unreachable(tmp_path: Path) -> None:
+    settings = unreachable_redis(tmp_path)
+
+    async def scenario() -> Quotas:
+        quotas = Quotas(settings, None)
+        with pytest.raises(StreamError) as refused:
+            await quotas.open_stream("alice", TierLimits(daily_minutes=30, concurrent_streams=1))
+        assert refused.value.close_code == CloseCode.TRY_AGAIN_LATER
+        await quotas.close()
+        return quotas
+
+    quotas = asyncio.run(scenario())
+    assert quotas.shared_store_failures >= 1 and not quotas.shared_store_healthy
+
+
+def test_fail_open_admits_within_a_bounded_allowance(tmp_path: Path) -> None:
+    settings = unreachable_redis(
+        tmp_path, on_failure="fail_open", fail_open_streams=1, fail_open_minutes=0.05
+    )
+    limits = TierLimits(daily_minutes=30, concurrent_streams=3)
+
+    async def scenario() -> None:
+        quotas = Quotas(settings, None)
+        lease = await quotas.open_stream("alice", limits)
+        with pytest.raises(StreamError) as second:  # the allowance is one stream, whatever the tier says
+            await quotas.open_stream("alice", limits)
+        assert second.value.quota == Quota.CONCURRENT_STREAMS
+        await lease.charge(2.0)
+        with pytest.raises(StreamError) as over:  # and 3 s of audio
+            await lease.charge(2.0)
+        assert over.value.quota == Quota.DAILY_MINUTES
+        await lease.close()
+        with pytest.raises(StreamError) as spent:
+            await quotas.open_stream("alice", limits)
+        assert spent.value.quota == Quota.DAILY_MINUTES
+        bob = await quotas.open_stream("bob", limits)  # the allowance is per user
+        await bob.close()
+        await quotas.close()
+
+    asyncio.run(scenario())
