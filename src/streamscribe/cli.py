@@ -319,13 +319,16 @@ def build_parser() -> argparse.ArgumentParser:
     keys.add_argument("--config", type=Path, help="TOML settings file (STREAMSCRIBE_CONFIG_FILE)")
     keys.set_defaults(handler=_keys)
     key_commands = keys.add_subparsers(dest="keys_command", required=True)
-    tiers = ["free", "standard", "premium"]
+    from streamscribe.config import TIERS
+    from streamscribe.server.auth import SCOPES
+
+    tiers = list(TIERS)
     create = key_commands.add_parser("create", help="create a key and print it (once)")
     create.add_argument("--user", required=True, help="user name; quotas count per user")
     create.add_argument("--tier", choices=tiers, help="set the user's tier (new users: free)")
     create.add_argument("--expires", type=_parse_expiry, help="30d, 12h, 90m, or an ISO date/time")
     create.add_argument(
-        "--scope", choices=["stream", "limits"], default="stream", help="limits: may only read its limits"
+        "--scope", choices=SCOPES, default="stream", help="limits: may only read its limits"
     )
     listing = key_commands.add_parser("list", help="list keys (never the keys themselves)")
     listing.add_argument("--user", help="only this user's keys")
