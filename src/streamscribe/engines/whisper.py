@@ -115,6 +115,7 @@ class WhisperEngine:
             best_of=self._beam_size if window.final else 1,
             temperature=(0.0, 0.2, 0.4, 0.6) if window.final else 0.0,
             initial_prompt=window.prompt or None,
+            prefix=window.prefix or None,
             condition_on_previous_text=False,
             word_timestamps=window.word_timestamps,
             without_timestamps=not window.word_timestamps,
