@@ -57,11 +57,15 @@ class StreamConnection:
     async def run(self) -> None:
         await self._ws.accept()
         session: StreamingSession | None = None
+        admitted = False
         try:
             if not self._runtime.auth.is_valid(presented_key(self._ws)):
                 raise StreamError(ErrorType.AUTH_FAILED, "missing or invalid API key", CloseCode.UNAUTHORIZED)
             config = await self._receive_config()
             engine, resampler = await self._start(config)
+            self._runtime.admit(engine)
+            admitted = True
+            await self._send(StatusFrame(state="ready", model=engine.name))
             session = self._new_session(config, engine)
             await self._serve(config, session, resampler)
         except StreamError as error:
@@ -76,6 +80,8 @@ class StreamConnection:
         finally:
             if session is not None:
                 await session.close()
+            if admitted:
+                self._runtime.release()
 
     async def _receive_config(self) -> ConfigMessage:
         timeout = self._runtime.settings.streaming.config_timeout_seconds
@@ -128,7 +134,6 @@ class StreamConnection:
                     message=f"{model} ({variant}) is unavailable here ({exc}); using {engine.name}",
                 )
             )
-        await self._send(StatusFrame(state="ready", model=engine.name))
         return engine, StreamResampler(config.sample_rate, engine.sample_rate)
 
     def _new_session(self, config: ConfigMessage, engine: Engine) -> StreamingSession:
