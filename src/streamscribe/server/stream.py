@@ -31,7 +31,6 @@ from streamscribe.server.runtime import Runtime
 from streamscribe.streaming.session import (
     EngineFailure,
     FinalSegment,
-    PartialText,
     SessionEvent,
     SessionOptions,
     StreamingSession,
@@ -150,38 +149,26 @@ class StreamConnection:
         model_name = engine.name
 
         async def emit(event: SessionEvent) -> None:
-            if isinstance(event, PartialText):
-                await self._send(
-                    TranscriptFrame(
-                        type="partial",
-                        text=event.text,
-                        is_final=False,
-                        model=model_name,
-                        segment_id=event.segment_id,
-                        start=round(event.start, 3),
-                        end=round(event.end, 3),
-                        language=config.language,
-                    )
-                )
-            elif isinstance(event, FinalSegment):
-                await self._send(
-                    TranscriptFrame(
-                        type="final",
-                        text=event.text,
-                        is_final=True,
-                        model=model_name,
-                        segment_id=event.segment_id,
-                        start=round(event.start, 3),
-                        end=round(event.end, 3),
-                        language=event.language,
-                    )
-                )
-            elif isinstance(event, EngineFailure):
+            if isinstance(event, EngineFailure):
                 await self._fail(
                     StreamError(
                         ErrorType.INTERNAL_ERROR, "the speech engine failed", CloseCode.ENGINE_FAILURE
                     )
                 )
+                return
+            final = isinstance(event, FinalSegment)
+            frame = TranscriptFrame(
+                type="final" if final else "partial",
+                text=event.text,
+                is_final=final,
+                model=model_name,
+                segment_id=event.segment_id,
+                start=round(event.start, 3),
+                end=round(event.end, 3),
+                language=event.language if isinstance(event, FinalSegment) else config.language,
+            )
+            with contextlib.suppress(_SessionEnded):  # the client left; the receive loop will see it
+                await self._send(frame)
 
         return StreamingSession(self._runtime.scheduler(engine), self._runtime.vad, options, emit)
 
