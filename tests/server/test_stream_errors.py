@@ -208,3 +208,9 @@ def test_streams_over_the_server_limit_are_refused_1013(
     assert frames[-1]["error_type"] == "server_busy" and "limit of 1" in frames[-1]["message"]
     # The slot is free again once the first stream has gone.
     assert exchange(server.ws_url(), config(), STOP)[1] == 1000
+
+
+def test_a_language_whisper_does_not_know_is_an_invalid_config(server: RunningServer) -> None:
+    frames, code = exchange(server.ws_url(), config(language="xx"))
+    assert code == 4400
+    assert frames[-1]["error_type"] == "bad_request" and "language 'xx'" in frames[-1]["message"]

@@ -71,6 +71,10 @@ class EngineUnavailable(RuntimeError):
     """An engine cannot run here: a package or the weights are missing. The message says which."""
 
 
+class UnsupportedLanguage(EngineUnavailable):
+    """The engine runs here, but not for the requested language."""
+
+
 @runtime_checkable
 class Engine(Protocol):
     """A loaded speech model. Implementations are thread-safe for ``transcribe``."""

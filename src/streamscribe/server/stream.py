@@ -9,7 +9,7 @@ import logging
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from streamscribe.audio import StreamResampler, decode_audio_payload
-from streamscribe.engines.base import Engine, EngineUnavailable
+from streamscribe.engines.base import Engine, EngineUnavailable, UnsupportedLanguage
 from streamscribe.protocol import (
     AudioMessage,
     CloseCode,
@@ -103,37 +103,45 @@ class StreamConnection:
         return message
 
     async def _start(self, config: ConfigMessage) -> tuple[Engine, StreamResampler]:
-        settings = self._runtime.settings
-        model, variant = config.engine_choice(settings.default_model)
+        model, variant = config.engine_choice(self._runtime.settings.default_model)
         await self._send(
             StatusFrame(state="configured", model=model, variant=variant, language=config.language)
         )
         try:
             engine = await self._runtime.engine(model, variant, config.language)
         except EngineUnavailable as exc:
-            if model == "whisper" or not settings.allow_fallback:
+            if model == "whisper" and isinstance(exc, UnsupportedLanguage):
                 raise StreamError(
-                    ErrorType.MODEL_UNAVAILABLE,
-                    f"{model} ({variant}) is unavailable: {exc}",
-                    CloseCode.ENGINE_FAILURE,
+                    ErrorType.BAD_REQUEST, f"invalid config: {exc}", CloseCode.PROTOCOL_ERROR
                 ) from None
-            try:
-                engine = await self._runtime.engine("whisper", "standard", config.language)
-            except EngineUnavailable as fallback_exc:
-                raise StreamError(
-                    ErrorType.MODEL_UNAVAILABLE,
-                    f"{model} ({variant}) is unavailable ({exc}) and so is the fallback: {fallback_exc}",
-                    CloseCode.ENGINE_FAILURE,
-                ) from None
-            await self._send(
-                WarningFrame(
-                    fallback=True,
-                    original_model=f"{model}-{variant}",
-                    active_model=engine.name,
-                    message=f"{model} ({variant}) is unavailable here ({exc}); using {engine.name}",
-                )
-            )
+            engine = await self._fall_back(model, variant, config.language, exc)
         return engine, StreamResampler(config.sample_rate, engine.sample_rate)
+
+    async def _fall_back(self, model: str, variant: str, language: str, reason: EngineUnavailable) -> Engine:
+        """The default engine instead of an unavailable one, announced with a warning frame."""
+        if model == "whisper" or not self._runtime.settings.allow_fallback:
+            raise StreamError(
+                ErrorType.MODEL_UNAVAILABLE,
+                f"{model} ({variant}) is unavailable: {reason}",
+                CloseCode.ENGINE_FAILURE,
+            )
+        try:
+            engine = await self._runtime.engine("whisper", "standard", language)
+        except EngineUnavailable as exc:
+            raise StreamError(
+                ErrorType.MODEL_UNAVAILABLE,
+                f"{model} ({variant}) is unavailable ({reason}) and so is the fallback: {exc}",
+                CloseCode.ENGINE_FAILURE,
+            ) from None
+        await self._send(
+            WarningFrame(
+                fallback=True,
+                original_model=f"{model}-{variant}",
+                active_model=engine.name,
+                message=f"{model} ({variant}) is unavailable here ({reason}); using {engine.name}",
+            )
+        )
+        return engine
 
     def _new_session(self, config: ConfigMessage, engine: Engine) -> StreamingSession:
         settings = self._runtime.settings
