@@ -17,7 +17,7 @@ class CloseCode(IntEnum):
     GOING_AWAY = 1001
     POLICY_VIOLATION = 1008  # the client's address is not on the allowlist
     ENGINE_FAILURE = 1011
-    TRY_AGAIN_LATER = 1013  # the shared quota store is unreachable (fail_closed)
+    TRY_AGAIN_LATER = 1013  # server busy, or the shared quota store is unreachable (fail_closed)
     QUOTA_EXCEEDED = 4003
     PROTOCOL_ERROR = 4400
     UNAUTHORIZED = 4401
@@ -31,6 +31,7 @@ class ErrorType(StrEnum):
     AUTH_FAILED = "auth_failed"
     MODEL_UNAVAILABLE = "model_unavailable"
     TIMEOUT = "timeout"
+    SERVER_BUSY = "server_busy"
     INTERNAL_ERROR = "internal_error"
     FORBIDDEN = "forbidden"
     QUOTA_EXCEEDED = "quota_exceeded"

@@ -7,7 +7,7 @@ import threading
 from dataclasses import dataclass
 
 from streamscribe.config import Settings
-from streamscribe.engines.base import Engine, EngineUnavailable
+from streamscribe.engines.base import Engine, EngineUnavailable, UnsupportedLanguage
 from streamscribe.engines.bundled import BUNDLED_WHISPER_MODELS
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ class EngineRegistry:
             raise EngineUnavailable(status.reason or f"{model} ({variant}) is not available")
         engine = self._whisper(self.whisper_model_for(language))
         if language not in engine.languages:
-            raise EngineUnavailable(f"{engine.name} does not transcribe language {language!r}")
+            raise UnsupportedLanguage(f"{engine.name} does not transcribe language {language!r}")
         return engine
 
     def loaded(self) -> list[Engine]:

@@ -115,10 +115,6 @@ class StreamingSession:
         self._worker = asyncio.create_task(self._decode_loop())
 
     @property
-    def received_seconds(self) -> float:
-        return self._buffer.end / self._rate
-
-    @property
     def full_transcript(self) -> str:
         return " ".join(self._finals)
 
@@ -216,13 +212,14 @@ class StreamingSession:
             return False  # only silence since the last partial: its text cannot have changed
         return self._buffer.end - self._partial_decoded_to >= self._partial_step
 
-    def _window(self, samples: np.ndarray, final: bool) -> AudioWindow:
+    def _window(self, samples: np.ndarray, final: bool, prefix: str | None = None) -> AudioWindow:
         prompt = self.full_transcript[-self._options.prompt_chars :] if self._options.prompt_chars else None
         return AudioWindow(
             samples=samples,
             language=self._options.language,
             final=final,
             prompt=prompt or None,
+            prefix=prefix,
             word_timestamps=final and self._options.word_timestamps,
         )
 
@@ -276,7 +273,9 @@ class StreamingSession:
         generation, start, end = self._generation, self._segment_start, self._buffer.end
         self._partial_decoded_to = end
         samples = self._buffer.slice(start, end)
-        transcript = await self._scheduler.decode(self._window(samples, final=False), Priority.PARTIAL)
+        # Stable words are forced as the decode's prefix: they cannot flicker, and are not decoded again.
+        prefix = " ".join(self._agreement.stable) or None
+        transcript = await self._scheduler.decode(self._window(samples, False, prefix), Priority.PARTIAL)
         if generation != self._generation or self._segment_start != start:
             return  # the utterance closed or the stream was reset while decoding: stale
         text = self._agreement.update(transcript.text)
