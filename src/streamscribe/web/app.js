@@ -233,6 +233,7 @@ function endSession() {
   const ended = session;
   session = null;
   clearTimeout(ended.timer);
+  debug.setAudio(ended.client.framesSent, ended.client.samplesSent, TARGET_RATE);
   ended.source.stop().catch(() => {});
   visualizer.stop();
   ended.client.close();

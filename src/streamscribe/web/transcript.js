@@ -48,7 +48,7 @@ export class TranscriptView {
   partial(frame) {
     // A partial for a segment already finalised is late; the next one starts after the last final.
     if (frame.segment_id <= this.current.lastFinalId) return;
-    this.setPartial(frame.text);
+    this.setPartial(frame.text, frame.start);
   }
 
   final(frame) {
@@ -79,9 +79,20 @@ export class TranscriptView {
     this.render(true);
   }
 
-  setPartial(text) {
+  setPartial(text, start = 0) {
     this.keepScrolledDown(() => {
-      this.partialElement.textContent = text;
+      if (text) {
+        const time = document.createElement("time");
+        time.textContent = formatTime(start);
+        const label = document.createElement("span");
+        label.className = "visually-hidden";
+        label.textContent = "Tentative: ";
+        const span = document.createElement("span");
+        span.textContent = text;
+        this.partialElement.replaceChildren(time, label, span);
+      } else {
+        this.partialElement.replaceChildren();
+      }
       this.partialElement.hidden = !text;
     });
     this.empty.hidden = Boolean(text) || this.sessions.some((s) => s.finals.length);

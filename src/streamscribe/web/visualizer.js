@@ -126,7 +126,7 @@ export class Visualizer {
     const clamped = Math.max(METER_FLOOR_DB, Math.min(0, db));
     this.peakDb = clamped > this.peakDb ? clamped : Math.max(clamped, this.peakDb - 0.5);
     const toPercent = (value) => ((value - METER_FLOOR_DB) / -METER_FLOOR_DB) * 100;
-    this.meterFill.style.transform = `scaleX(${toPercent(clamped) / 100})`;
+    this.meterFill.style.clipPath = `inset(0 ${100 - toPercent(clamped)}% 0 0)`;
     this.meterPeak.style.left = `${toPercent(this.peakDb)}%`;
     this.meter.dataset.level = clamped > -6 ? "hot" : clamped > -40 ? "ok" : "quiet";
     const now = performance.now();
