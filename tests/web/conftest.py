@@ -18,9 +18,12 @@ ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
 CHROMIUM_CANDIDATES = ("/usr/bin/chromium", "/usr/bin/chromium-browser")
 
 try:
-    from playwright.sync_api import Browser, ConsoleMessage, Page, Playwright, sync_playwright
+    from playwright.sync_api import Browser, ConsoleMessage, Page, Playwright, expect, sync_playwright
 except ImportError:  # pragma: no cover - the test extra installs it
     pytest.fail("playwright is not installed: scripts/test.sh installs the test extra", pytrace=False)
+
+# The model shares two cores with the browser (and, in CI, with whatever else runs): wait generously.
+expect.set_options(timeout=60_000)
 
 
 def chromium_path() -> str:

@@ -149,8 +149,8 @@ export class EnginePicker {
         : `${name} is unavailable here: ${row.reason}.`;
       this.hint.hidden = false;
     } else {
-      this.hint.hidden = true;
-      this.hint.textContent = "";
+      this.hint.textContent = this.problem ?? "";
+      this.hint.hidden = !this.problem;
     }
     for (const tr of this.table.querySelectorAll("tr[data-model]")) {
       tr.classList.toggle("selected", tr.dataset.model === row?.model && tr.dataset.variant === row?.variant);
