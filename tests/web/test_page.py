@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 from collections.abc import Callable
@@ -102,17 +103,38 @@ def test_microphone_session_shows_partials_then_finals_and_the_full_transcript(
     expect(page.locator("#debug-log li[data-type=note]").first).to_contain_text("sending 16000 Hz")
 
 
-def test_download_saves_the_full_transcript_as_text(page: Page, server: Any, tmp_path: Path) -> None:
+def test_dropped_file_is_transcribed_and_can_be_copied_and_downloaded(
+    page: Page, server: Any, tmp_path: Path
+) -> None:
+    page.context.grant_permissions(["clipboard-read", "clipboard-write"])
     open_page(page, server.base_url, server.api_key)
-    page.set_input_files("#file-input", str(DATA / "short.wav"))
+    clip = base64.b64encode((DATA / "short.wav").read_bytes()).decode()
+    drop = page.evaluate_handle(
+        """(data) => {
+            const bytes = Uint8Array.from(atob(data), (c) => c.charCodeAt(0));
+            const transfer = new DataTransfer();
+            transfer.items.add(new File([bytes], "short.wav", {type: "audio/wav"}));
+            return transfer;
+        }""",
+        clip,
+    )
+    page.dispatch_event("#dropzone", "drop", {"dataTransfer": drop})
     expect(page.locator("#full-state")).to_have_text("complete")
+    expect(page.locator("#finals .divider")).to_have_count(0)
+
+    page.click("#copy")
+    expect(page.locator("#copy")).to_have_text("Copied")
+    copied = page.evaluate("navigator.clipboard.readText()")
+    assert set(SHORT_CLIP_WORDS) <= set(words(copied)), copied
+
     with page.expect_download() as download_info:
         page.click("#download")
     download = download_info.value
+    assert download.suggested_filename.startswith("transcript-")
     assert download.suggested_filename.endswith(".txt")
     target = tmp_path / download.suggested_filename
     download.save_as(target)
-    assert set(SHORT_CLIP_WORDS) <= set(words(target.read_text()))
+    assert target.read_text().strip() == page.input_value("#full").strip() == copied.strip()
 
 
 def test_wrong_key_is_rejected_with_a_clear_message(page: Page, server: Any) -> None:

@@ -69,6 +69,8 @@ const picker = new EnginePicker({
 
 /** The live session, if any: its socket, its audio source, and whether Stop was asked for. */
 let session = null;
+/** Whether the engine list failed to load (retried when a key is saved, in case the server wanted one). */
+let engineListFailed = false;
 
 // ---- Notices and connection state --------------------------------------------------------------
 
@@ -153,6 +155,8 @@ function initKey() {
       localStorage.removeItem(KEY_STORAGE);
       ui.keyNote.textContent = "No key saved in this browser.";
     }
+    ui.key.removeAttribute("aria-invalid");
+    if (engineListFailed) loadEngines();
   });
 }
 
@@ -211,8 +215,7 @@ function handleFrame(frame) {
 function handleClose({ code, reason, error }) {
   debug.setClose({ code, reason });
   if (!session) return;
-  const ended = session;
-  const expected = ended.finishing && (code === 1000 || code === 1005);
+  const expected = session.finishing && (code === 1000 || code === 1005);
   endSession();
   if (expected) {
     setConnection("closed", "Finished");
@@ -280,6 +283,7 @@ async function startSession(samples = null, fileName = "") {
       debug.note(`microphone: ${label}, device rate ${source.sampleRate} Hz, sending ${TARGET_RATE} Hz`);
     } catch (exc) {
       session = null;
+      source.stop().catch(() => {});
       updateControls();
       setConnection("idle");
       const denied = exc?.name === "NotAllowedError" || exc?.name === "SecurityError";
@@ -425,7 +429,10 @@ setConnection("idle");
 updateControls();
 // On a phone the engine table would push the recorder far down; it stays one tap away.
 if (window.matchMedia("(max-width: 900px)").matches) $("engines-details").open = false;
-picker.load().then((error) => {
+async function loadEngines() {
+  const error = await picker.load(ui.key.value.trim());
+  engineListFailed = Boolean(error);
   if (error) notice("warning", "Could not load the engine list.", `${error.message}. Whisper is assumed.`);
   updateControls();
-});
+}
+loadEngines();

@@ -40,10 +40,12 @@ export class EnginePicker {
   }
 
   /** Loads the engine list; on failure keeps a usable Whisper-only picker and returns the error. */
-  async load() {
+  async load(key = "") {
     let error = null;
+    // The key goes along in case the server guards this endpoint too (browsers can set headers here).
+    const headers = { Accept: "application/json", ...(key ? { "X-API-KEY": key } : {}) };
     try {
-      const response = await fetch(STATUS_PATH, { headers: { Accept: "application/json" }, cache: "no-store" });
+      const response = await fetch(STATUS_PATH, { headers, cache: "no-store" });
       if (!response.ok) throw new Error(`the server answered ${response.status}`);
       const status = await response.json();
       this.engines = status.engines;
