@@ -120,7 +120,7 @@ function setConnection(state, text = CONNECTION_TEXT[state]) {
 function updateControls() {
   const live = session !== null;
   ui.start.disabled = live || Boolean(picker.problem);
-  ui.stop.disabled = !live || session.finishing;
+  ui.stop.disabled = !live || !session.started || session.finishing;
   ui.chooseFile.disabled = live;
   ui.speed.disabled = live;
   ui.dropzone.classList.toggle("disabled", live);
@@ -173,9 +173,9 @@ function timerLoop() {
   session.timer = setTimeout(timerLoop, 100);
 }
 
-function handleFrame(frame) {
+function handleFrame(frame, current) {
   debug.received(frame);
-  if (!session) return;
+  if (!current) return;
   switch (frame.type) {
     case "status":
       if (frame.state === "configured") {
@@ -213,8 +213,6 @@ function handleFrame(frame) {
 }
 
 function handleClose({ code, reason, error }) {
-  debug.setClose({ code, reason });
-  if (!session) return;
   const expected = session.finishing && (code === 1000 || code === 1005);
   endSession();
   if (expected) {
@@ -264,11 +262,15 @@ async function startSession(samples = null, fileName = "") {
   const source = samples
     ? new FileSource(samples, Number(ui.speed.value), onFrame, () => finishSession())
     : new MicrophoneSource(onFrame);
-  session = { client, source, finishing: false, awaitingReset: false, timer: 0 };
+  session = { client, source, started: false, finishing: false, awaitingReset: false, timer: 0 };
   updateControls();
-  client.addEventListener("message", (event) => handleFrame(event.detail));
+  // Frames from an earlier session's socket, if any still arrive, are logged but change nothing.
+  client.addEventListener("message", (event) => handleFrame(event.detail, session?.client === client));
   client.addEventListener("sent", (event) => debug.sent(event.detail));
-  client.addEventListener("close", (event) => handleClose(event.detail));
+  client.addEventListener("close", (event) => {
+    debug.setClose(event.detail);
+    if (session?.client === client) handleClose(event.detail);
+  });
   client.addEventListener("state", (event) => {
     if (session?.client === client && ["connecting", "configuring"].includes(event.detail)) setConnection(event.detail);
   });
@@ -294,7 +296,6 @@ async function startSession(samples = null, fileName = "") {
       );
       return;
     }
-    if (session?.source !== source) return; // stopped while asking
     client.open();
   } else {
     client.open();
@@ -302,6 +303,8 @@ async function startSession(samples = null, fileName = "") {
     source.start();
     ui.fileStatus.textContent = `Streaming ${fileName} at ${ui.speed.value}× speed…`;
   }
+  session.started = true;
+  updateControls();
   visualizer.start(source);
   timerLoop();
   ui.stop.focus();
@@ -321,8 +324,12 @@ async function finishSession() {
     if (session === current) setConnection("closed", "Finished");
     debug.note(`full transcript: ${frame.text.length} characters`);
     current.client.close(1000);
-  } catch {
-    // The close handler explains what happened.
+  } catch (info) {
+    // A closed socket is explained by the close handler; a silent server is explained here.
+    if (info?.code === 0 && session === current) {
+      notice("error", "The server did not finish the transcript in time.", "The connection was closed.");
+      current.client.close(1000);
+    }
   }
 }
 
