@@ -52,6 +52,7 @@ def test_page_and_its_files_are_served_from_the_package(server: Any) -> None:
     for path in sorted(WEB_DIR.iterdir()):
         response = httpx.get(f"{server.base_url}/web/{path.name}")
         assert response.status_code == 200, path.name
+        assert response.headers["cache-control"] == "no-cache", path.name
         if path.suffix == ".js":
             # Module scripts and worklets load only with a JavaScript MIME type.
             assert "javascript" in response.headers["content-type"], path.name
