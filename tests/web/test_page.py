@@ -221,7 +221,7 @@ def test_audio_file_streams_through_the_socket_with_the_fallback_warning(page: P
     page.select_option("#speed", "4")
     page.set_input_files("#file-input", str(DATA / "short.wav"))
     warning = page.locator(".notice.warning")
-    expect(warning).to_contain_text("Fallback engine in use")
+    expect(warning).to_contain_text("Fallback: whisper-tiny.en answers instead of parakeet-standard")
     expect(warning).to_contain_text("parakeet")
     expect(page.locator("#active-model")).to_have_text("whisper-tiny.en")
     expect(page.locator("#full-state")).to_have_text("complete")

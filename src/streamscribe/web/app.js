@@ -190,7 +190,7 @@ function handleFrame(frame, current) {
       }
       break;
     case "warning":
-      notice("warning", "Fallback engine in use", `${frame.message} (asked for ${frame.original_model}, using ${frame.active_model}).`);
+      notice("warning", `Fallback: ${frame.active_model} answers instead of ${frame.original_model}`, frame.message);
       break;
     case "partial":
       if (!session.awaitingReset) transcript.partial(frame);
