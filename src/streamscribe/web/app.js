@@ -199,7 +199,7 @@ function handleFrame(frame, current) {
       if (!session.awaitingReset) transcript.final(frame);
       break;
     case "full_transcript":
-      transcript.fullTranscript(frame);
+      if (!session.awaitingReset) transcript.fullTranscript(frame);
       break;
     case "error":
       // Errors that end the session are explained when the socket closes.
@@ -335,9 +335,10 @@ async function finishSession() {
 
 function clearAll() {
   transcript.clear();
-  if (session && !session.finishing) {
+  if (session) {
+    // Text already on its way belongs to what was cleared: ignore it until the server confirms the reset.
     session.awaitingReset = true;
-    session.client.reset();
+    if (!session.finishing) session.client.reset();
   }
   clearNotices();
   if (!session) ui.timer.textContent = formatTime(0);
