@@ -107,14 +107,16 @@ def test_microphone_session_shows_partials_then_finals_and_the_full_transcript(
 def test_clear_during_a_session_resets_the_server_transcript(page: Page, server: Any) -> None:
     open_page(page, server.base_url, server.api_key)
     page.click("#start")
-    expect(page.locator("#partial")).to_contain_text("please", ignore_case=True)
+    # The first partial comes a second or more into the sentence, after "Please" was said.
+    expect(page.locator("#partial")).not_to_be_empty()
     page.click("#clear")
     expect(page.locator("#debug-log li[data-direction=out][data-type=reset]")).to_have_count(1)
     expect(page.locator("#debug-log li[data-direction=in][data-type=status]").last).to_contain_text('"reset"')
     page.click("#stop")
     expect(page.locator("#connection")).to_have_attribute("data-state", "closed")
     # What was said before Clear is gone from the server's transcript too.
-    assert not page.input_value("#full").lower().startswith("please")
+    full = page.input_value("#full")
+    assert "please" not in words(full), full
 
 
 def test_dropped_file_is_transcribed_and_can_be_copied_and_downloaded(

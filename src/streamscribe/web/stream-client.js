@@ -1,5 +1,5 @@
 // The streamscribe WebSocket protocol, client side: config first, then audio frames, commit, reset, close.
-// See the README's "Protocol" section; frames are JSON text, audio is base64 little-endian float32.
+// See the README, "The WebSocket protocol"; frames are JSON text, audio is base64 little-endian float32.
 
 export const STREAM_PATH = "api/v1/audio/stream/transcribe";
 export const STATUS_PATH = "api/v1/audio/stream/status";
