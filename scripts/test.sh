@@ -3,15 +3,23 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install.sh test
-# The replica tests start a real redis-server (Debian package) on a random loopback port.
-if ! command -v redis-server >/dev/null 2>&1; then
-  sudo=""
-  [ "$(id -u)" = 0 ] || sudo="sudo"
-  export DEBIAN_FRONTEND=noninteractive
-  $sudo apt-get update -qq
-  $sudo apt-get install -y -qq -o DPkg::Lock::Timeout=300 redis-server >/dev/null
-fi
 . .venv/bin/activate
+# Debian packages the tests drive for real (never skipped): redis-server for the replica tests (started on
+# a random loopback port), Chromium for the browser tests (tests/web).
+missing=()
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+if [ -z "${STREAMSCRIBE_CHROMIUM:-}" ] && ! command -v chromium >/dev/null 2>&1; then missing+=(chromium); fi
+if [ ${#missing[@]} -gt 0 ]; then
+  if ! command -v apt-get >/dev/null 2>&1; then
+    echo "Missing ${missing[*]} and apt-get is not available: install them (or set STREAMSCRIBE_CHROMIUM)." >&2
+    exit 1
+  fi
+  as_root=""
+  if [ "$(id -u)" -ne 0 ]; then as_root="sudo"; fi
+  echo "Installing ${missing[*]} for the tests (apt-get)..." >&2
+  $as_root apt-get update -q
+  $as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q -o DPkg::Lock::Timeout=300 "${missing[@]}"
+fi
 export HF_HUB_OFFLINE=1
 ruff check src tests bench
 mypy

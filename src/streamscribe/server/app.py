@@ -16,6 +16,7 @@ from streamscribe.protocol import CloseCode, StreamError, StreamLimitsReport
 from streamscribe.server.auth import install_log_redaction
 from streamscribe.server.runtime import Runtime
 from streamscribe.server.stream import StreamConnection
+from streamscribe.server.web import add_web_page
 
 STREAM_PATH = "/api/v1/audio/stream/transcribe"
 LIMITS_PATH = "/api/v1/audio/stream/limits"
@@ -72,4 +73,5 @@ def create_app(settings: Settings, api_key: str) -> FastAPI:
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
+    add_web_page(app)
     return app
