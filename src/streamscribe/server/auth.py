@@ -260,9 +260,8 @@ class AccessControl:
             key = await self._receive_auth_message(receive_text)
         principal = await self.authenticator.authenticate(key)
         if principal is None:
-            raise StreamError(
-                ErrorType.AUTH_FAILED, "invalid API key (wrong, revoked or expired)", CloseCode.UNAUTHORIZED
-            )
+            # Clients (CLI, browser page) show this text; wrong, revoked and expired look alike on purpose.
+            raise StreamError(ErrorType.AUTH_FAILED, "missing or invalid API key", CloseCode.UNAUTHORIZED)
         if self.multi_user:
             await self.quotas.check_rate(
                 "key", principal.key_id, access.connections_per_minute_per_key, "with this key"
@@ -275,8 +274,8 @@ class AccessControl:
         timeout = self.settings.access.auth_message_timeout_seconds
         missing = StreamError(
             ErrorType.AUTH_FAILED,
-            f"missing API key: send it as ?token=, an X-API-KEY or Authorization: Bearer header, or a first "
-            f"message {{\"type\":\"auth\",\"token\":...}} within {timeout:g} s",
+            f"missing or invalid API key: send it as ?token=, an X-API-KEY or Authorization: Bearer header, "
+            f"or a first message {{\"type\":\"auth\",\"token\":...}} within {timeout:g} s",
             CloseCode.UNAUTHORIZED,
         )
         try:
@@ -293,11 +292,7 @@ class AccessControl:
         key = presented_key(connection, self.settings.access.allow_query_token)
         principal = await self.authenticator.authenticate(key) if key else None
         if principal is None:
-            raise StreamError(
-                ErrorType.AUTH_FAILED,
-                "missing or invalid API key (wrong, revoked or expired)",
-                CloseCode.UNAUTHORIZED,
-            )
+            raise StreamError(ErrorType.AUTH_FAILED, "missing or invalid API key", CloseCode.UNAUTHORIZED)
         return principal
 
     async def limits_report(self, principal: Principal) -> StreamLimitsReport:
