@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import sys
 from pathlib import Path
@@ -23,41 +22,50 @@ def _settings_epilog() -> str:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from streamscribe.config import Settings
     from streamscribe.engines.registry import EngineRegistry
     from streamscribe.server.app import STREAM_PATH, create_app
     from streamscribe.server.auth import generate_api_key
+    from streamscribe.server.logs import configure_logging
+    from streamscribe.server.serving import GracefulServer, uvicorn_config
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
-        settings = Settings.load(args.config, host=args.host, port=args.port, log_level=args.log_level)
+        settings = Settings.load(
+            args.config,
+            host=args.host,
+            port=args.port,
+            log_level=args.log_level,
+            ssl_certfile=args.ssl_certfile,
+            ssl_keyfile=args.ssl_keyfile,
+        )
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if bool(settings.ssl_certfile) != bool(settings.ssl_keyfile):
+        print("error: TLS needs both --ssl-certfile and --ssl-keyfile", file=sys.stderr)
+        return 2
+    for path in (settings.ssl_certfile, settings.ssl_keyfile):
+        if path and not path.is_file():
+            print(f"error: TLS file not found: {path}", file=sys.stderr)
+            return 2
     whisper = next(row for row in EngineRegistry(settings).status() if row.model == "whisper")
     if not whisper.available:
         print(f"error: the default Whisper engine cannot start: {whisper.reason}", file=sys.stderr)
         return 2
     api_key = settings.api_key.get_secret_value() if settings.api_key else generate_api_key()
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(settings.log_level, settings.log_format)
     shown_host = "localhost" if settings.host in ("0.0.0.0", "::", "127.0.0.1") else settings.host
-    print(f"streamscribe on http://{shown_host}:{settings.port}", flush=True)
-    print(f"  stream:  ws://{shown_host}:{settings.port}{STREAM_PATH}?token=<API key>", flush=True)
+    http, ws = ("https", "wss") if settings.ssl_certfile else ("http", "ws")
+    print(f"streamscribe on {http}://{shown_host}:{settings.port}", flush=True)
+    print(f"  stream:  {ws}://{shown_host}:{settings.port}{STREAM_PATH}?token=<API key>", flush=True)
+    print(f"  files:   {http}://{shown_host}:{settings.port}/v1 (OpenAI-compatible)", flush=True)
     print(
         f"  API key: {api_key}" if not settings.api_key else "  API key: from STREAMSCRIBE_API_KEY",
         flush=True,
     )
-    uvicorn.run(
-        create_app(settings, api_key),
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        ws_max_size=4 * settings.streaming.max_frame_bytes,
-    )
+    app = create_app(settings, api_key)
+    GracefulServer(uvicorn_config(settings, app), app).run()
     return 0
 
 
@@ -213,6 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port (STREAMSCRIBE_PORT)")
     serve.add_argument("--config", type=Path, help="TOML settings file (STREAMSCRIBE_CONFIG_FILE)")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    serve.add_argument(
+        "--ssl-certfile", type=Path, help="PEM certificate: serve https/wss (STREAMSCRIBE_SSL_CERTFILE)"
+    )
+    serve.add_argument("--ssl-keyfile", type=Path, help="PEM private key (STREAMSCRIBE_SSL_KEYFILE)")
     serve.set_defaults(handler=_serve)
 
     stream = commands.add_parser(

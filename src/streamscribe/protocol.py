@@ -60,6 +60,7 @@ MODEL_ALIASES: dict[str, tuple[ModelName, Variant | None]] = {
 
 MIN_SAMPLE_RATE = 8000
 MAX_SAMPLE_RATE = 48000
+MAX_PROMPT_CHARS = 1000
 
 
 class _ClientFrame(BaseModel):
@@ -82,6 +83,24 @@ class ConfigMessage(_ClientFrame):
     enable_partial: bool = True
     partial_interval: float = Field(0.5, ge=0.1, le=10)
     audio_format: Literal["float32", "pcm16"] = "float32"
+    # Streaming extras, off unless asked for.
+    word_timestamps: bool = False
+    task: Literal["transcribe", "translate"] = "transcribe"
+    prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
+    hotwords: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
+
+    @field_validator("hotwords", mode="before")
+    @classmethod
+    def _join_hotwords(cls, value: Any) -> Any:
+        """Accept a list of words or phrases as well as one string."""
+        if isinstance(value, list) and all(isinstance(item, str) for item in value):
+            return ", ".join(item.strip() for item in value if item.strip())
+        return value
+
+    @field_validator("prompt", "hotwords")
+    @classmethod
+    def _blank_is_none(cls, value: str | None) -> str | None:
+        return value.strip() or None if value is not None else None
 
     @field_validator("language")
     @classmethod
@@ -123,8 +142,14 @@ class StopMessage(_ClientFrame):
     type: Literal["stop"]
 
 
+class PingMessage(_ClientFrame):
+    """An application-level keep-alive, answered by a pong (allowed at any time, even before config)."""
+
+    type: Literal["ping"]
+
+
 ClientMessage = Annotated[
-    ConfigMessage | AudioMessage | CommitMessage | ResetMessage | StopMessage,
+    ConfigMessage | AudioMessage | CommitMessage | ResetMessage | StopMessage | PingMessage,
     Field(discriminator="type"),
 ]
 _client_message_adapter: TypeAdapter[ClientMessage] = TypeAdapter(ClientMessage)
@@ -169,6 +194,15 @@ class StatusFrame(ServerFrame):
     language: str | None = None
 
 
+class WordTiming(BaseModel):
+    """One word of a final, when the config asked for ``word_timestamps`` (seconds of stream audio)."""
+
+    word: str
+    start: float
+    end: float
+    probability: float
+
+
 class TranscriptFrame(ServerFrame):
     """A partial (tentative, replaced by the next one) or a final (never revised) segment."""
 
@@ -180,7 +214,7 @@ class TranscriptFrame(ServerFrame):
     start: float
     end: float
     language: str
-    words: list[dict[str, Any]] | None = None
+    words: list[WordTiming] | None = None
 
 
 class FullTranscriptFrame(ServerFrame):
@@ -200,3 +234,7 @@ class ErrorFrame(ServerFrame):
     type: Literal["error"] = "error"
     message: str
     error_type: ErrorType
+
+
+class PongFrame(ServerFrame):
+    type: Literal["pong"] = "pong"

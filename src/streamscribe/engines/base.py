@@ -37,6 +37,8 @@ class AudioWindow:
         prompt: Previous text of the stream, given as context where the engine supports it.
         word_timestamps: Whether to return per-word timing.
         task: "transcribe", or "translate" (to English) where the engine supports it.
+        hotwords: Words or phrases to favour (custom vocabulary), where the engine supports it.
+        temperature: A fixed sampling temperature; None for the engine's default.
     """
 
     samples: np.ndarray
@@ -45,6 +47,8 @@ class AudioWindow:
     prompt: str | None = None
     word_timestamps: bool = False
     task: Literal["transcribe", "translate"] = "transcribe"
+    hotwords: str | None = None
+    temperature: float | None = None
 
 
 @dataclass(frozen=True)

@@ -106,15 +106,28 @@ class WhisperEngine:
     def transcribe(self, batch: Sequence[AudioWindow]) -> list[Transcript]:
         return [self._transcribe_one(window) for window in batch]
 
+    @staticmethod
+    def _temperature(window: AudioWindow) -> float | tuple[float, ...]:
+        if window.temperature is not None:
+            return window.temperature
+        # Finals fall back to sampling when the greedy/beam text looks wrong (repetitions, low confidence).
+        return (0.0, 0.2, 0.4, 0.6) if window.final else 0.0
+
     def _transcribe_one(self, window: AudioWindow) -> Transcript:
+        if window.task == "translate" and self._languages == {"en"}:
+            raise EngineUnavailable(f"{self._name} is English-only and cannot translate")
         segments, info = self._model.transcribe(
             window.samples,
+            # Translation too is told the spoken language: with "en" (the protocol's default) Whisper still
+            # writes English for foreign speech, and its own per-window detection is unreliable on short
+            # utterances (base calls German "yi" and Spanish "it" on the test clips).
             language=window.language if self._languages != {"en"} else "en",
             task=window.task,
             beam_size=self._beam_size if window.final else 1,
             best_of=self._beam_size if window.final else 1,
-            temperature=(0.0, 0.2, 0.4, 0.6) if window.final else 0.0,
+            temperature=self._temperature(window),
             initial_prompt=window.prompt or None,
+            hotwords=window.hotwords or None,
             condition_on_previous_text=False,
             word_timestamps=window.word_timestamps,
             without_timestamps=not window.word_timestamps,

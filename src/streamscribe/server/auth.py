@@ -8,7 +8,8 @@ import logging
 import re
 import secrets
 
-from starlette.requests import HTTPConnection
+from fastapi import HTTPException
+from starlette.requests import HTTPConnection, Request
 
 
 def generate_api_key() -> str:
@@ -65,3 +66,24 @@ def install_log_redaction() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, RedactSecrets) for f in logger.filters):
             logger.addFilter(RedactSecrets())
+
+
+def require_key(request: Request) -> str:
+    """FastAPI dependency for every authenticated HTTP route: the presented key, or 401.
+
+    The single place HTTP routes check keys, so a multi-user key store can replace it in one edit.
+    """
+    key = presented_key(request)
+    if not request.app.state.runtime.auth.is_valid(key):
+        raise HTTPException(
+            status_code=401,
+            detail="missing or invalid API key",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    assert key is not None
+    return key
+
+
+def charge_audio(request: Request, key: str, seconds: float) -> None:
+    """Account ``seconds`` of transcribed audio to ``key``. Single-user servers have no quota: a no-op
+    hook that the multi-user quota store replaces."""

@@ -1,4 +1,5 @@
-"""What every connection shares: settings, auth, loaded engines, their schedulers, the VAD model."""
+"""What every connection shares: settings, auth, loaded engines, their schedulers, the VAD model, metrics,
+and the shutdown state."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from streamscribe.config import Settings
 from streamscribe.engines.base import Engine
 from streamscribe.engines.registry import EngineRegistry
 from streamscribe.server.auth import SingleUserAuth
+from streamscribe.server.metrics import ServerMetrics
 from streamscribe.streaming.scheduler import DecodeScheduler
 from streamscribe.streaming.vad import SileroVad
 
@@ -23,23 +25,63 @@ class Runtime:
         self.auth = SingleUserAuth(api_key)
         self.registry = EngineRegistry(settings)
         self.vad = SileroVad()
+        self.metrics = ServerMetrics()
+        self.draining = asyncio.Event()
+        self.models_ready = not settings.preload
         self._schedulers: dict[str, DecodeScheduler] = {}
         self._load_lock = asyncio.Lock()
+        self._open_streams = 0
+        self._no_streams = asyncio.Event()
+        self._no_streams.set()
 
-    async def engine(self, model: str, variant: str, language: str) -> Engine:
+    async def engine(self, model: str, variant: str, language: str, task: str = "transcribe") -> Engine:
         """The loaded engine for this choice; loading (seconds) runs off the event loop, once."""
         async with self._load_lock:
-            return await asyncio.to_thread(self.registry.get, model, variant, language)
+            return await asyncio.to_thread(self.registry.get, model, variant, language, task)
 
     def scheduler(self, engine: Engine) -> DecodeScheduler:
         if engine.name not in self._schedulers:
-            self._schedulers[engine.name] = DecodeScheduler(engine, workers=self.settings.decode_workers)
+            self._schedulers[engine.name] = DecodeScheduler(
+                engine, workers=self.settings.decode_workers, observer=self.metrics
+            )
         return self._schedulers[engine.name]
 
     async def preload(self) -> None:
         """Load the default (fallback) English engine before the first client needs it."""
         engine = await self.engine("whisper", "standard", "en")
-        log.info("model %s ready", engine.name)
+        self.models_ready = True
+        log.info("model %s ready", engine.name, extra={"event": "model_ready", "engine": engine.name})
+
+    @property
+    def ready(self) -> bool:
+        """Models loaded and not shutting down: a load balancer may send new clients here."""
+        return self.models_ready and not self.draining.is_set()
+
+    def stream_opened(self) -> None:
+        self._open_streams += 1
+        self._no_streams.clear()
+        self.metrics.active_streams.inc()
+
+    def stream_closed(self) -> None:
+        self._open_streams -= 1
+        self.metrics.active_streams.dec()
+        if self._open_streams == 0:
+            self._no_streams.set()
+
+    async def drain(self) -> None:
+        """Tell every stream to finish (see StreamConnection) and wait up to the grace time for them."""
+        grace = self.settings.shutdown_grace_seconds
+        self.draining.set()
+        log.info(
+            "draining %d stream(s) within %g s",
+            self._open_streams,
+            grace,
+            extra={"event": "drain", "streams": self._open_streams},
+        )
+        try:
+            await asyncio.wait_for(self._no_streams.wait(), grace)
+        except TimeoutError:
+            log.warning("%d stream(s) still open after the grace time", self._open_streams)
 
     async def close(self) -> None:
         for scheduler in self._schedulers.values():

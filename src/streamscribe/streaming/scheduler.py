@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import IntEnum
+from typing import Protocol
 
 from streamscribe.engines.base import AudioWindow, Engine, Transcript
 
@@ -19,6 +21,12 @@ from streamscribe.engines.base import AudioWindow, Engine, Transcript
 class Priority(IntEnum):
     FINAL = 0
     PARTIAL = 1
+
+
+class DecodeObserver(Protocol):
+    """Told about every engine call (for metrics); must be quick, it runs on the event loop."""
+
+    def batch_decoded(self, engine: str, priority: Priority, size: int, seconds: float) -> None: ...
 
 
 @dataclass(order=True)
@@ -32,8 +40,11 @@ class _Job:
 class DecodeScheduler:
     """Runs an engine's ``transcribe`` in worker threads, never on the event loop."""
 
-    def __init__(self, engine: Engine, workers: int = 1, max_batch: int = 1) -> None:
+    def __init__(
+        self, engine: Engine, workers: int = 1, max_batch: int = 1, observer: DecodeObserver | None = None
+    ) -> None:
         self.engine = engine
+        self._observer = observer
         self._workers = workers
         self._max_batch = max_batch
         self._queue: list[_Job] = []
@@ -66,6 +77,7 @@ class DecodeScheduler:
             batch = self._take_batch()
             if not batch:
                 continue
+            started = time.perf_counter()
             try:
                 results = await loop.run_in_executor(
                     self._executor, self.engine.transcribe, [job.window for job in batch]
@@ -75,6 +87,10 @@ class DecodeScheduler:
                     if not job.result.done():
                         job.result.set_exception(exc)
                 continue
+            if self._observer is not None:
+                self._observer.batch_decoded(
+                    self.engine.name, Priority(batch[0].priority), len(batch), time.perf_counter() - started
+                )
             for job, transcript in zip(batch, results, strict=True):
                 if not job.result.done():
                     job.result.set_result(transcript)
