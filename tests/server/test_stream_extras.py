@@ -44,7 +44,9 @@ def test_finals_have_no_words_unless_asked(server: RunningServer, clip: Callable
     assert result.of_type("final") and not any("words" in f for f in result.of_type("final"))
 
 
-def test_spanish_speech_translated_to_english(server: RunningServer, clip: Callable[[str], np.ndarray]) -> None:
+def test_spanish_speech_translated_to_english(
+    server: RunningServer, clip: Callable[[str], np.ndarray]
+) -> None:
     result = server.stream(clip("es.wav"), speed=0, config={"language": "es", "task": "translate"})
 
     ready = next(f for f in result.of_type("status") if f["state"] == "ready")

@@ -99,7 +99,7 @@ async def _decode_upload(upload: UploadFile, limit: int) -> np.ndarray:
     if upload.size is not None and upload.size > limit:
         raise ApiError(413, f"the file is larger than the limit of {limit} bytes", "file_too_large", "file")
     try:
-        samples = await asyncio.to_thread(load_audio_file, upload.file)  # type: ignore[arg-type]
+        samples = await asyncio.to_thread(load_audio_file, upload.file)
     except Exception as exc:
         log.info("undecodable upload", extra={"event": "bad_file", "reason": type(exc).__name__})
         raise ApiError(
