@@ -93,6 +93,14 @@ def _stream(args: argparse.Namespace) -> int:
         config["model"] = args.model
     if args.variant:
         config["variant"] = args.variant
+    if args.task != "transcribe":
+        config["task"] = args.task
+    if args.word_timestamps:
+        config["word_timestamps"] = True
+    if args.prompt:
+        config["prompt"] = args.prompt
+    if args.hotwords:
+        config["hotwords"] = args.hotwords
     interactive = sys.stdout.isatty()
 
     def show(received: ReceivedFrame) -> None:
@@ -145,7 +153,7 @@ def _transcribe(args: argparse.Namespace) -> int:
     from streamscribe.config import Settings
     from streamscribe.engines.base import EngineUnavailable
     from streamscribe.engines.registry import EngineRegistry
-    from streamscribe.offline import render, transcribe_samples
+    from streamscribe.offline import FileOptions, render, transcribe_samples
     from streamscribe.streaming.vad import SileroVad, VadOptions
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -156,7 +164,7 @@ def _transcribe(args: argparse.Namespace) -> int:
         print(f"error: cannot read {args.file}: {exc}", file=sys.stderr)
         return 2
     try:
-        engine = EngineRegistry(settings).get(args.model, args.variant, args.language)
+        engine = EngineRegistry(settings).get(args.model, args.variant, args.language, args.task)
     except EngineUnavailable as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -177,6 +185,12 @@ def _transcribe(args: argparse.Namespace) -> int:
             args.language,
             VadOptions(**settings.vad.model_dump()),
             progress=lambda done: progress.update(task, completed=done),
+            options=FileOptions(
+                language=args.language,
+                task=args.task,
+                prompt=args.prompt,
+                word_timestamps=args.word_timestamps,
+            ),
         )
     text = render(pieces, args.format)
     if args.output:
@@ -241,6 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
     stream.add_argument("--speed", type=float, default=1.0, help="times real time; 0 = as fast as possible")
     stream.add_argument("--sample-rate", type=int, default=16000, help="rate to send at (server resamples)")
     stream.add_argument("--audio-format", choices=["float32", "pcm16"], default="float32")
+    stream.add_argument("--task", choices=["transcribe", "translate"], default="transcribe")
+    stream.add_argument("--word-timestamps", action="store_true", help="ask for word timing in finals")
+    stream.add_argument("--prompt", help="context text: vocabulary, spelling, style")
+    stream.add_argument("--hotwords", help="words or phrases to favour, comma-separated")
     stream.add_argument("--verbose", action="store_true", help="also print status frames")
     stream.set_defaults(handler=_stream)
 
@@ -249,6 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     transcribe.add_argument("--model", default="whisper")
     transcribe.add_argument("--variant", default="standard", choices=["standard", "onnx", "mlx"])
     transcribe.add_argument("--language", default="en")
+    transcribe.add_argument("--task", choices=["transcribe", "translate"], default="transcribe")
+    transcribe.add_argument("--prompt", help="context text: vocabulary, spelling, style")
+    transcribe.add_argument("--word-timestamps", action="store_true", help="words with times in json output")
     transcribe.add_argument("--format", choices=["txt", "srt", "vtt", "json"], default="txt")
     transcribe.add_argument("--output", "-o", type=Path, help="write here instead of standard output")
     transcribe.add_argument("--config", type=Path)

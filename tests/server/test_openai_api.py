@@ -168,3 +168,23 @@ def test_files_over_the_size_limit_are_413(make_server: Callable[..., RunningSer
             )
         assert caught.value.status_code == 413, name
         assert "larger than the limit of 50000 bytes" in json.dumps(caught.value.body)
+
+
+def test_file_and_stream_seconds_are_charged_to_the_key(
+    make_server: Callable[..., RunningServer],
+    clip: Callable[[str], np.ndarray],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    charged: list[tuple[str, float]] = []
+
+    def record(connection: object, key: str, seconds: float) -> None:
+        charged.append((key, seconds))
+
+    monkeypatch.setattr("streamscribe.server.openai_api.charge_audio", record)
+    monkeypatch.setattr("streamscribe.server.stream.charge_audio", record)
+    server = make_server()
+    with (DATA / "short.wav").open("rb") as audio:
+        client_for(server).audio.transcriptions.create(model="whisper-1", file=audio)
+    server.stream(clip("short.wav"), speed=0)
+    assert [key for key, _ in charged] == [server.api_key, server.api_key]
+    assert all(abs(seconds - len(clip("short.wav")) / 16000) < 0.05 for _, seconds in charged)

@@ -68,22 +68,29 @@ def install_log_redaction() -> None:
             logger.addFilter(RedactSecrets())
 
 
-def require_key(request: Request) -> str:
-    """FastAPI dependency for every authenticated HTTP route: the presented key, or 401.
+def authenticate(connection: HTTPConnection) -> str | None:
+    """The presented key when it is valid, else None: the one check behind every HTTP route and stream.
 
-    The single place HTTP routes check keys, so a multi-user key store can replace it in one edit.
+    A multi-user key store replaces this function (and ``charge_audio``) and nothing else.
     """
-    key = presented_key(request)
-    if not request.app.state.runtime.auth.is_valid(key):
+    key = presented_key(connection)
+    return key if connection.app.state.runtime.auth.is_valid(key) else None
+
+
+def require_key(request: Request) -> str:
+    """FastAPI dependency for authenticated HTTP routes: the valid key, or 401."""
+    key = authenticate(request)
+    if key is None:
         raise HTTPException(
             status_code=401,
             detail="missing or invalid API key",
             headers={"WWW-Authenticate": "Bearer"},
         )
-    assert key is not None
     return key
 
 
-def charge_audio(request: Request, key: str, seconds: float) -> None:
-    """Account ``seconds`` of transcribed audio to ``key``. Single-user servers have no quota: a no-op
-    hook that the multi-user quota store replaces."""
+def charge_audio(connection: HTTPConnection, key: str, seconds: float) -> None:
+    """Account ``seconds`` of transcribed audio (a file, or a stream when it ends) to ``key``.
+
+    Single-user servers have no quota, so this is a no-op hook for the multi-user quota store.
+    """

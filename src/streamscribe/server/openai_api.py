@@ -134,7 +134,11 @@ async def _transcribe_upload(
     languages: list[str] = []
 
     async def decode(window: AudioWindow) -> Transcript:
-        transcript = await scheduler.decode(window, Priority.FINAL)
+        try:
+            transcript = await scheduler.decode(window, Priority.FINAL)
+        except Exception:
+            log.exception("engine failure on a file")
+            raise ApiError(500, "the speech engine failed", "internal_error") from None
         languages.append(transcript.language)
         return transcript
 

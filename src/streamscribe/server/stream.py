@@ -31,7 +31,7 @@ from streamscribe.protocol import (
     WordTiming,
     parse_client_message,
 )
-from streamscribe.server.auth import presented_key
+from streamscribe.server.auth import authenticate, charge_audio
 from streamscribe.server.logs import new_request_id
 from streamscribe.server.origins import origin_allowed
 from streamscribe.server.runtime import Runtime
@@ -81,10 +81,12 @@ class StreamConnection:
         await self._ws.accept()
         session: StreamingSession | None = None
         watcher: asyncio.Task[None] | None = None
+        key: str | None = None
         started = time.monotonic()
         self._runtime.stream_opened()
         try:
-            if not self._runtime.auth.is_valid(presented_key(self._ws)):
+            key = authenticate(self._ws)
+            if key is None:
                 raise StreamError(ErrorType.AUTH_FAILED, "missing or invalid API key", CloseCode.UNAUTHORIZED)
             self._runtime.metrics.streams.inc()
             config = await self._receive_config()
@@ -116,6 +118,8 @@ class StreamConnection:
                 await asyncio.gather(watcher, return_exceptions=True)
             if session is not None:
                 await session.close()
+                if key is not None:
+                    charge_audio(self._ws, key, session.received_seconds)
             self._runtime.stream_closed()
             log.info(
                 "stream ended",
