@@ -140,25 +140,26 @@ def test_sigterm_lets_the_current_utterance_finish_then_closes_1001(
         httpx.get(f"http://127.0.0.1:{server.port}/healthz", timeout=1)
 
 
-def test_sigterm_with_an_idle_stream_exits_quickly(server_process: Callable[..., ServerProcess]) -> None:
+def test_sigterm_with_idle_streams_exits_quickly(server_process: Callable[..., ServerProcess]) -> None:
     server = server_process(STREAMSCRIBE_SHUTDOWN_GRACE_SECONDS="20")
     url = f"ws://127.0.0.1:{server.port}/api/v1/audio/stream/transcribe?token={TEST_KEY}"
 
-    async def scenario() -> tuple[list[dict[str, Any]], int | None]:
-        async with connect(url) as ws:
-            await ws.send(json.dumps({"type": "config"}))
-            await ws.recv()
-            await ws.recv()
+    async def scenario() -> tuple[list[dict[str, Any]], int | None, int | None]:
+        async with connect(url) as configured, connect(url) as unconfigured:
+            await configured.send(json.dumps({"type": "config"}))
+            await configured.recv()
+            await configured.recv()
             server.process.send_signal(signal.SIGTERM)
-            frames = [json.loads(raw) async for raw in ws]
-            return frames, ws.close_code
+            frames = [json.loads(raw) async for raw in configured]
+            async for _ in unconfigured:
+                pass
+            return frames, configured.close_code, unconfigured.close_code
 
     started = time.monotonic()
-    frames, code = asyncio.run(scenario())
+    frames, code, unconfigured_code = asyncio.run(scenario())
     server.process.wait(timeout=10)
-    assert code == 1001 and frames == [
-        {"type": "full_transcript", "text": "", "timestamp": frames[0]["timestamp"]}
-    ]
+    assert code == 1001 and [(f["type"], f["text"]) for f in frames] == [("full_transcript", "")]
+    assert unconfigured_code == 1001, "a client still to send its config is not waited for"
     assert time.monotonic() - started < 5, "no utterance open: nothing to wait for"
 
 

@@ -146,10 +146,10 @@ class StreamConnection:
         timeout = self._runtime.settings.streaming.config_timeout_seconds
         try:
             async with asyncio.timeout(timeout):
-                message = parse_client_message(await self._receive_text())
+                message = parse_client_message(await self._receive_unless_draining())
                 while isinstance(message, PingMessage):
                     await self._send(PongFrame())
-                    message = parse_client_message(await self._receive_text())
+                    message = parse_client_message(await self._receive_unless_draining())
         except TimeoutError:
             raise StreamError(
                 ErrorType.TIMEOUT, f"no config message within {timeout:g} s", CloseCode.PROTOCOL_ERROR
@@ -299,6 +299,22 @@ class StreamConnection:
                     raise
                 self._runtime.metrics.errors.labels(error.error_type.value).inc()
                 await self._send(error.to_frame())
+
+    async def _receive_unless_draining(self) -> str:
+        """The next text frame; if the server starts shutting down first, close with 1001 instead."""
+        receive = asyncio.ensure_future(self._receive_text())
+        draining = asyncio.ensure_future(self._runtime.draining.wait())
+        try:
+            await asyncio.wait({receive, draining}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            draining.cancel()
+            if not receive.done():  # shutting down, or the config timeout fired
+                receive.cancel()
+                await asyncio.gather(receive, return_exceptions=True)
+        if not receive.cancelled():
+            return receive.result()
+        await self._close(CloseCode.GOING_AWAY)
+        raise _SessionEnded
 
     async def _receive_text(self) -> str:
         message = await self._ws.receive()
