@@ -27,6 +27,7 @@ from streamscribe.server.stream import StreamConnection
 
 STREAM_PATH = "/api/v1/audio/stream/transcribe"
 log = logging.getLogger("streamscribe.http")
+_PROBE_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
 def create_app(settings: Settings, api_key: str) -> FastAPI:
@@ -73,7 +74,10 @@ def create_app(settings: Settings, api_key: str) -> FastAPI:
         runtime: Runtime | None = getattr(request.app.state, "runtime", None)
         if runtime is not None:
             runtime.metrics.http_requests.labels(route_path, str(response.status_code)).inc()
-        log.info(
+        # Probes and scrapes every few seconds would drown the log: they are debug lines.
+        level = logging.DEBUG if request.url.path in _PROBE_PATHS else logging.INFO
+        log.log(
+            level,
             "%s %s %d",
             request.method,
             request.url.path,
