@@ -110,3 +110,11 @@ def test_json_formatter_writes_one_object_per_line_with_the_request_id() -> None
     parsed = json.loads(line)
     assert parsed["message"] == "hello world" and parsed["event"] == "greeting"
     assert parsed["request_id"] == current and parsed["level"] == "info"
+
+
+def test_readyz_is_503_while_draining(make_server: Callable[..., RunningServer]) -> None:
+    server = make_server(preload=False)
+    server.app.state.runtime.draining.set()
+    response = httpx.get(f"{server.base_url}/readyz")
+    assert response.status_code == 503 and response.json()["draining"] is True
+    assert httpx.get(f"{server.base_url}/healthz").status_code == 200, "still alive, only not ready"

@@ -120,3 +120,15 @@ def test_refused_origin_is_logged_and_counted(server: RunningServer, captured_lo
         'streamscribe_errors_total{error_type="origin_refused"}'
         in httpx.get(f"{server.base_url}/metrics").text
     )
+
+
+def test_serve_needs_both_tls_files(tmp_path: Path) -> None:
+    from tests.test_cli import run_cli
+
+    cert, _ = self_signed_certificate(tmp_path)
+    done = run_cli("serve", "--port", "0", "--ssl-certfile", str(cert), timeout=30)
+    assert done.returncode == 2 and "both --ssl-certfile and --ssl-keyfile" in done.stderr
+    missing = run_cli(
+        "serve", "--port", "0", "--ssl-certfile", str(cert), "--ssl-keyfile", str(tmp_path / "nope.pem")
+    )
+    assert missing.returncode == 2 and "TLS file not found" in missing.stderr
