@@ -21,11 +21,10 @@ import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-import uvicorn
-
 from streamscribe.client import StreamResult, stream_audio, stream_url
 from streamscribe.config import Settings
 from streamscribe.server.app import create_app
+from streamscribe.server.serving import GracefulServer, uvicorn_config
 
 DATA = Path(__file__).parent / "data"
 TEST_KEY = "test-key-" + "x" * 40
@@ -71,7 +70,7 @@ class RunningServer:
     settings: Settings
     port: int
     api_key: str
-    _server: uvicorn.Server
+    _server: GracefulServer
     _thread: threading.Thread
 
     @property
@@ -100,8 +99,8 @@ def start_server(tmp_path: Path, **overrides: Any) -> RunningServer:
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     settings = Settings(api_key=TEST_KEY, port=port, cache_dir=tmp_path / "cache", **overrides)
-    config = uvicorn.Config(create_app(settings, TEST_KEY), log_level="info", lifespan="on")
-    server = uvicorn.Server(config)
+    app = create_app(settings, TEST_KEY)
+    server = GracefulServer(uvicorn_config(settings, app, log_level="info"), app)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 60

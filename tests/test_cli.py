@@ -127,3 +127,41 @@ def test_serve_with_a_missing_model_fails_fast_and_clearly() -> None:
     )
     assert done.returncode == 2
     assert "/models/gone" in done.stderr and "neither a bundled model" in done.stderr
+
+
+def test_transcribe_translates_with_word_timestamps() -> None:
+    done = run_cli(
+        "transcribe",
+        str(DATA / "es.wav"),
+        "--language",
+        "es",
+        "--task",
+        "translate",
+        "--format",
+        "json",
+        "--word-timestamps",
+    )
+    assert done.returncode == 0, done.stderr
+    parsed = json.loads(done.stdout)
+    assert "train" in normalize_text(parsed["text"]) and "hospital" in normalize_text(parsed["text"])
+    words = parsed["segments"][0]["words"]
+    assert words and all(w["start"] <= w["end"] for w in words)
+
+
+def test_stream_command_translates(server: RunningServer) -> None:
+    done = run_cli(
+        "stream",
+        "--audio",
+        str(DATA / "es.wav"),
+        "--language",
+        "es",
+        "--task",
+        "translate",
+        "--url",
+        f"ws://127.0.0.1:{server.port}",
+        "--speed",
+        "0",
+        env={"STREAMSCRIBE_API_KEY": server.api_key},
+    )
+    assert done.returncode == 0, done.stderr
+    assert "hospital" in normalize_text(done.stdout.strip().splitlines()[-1])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 from pathlib import Path
-from typing import Literal
+from typing import BinaryIO, Literal
 
 import numpy as np
 import soxr
@@ -53,11 +53,13 @@ class StreamResampler:
         return self._stream.resample_chunk(samples, last=last)
 
 
-def load_audio_file(path: str | Path, sample_rate: int = 16000) -> np.ndarray:
-    """Decode any file PyAV reads (wav, flac, mp3, ogg, m4a, webm) to mono float32 at ``sample_rate``."""
+def load_audio_file(path: str | Path | BinaryIO, sample_rate: int = 16000) -> np.ndarray:
+    """Decode any file PyAV reads (wav, flac, mp3, ogg, m4a, webm), by path or as an open binary file,
+    to mono float32 at ``sample_rate``."""
     from faster_whisper.audio import decode_audio
 
-    return decode_audio(str(path), sampling_rate=sample_rate)
+    source = str(path) if isinstance(path, str | Path) else path
+    return decode_audio(source, sampling_rate=sample_rate)
 
 
 class AudioBuffer:

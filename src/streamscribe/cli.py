@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import sys
 import time
@@ -25,46 +24,57 @@ def _settings_epilog() -> str:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from streamscribe.config import Settings
     from streamscribe.engines.registry import EngineRegistry
     from streamscribe.server.app import STREAM_PATH, create_app
     from streamscribe.server.auth import generate_api_key
+    from streamscribe.server.logs import configure_logging
+    from streamscribe.server.serving import GracefulServer, uvicorn_config
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
-        settings = Settings.load(args.config, host=args.host, port=args.port, log_level=args.log_level)
+        settings = Settings.load(
+            args.config,
+            host=args.host,
+            port=args.port,
+            log_level=args.log_level,
+            ssl_certfile=args.ssl_certfile,
+            ssl_keyfile=args.ssl_keyfile,
+        )
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if bool(settings.ssl_certfile) != bool(settings.ssl_keyfile):
+        print("error: TLS needs both --ssl-certfile and --ssl-keyfile", file=sys.stderr)
+        return 2
+    for path in (settings.ssl_certfile, settings.ssl_keyfile):
+        if path and not path.is_file():
+            print(f"error: TLS file not found: {path}", file=sys.stderr)
+            return 2
     whisper = next(row for row in EngineRegistry(settings).status() if row.model == "whisper")
     if not whisper.available:
         print(f"error: the default Whisper engine cannot start: {whisper.reason}", file=sys.stderr)
         return 2
     api_key = settings.api_key.get_secret_value() if settings.api_key else generate_api_key()
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(settings.log_level, settings.log_format)
     shown_host = "localhost" if settings.host in ("0.0.0.0", "::", "127.0.0.1") else settings.host
-    print(f"streamscribe on http://{shown_host}:{settings.port}", flush=True)
-    if not settings.api_key:
-        print(f"  page:    http://{shown_host}:{settings.port}/#token={api_key}", flush=True)
-    print(f"  stream:  ws://{shown_host}:{settings.port}{STREAM_PATH}?token=<API key>", flush=True)
-    if settings.auth_mode == "multi_user":
+    http, ws = ("https", "wss") if settings.ssl_certfile else ("http", "ws")
+    base = f"{http}://{shown_host}:{settings.port}"
+    print(f"streamscribe on {base}", flush=True)
+    multi_user = settings.auth_mode == "multi_user"
+    if not settings.api_key and not multi_user:
+        print(f"  page:    {base}/#token={api_key}", flush=True)
+    print(f"  stream:  {ws}://{shown_host}:{settings.port}{STREAM_PATH}?token=<API key>", flush=True)
+    print(f"  files:   {base}/v1 (OpenAI-compatible)", flush=True)
+    if multi_user:
         print("  API keys: multi-user mode, keys from `streamscribe keys create --user NAME`", flush=True)
     else:
         print(
             f"  API key: {api_key}" if not settings.api_key else "  API key: from STREAMSCRIBE_API_KEY",
             flush=True,
         )
-    uvicorn.run(
-        create_app(settings, api_key),
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        ws_max_size=4 * settings.streaming.max_frame_bytes,
-    )
+    app = create_app(settings, api_key)
+    GracefulServer(uvicorn_config(settings, app), app).run()
     return 0
 
 
@@ -94,6 +104,14 @@ def _stream(args: argparse.Namespace) -> int:
         config["model"] = args.model
     if args.variant:
         config["variant"] = args.variant
+    if args.task != "transcribe":
+        config["task"] = args.task
+    if args.word_timestamps:
+        config["word_timestamps"] = True
+    if args.prompt:
+        config["prompt"] = args.prompt
+    if args.hotwords:
+        config["hotwords"] = args.hotwords
     interactive = sys.stdout.isatty()
 
     def show(received: ReceivedFrame) -> None:
@@ -146,7 +164,7 @@ def _transcribe(args: argparse.Namespace) -> int:
     from streamscribe.config import Settings
     from streamscribe.engines.base import EngineUnavailable
     from streamscribe.engines.registry import EngineRegistry
-    from streamscribe.offline import render, transcribe_samples
+    from streamscribe.offline import FileOptions, render, transcribe_samples
     from streamscribe.streaming.vad import SileroVad, VadOptions
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -157,7 +175,7 @@ def _transcribe(args: argparse.Namespace) -> int:
         print(f"error: cannot read {args.file}: {exc}", file=sys.stderr)
         return 2
     try:
-        engine = EngineRegistry(settings).get(args.model, args.variant, args.language)
+        engine = EngineRegistry(settings).get(args.model, args.variant, args.language, args.task)
     except EngineUnavailable as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -178,6 +196,12 @@ def _transcribe(args: argparse.Namespace) -> int:
             args.language,
             VadOptions(**settings.vad.model_dump()),
             progress=lambda done: progress.update(task, completed=done),
+            options=FileOptions(
+                language=args.language,
+                task=args.task,
+                prompt=args.prompt,
+                word_timestamps=args.word_timestamps,
+            ),
         )
     text = render(pieces, args.format)
     if args.output:
@@ -281,6 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port (STREAMSCRIBE_PORT)")
     serve.add_argument("--config", type=Path, help="TOML settings file (STREAMSCRIBE_CONFIG_FILE)")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    serve.add_argument(
+        "--ssl-certfile", type=Path, help="PEM certificate: serve https/wss (STREAMSCRIBE_SSL_CERTFILE)"
+    )
+    serve.add_argument("--ssl-keyfile", type=Path, help="PEM private key (STREAMSCRIBE_SSL_KEYFILE)")
     serve.set_defaults(handler=_serve)
 
     stream = commands.add_parser(
@@ -297,6 +325,10 @@ def build_parser() -> argparse.ArgumentParser:
     stream.add_argument("--speed", type=float, default=1.0, help="times real time; 0 = as fast as possible")
     stream.add_argument("--sample-rate", type=int, default=16000, help="rate to send at (server resamples)")
     stream.add_argument("--audio-format", choices=["float32", "pcm16"], default="float32")
+    stream.add_argument("--task", choices=["transcribe", "translate"], default="transcribe")
+    stream.add_argument("--word-timestamps", action="store_true", help="ask for word timing in finals")
+    stream.add_argument("--prompt", help="context text: vocabulary, spelling, style")
+    stream.add_argument("--hotwords", help="words or phrases to favour, comma-separated")
     stream.add_argument("--verbose", action="store_true", help="also print status frames")
     stream.set_defaults(handler=_stream)
 
@@ -305,6 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
     transcribe.add_argument("--model", default="whisper")
     transcribe.add_argument("--variant", default="standard", choices=["standard", "onnx", "mlx"])
     transcribe.add_argument("--language", default="en")
+    transcribe.add_argument("--task", choices=["transcribe", "translate"], default="transcribe")
+    transcribe.add_argument("--prompt", help="context text: vocabulary, spelling, style")
+    transcribe.add_argument("--word-timestamps", action="store_true", help="words with times in json output")
     transcribe.add_argument("--format", choices=["txt", "srt", "vtt", "json"], default="txt")
     transcribe.add_argument("--output", "-o", type=Path, help="write here instead of standard output")
     transcribe.add_argument("--config", type=Path)
@@ -329,9 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--user", required=True, help="user name; quotas count per user")
     create.add_argument("--tier", choices=tiers, help="set the user's tier (new users: free)")
     create.add_argument("--expires", type=_parse_expiry, help="30d, 12h, 90m, or an ISO date/time")
-    create.add_argument(
-        "--scope", choices=SCOPES, default="stream", help="limits: may only read its limits"
-    )
+    create.add_argument("--scope", choices=SCOPES, default="stream", help="limits: may only read its limits")
     listing = key_commands.add_parser("list", help="list keys (never the keys themselves)")
     listing.add_argument("--user", help="only this user's keys")
     revoke = key_commands.add_parser("revoke", help="revoke a key by its id")

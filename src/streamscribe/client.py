@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -84,6 +85,7 @@ async def stream_audio(
     on_frame: Callable[[ReceivedFrame], None] | None = None,
     headers: dict[str, str] | None = None,
     timeout: float = 120.0,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> StreamResult:
     """Stream ``samples`` to ``url`` at ``speed`` times real time (0: as fast as possible).
 
@@ -94,7 +96,8 @@ async def stream_audio(
     audio_format = config.get("audio_format", "float32")
     result = StreamResult(audio_seconds=len(samples) / sample_rate)
     step = max(1, int(frame_seconds * sample_rate))
-    async with connect(url, additional_headers=headers, max_size=None, open_timeout=30) as ws:
+    tls: dict[str, Any] = {"ssl": ssl_context} if ssl_context is not None else {}
+    async with connect(url, additional_headers=headers, max_size=None, open_timeout=30, **tls) as ws:
         start = time.monotonic()
         got_full = asyncio.Event()
 

@@ -133,12 +133,12 @@ class AccessSettings(BaseModel):
     allow_query_token: bool = Field(
         True,
         description="Accept the key as ?token= in the URL. Turn off where proxies log URLs; clients then use "
-        "the X-API-KEY or Authorization: Bearer header or a first {\"type\":\"auth\"} message.",
+        'the X-API-KEY or Authorization: Bearer header or a first {"type":"auth"} message.',
     )
     auth_message_timeout_seconds: float = Field(
         5.0,
         gt=0,
-        description="Time allowed for an {\"type\":\"auth\",\"token\":...} message when no key came with the "
+        description='Time allowed for an {"type":"auth","token":...} message when no key came with the '
         "connection.",
     )
     ip_allowlist: list[str] = Field(
@@ -180,8 +180,10 @@ class SharedStoreSettings(BaseModel):
         "unreachable.",
     )
     stream_ttl_seconds: float = Field(
-        30.0, gt=0, description="Lifetime of a stream's slot in Redis, refreshed while it streams (a crashed "
-        "replica's slots free themselves after this)."
+        30.0,
+        gt=0,
+        description="Lifetime of a stream's slot in Redis, refreshed while it streams (a crashed "
+        "replica's slots free themselves after this).",
     )
     timeout_seconds: float = Field(1.0, gt=0, description="Longest wait for one Redis command.")
 
@@ -247,6 +249,36 @@ class Settings(BaseSettings):
     )
     preload: bool = Field(True, description="Load the default English model at start-up, not on first use.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log verbosity.")
+    log_format: Literal["json", "text"] = Field(
+        "json",
+        description="json: one JSON object per line and event, with the request or connection id; "
+        "text: human-readable lines.",
+    )
+    ssl_certfile: Path | None = Field(
+        None, description="PEM certificate (chain): serve https:// and wss:// instead of plain TCP."
+    )
+    ssl_keyfile: Path | None = Field(None, description="PEM private key of ssl_certfile.")
+    allowed_origins: list[str] = Field(
+        default_factory=list,
+        description='Web origins (e.g. ["https://app.example.com"]) whose pages may call the HTTP API '
+        "(CORS) and open the WebSocket. Requests without an Origin header (non-browser clients) and "
+        'same-origin pages are always allowed; ["*"] allows every site.',
+    )
+    ws_ping_interval_seconds: float = Field(
+        10.0, gt=0, description="Server WebSocket pings keep proxies from closing idle streams."
+    )
+    ws_ping_timeout_seconds: float = Field(
+        20.0, gt=0, description="A peer that does not answer a ping within this time is disconnected."
+    )
+    shutdown_grace_seconds: float = Field(
+        30.0,
+        ge=0,
+        description="On SIGTERM: time streams get to finish their current utterance and receive their "
+        "finals before the process exits.",
+    )
+    max_upload_bytes: int = Field(
+        25 * 1024 * 1024, ge=1024, description="Largest audio file accepted by the /v1/audio/* HTTP API."
+    )
     whisper: WhisperSettings = Field(default_factory=WhisperSettings)  # type: ignore[arg-type]
     vad: VadSettings = Field(default_factory=VadSettings)  # type: ignore[arg-type]
     streaming: StreamingSettings = Field(default_factory=StreamingSettings)  # type: ignore[arg-type]

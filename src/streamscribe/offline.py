@@ -3,22 +3,44 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Literal
 
 import numpy as np
 
-from streamscribe.engines.base import AudioWindow, Engine
+from streamscribe.engines.base import AudioWindow, Engine, Transcript, Word
 from streamscribe.streaming.vad import SileroVad, SpeechEnd, SpeechStart, VadOptions, VadStream
 
 
 @dataclass(frozen=True)
 class TimedText:
-    """Attributes: start and end in seconds of the file; the text spoken between them."""
+    """Attributes: start and end in seconds of the file; the text spoken between them; its words (with
+    times in seconds of the file) when word timestamps were asked for."""
 
     start: float
     end: float
     text: str
+    words: tuple[Word, ...] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True)
+class FileOptions:
+    """How a whole file is transcribed.
+
+    Attributes:
+        language: Spoken language.
+        task: "transcribe", or "translate" to English.
+        prompt: Text that conditions the first window (vocabulary, spelling, style).
+        word_timestamps: Whether pieces carry their words' timing.
+        temperature: A fixed sampling temperature; None for the engine's default fallback schedule.
+    """
+
+    language: str = "en"
+    task: Literal["transcribe", "translate"] = "transcribe"
+    prompt: str | None = None
+    word_timestamps: bool = False
+    temperature: float | None = None
 
 
 def speech_windows(
@@ -52,6 +74,26 @@ def speech_windows(
         yield window
 
 
+def _window(samples: np.ndarray, pieces: list[TimedText], options: FileOptions) -> AudioWindow:
+    previous = " ".join(p.text for p in pieces)[-200:]
+    prompt = " ".join(part for part in (options.prompt, previous) if part) or None
+    return AudioWindow(
+        samples,
+        language=options.language,
+        final=True,
+        prompt=prompt,
+        word_timestamps=options.word_timestamps,
+        task=options.task,
+        temperature=options.temperature,
+    )
+
+
+def _piece(start: int, end: int, rate: int, transcript: Transcript) -> TimedText:
+    offset = start / rate
+    words = tuple(Word(w.text, w.start + offset, w.end + offset, w.probability) for w in transcript.words)
+    return TimedText(offset, end / rate, transcript.text, words)
+
+
 def transcribe_samples(
     samples: np.ndarray,
     engine: Engine,
@@ -59,20 +101,37 @@ def transcribe_samples(
     language: str,
     vad_options: VadOptions | None = None,
     progress: Callable[[float], None] | None = None,
+    options: FileOptions | None = None,
 ) -> list[TimedText]:
     """Transcribe a whole recording; ``progress`` receives the seconds of audio done so far."""
+    options = options or FileOptions(language=language)
     rate = engine.sample_rate
     pieces: list[TimedText] = []
     for start, end in speech_windows(samples, vad, vad_options or VadOptions(), rate=rate):
-        prompt = " ".join(p.text for p in pieces)[-200:] or None
-        window = AudioWindow(samples[start:end], language=language, final=True, prompt=prompt)
-        (transcript,) = engine.transcribe([window])
+        (transcript,) = engine.transcribe([_window(samples[start:end], pieces, options)])
         if transcript.text:
-            pieces.append(TimedText(start / rate, end / rate, transcript.text))
+            pieces.append(_piece(start, end, rate, transcript))
         if progress:
             progress(end / rate)
     if progress:
         progress(len(samples) / rate)
+    return pieces
+
+
+async def transcribe_samples_async(
+    samples: np.ndarray,
+    decode: Callable[[AudioWindow], Awaitable[Transcript]],
+    windows: list[tuple[int, int]],
+    options: FileOptions,
+    rate: int = 16000,
+) -> list[TimedText]:
+    """Like ``transcribe_samples`` for a server: each window goes through ``decode`` (the shared decode
+    queue), so a long file takes turns with live streams instead of holding the engine."""
+    pieces: list[TimedText] = []
+    for start, end in windows:
+        transcript = await decode(_window(samples[start:end], pieces, options))
+        if transcript.text:
+            pieces.append(_piece(start, end, rate, transcript))
     return pieces
 
 

@@ -88,6 +88,7 @@ MODEL_ALIASES: dict[str, tuple[ModelName, Variant | None]] = {
 
 MIN_SAMPLE_RATE = 8000
 MAX_SAMPLE_RATE = 48000
+MAX_PROMPT_CHARS = 1000
 
 
 class _ClientFrame(BaseModel):
@@ -110,6 +111,24 @@ class ConfigMessage(_ClientFrame):
     enable_partial: bool = True
     partial_interval: float = Field(0.5, ge=0.1, le=10)
     audio_format: Literal["float32", "pcm16"] = "float32"
+    # Streaming extras, off unless asked for.
+    word_timestamps: bool = False
+    task: Literal["transcribe", "translate"] = "transcribe"
+    prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
+    hotwords: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
+
+    @field_validator("hotwords", mode="before")
+    @classmethod
+    def _join_hotwords(cls, value: Any) -> Any:
+        """Accept a list of words or phrases as well as one string."""
+        if isinstance(value, list) and all(isinstance(item, str) for item in value):
+            return ", ".join(item.strip() for item in value if item.strip())
+        return value
+
+    @field_validator("prompt", "hotwords")
+    @classmethod
+    def _blank_is_none(cls, value: str | None) -> str | None:
+        return value.strip() or None if value is not None else None
 
     @field_validator("language")
     @classmethod
@@ -158,8 +177,14 @@ class AuthMessage(_ClientFrame):
     token: str = Field(min_length=1, max_length=512)
 
 
+class PingMessage(_ClientFrame):
+    """An application-level keep-alive, answered by a pong (allowed at any time, even before config)."""
+
+    type: Literal["ping"]
+
+
 ClientMessage = Annotated[
-    ConfigMessage | AudioMessage | CommitMessage | ResetMessage | StopMessage | AuthMessage,
+    ConfigMessage | AudioMessage | CommitMessage | ResetMessage | StopMessage | AuthMessage | PingMessage,
     Field(discriminator="type"),
 ]
 _client_message_adapter: TypeAdapter[ClientMessage] = TypeAdapter(ClientMessage)
@@ -204,6 +229,15 @@ class StatusFrame(ServerFrame):
     language: str | None = None
 
 
+class WordTiming(BaseModel):
+    """One word of a final, when the config asked for ``word_timestamps`` (seconds of stream audio)."""
+
+    word: str
+    start: float
+    end: float
+    probability: float
+
+
 class TranscriptFrame(ServerFrame):
     """A partial (tentative, replaced by the next one) or a final (never revised) segment."""
 
@@ -215,7 +249,7 @@ class TranscriptFrame(ServerFrame):
     start: float
     end: float
     language: str
-    words: list[dict[str, Any]] | None = None
+    words: list[WordTiming] | None = None
 
 
 class FullTranscriptFrame(ServerFrame):
@@ -253,3 +287,7 @@ class StreamLimitsReport(BaseModel):
     remaining_minutes: float | None
     active_streams: int
     can_start_stream: bool
+
+
+class PongFrame(ServerFrame):
+    type: Literal["pong"] = "pong"

@@ -172,7 +172,7 @@ def test_engine_failure_closes_1011(
 ) -> None:
     server = make_server()
     runtime = server.app.state.runtime
-    runtime.registry.get = lambda model, variant, language: _BrokenEngine()
+    runtime.registry.get = lambda *choice: _BrokenEngine()
     result = server.stream(clip("short.wav"), speed=0)
     assert result.close_code == 1011
     assert result.error is not None and result.error["error_type"] == "internal_error"

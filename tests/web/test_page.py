@@ -265,9 +265,7 @@ def test_keyboard_alone_can_start_and_stop(page: Page, server: Any) -> None:
     expect(page.locator("#connection")).to_have_attribute("data-state", "closed")
 
 
-def test_phone_layout_fits_the_screen(
-    page: Page, server: Any, save_screenshot: Callable[..., Path]
-) -> None:
+def test_phone_layout_fits_the_screen(page: Page, server: Any, save_screenshot: Callable[..., Path]) -> None:
     page.set_viewport_size({"width": 390, "height": 844})
     open_page(page, server.base_url, server.api_key)
     assert page.evaluate("document.documentElement.scrollWidth") <= 390

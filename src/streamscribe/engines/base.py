@@ -40,6 +40,8 @@ class AudioWindow:
         word_timestamps: Whether to return per-word timing.
         fast: Decode as cheaply as possible even if final (set by the scheduler when it is behind).
         task: "transcribe", or "translate" (to English) where the engine supports it.
+        hotwords: Words or phrases to favour (custom vocabulary), where the engine supports it.
+        temperature: A fixed sampling temperature; None for the engine's default.
     """
 
     samples: np.ndarray
@@ -50,6 +52,8 @@ class AudioWindow:
     word_timestamps: bool = False
     fast: bool = False
     task: Literal["transcribe", "translate"] = "transcribe"
+    hotwords: str | None = None
+    temperature: float | None = None
 
 
 @dataclass(frozen=True)

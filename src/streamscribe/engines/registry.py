@@ -52,18 +52,24 @@ class EngineRegistry:
         self._engines: dict[str, Engine] = {}
         self._lock = threading.Lock()
 
-    def whisper_model_for(self, language: str) -> str:
+    def whisper_model_for(self, language: str, task: str = "transcribe") -> str:
+        """English transcription gets the (faster) English model; other languages and every translation
+        get the multilingual one, since English-only Whisper models cannot translate."""
         whisper = self._settings.whisper
-        return whisper.english_model if language == "en" else whisper.multilingual_model
+        if language == "en" and task == "transcribe":
+            return whisper.english_model
+        return whisper.multilingual_model
 
-    def get(self, model: str, variant: str, language: str) -> Engine:
+    def get(self, model: str, variant: str, language: str, task: str = "transcribe") -> Engine:
         """The engine for this choice, loading it on first use. Raises EngineUnavailable."""
         if model != "whisper":
             status = next(s for s in self.status() if s.model == model and s.variant == variant)
             raise EngineUnavailable(status.reason or f"{model} ({variant}) is not available")
-        engine = self._whisper(self.whisper_model_for(language))
+        engine = self._whisper(self.whisper_model_for(language, task))
         if language not in engine.languages:
             raise UnsupportedLanguage(f"{engine.name} does not transcribe language {language!r}")
+        if task == "translate" and engine.languages == {"en"}:
+            raise EngineUnavailable(f"{engine.name} is English-only and cannot translate")
         return engine
 
     def loaded(self) -> list[Engine]:

@@ -106,17 +106,30 @@ class WhisperEngine:
     def transcribe(self, batch: Sequence[AudioWindow]) -> list[Transcript]:
         return [self._transcribe_one(window) for window in batch]
 
+    @staticmethod
+    def _temperature(window: AudioWindow, thorough: bool) -> float | tuple[float, ...]:
+        if window.temperature is not None:
+            return window.temperature
+        # Finals fall back to sampling when the greedy/beam text looks wrong (repetitions, low confidence).
+        return (0.0, 0.2, 0.4, 0.6) if thorough else 0.0
+
     def _transcribe_one(self, window: AudioWindow) -> Transcript:
+        if window.task == "translate" and self._languages == {"en"}:
+            raise EngineUnavailable(f"{self._name} is English-only and cannot translate")
         thorough = window.final and not window.fast
         segments, info = self._model.transcribe(
             window.samples,
+            # Translation too is told the spoken language: with "en" (the protocol's default) Whisper still
+            # writes English for foreign speech, and its own per-window detection is unreliable on short
+            # utterances (base calls German "yi" and Spanish "it" on the test clips).
             language=window.language if self._languages != {"en"} else "en",
             task=window.task,
             beam_size=self._beam_size if thorough else 1,
             best_of=self._beam_size if thorough else 1,
-            temperature=(0.0, 0.2, 0.4, 0.6) if thorough else 0.0,
+            temperature=self._temperature(window, thorough),
             initial_prompt=window.prompt or None,
             prefix=window.prefix or None,
+            hotwords=window.hotwords or None,
             condition_on_previous_text=False,
             word_timestamps=window.word_timestamps,
             without_timestamps=not window.word_timestamps,

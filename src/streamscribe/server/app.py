@@ -2,24 +2,35 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import asdict
 from typing import Any
 
-from fastapi import FastAPI, Request, WebSocket
+from fastapi import FastAPI, Request, Response, WebSocket
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from streamscribe import __version__
 from streamscribe.config import Settings
 from streamscribe.protocol import CloseCode, StreamError, StreamLimitsReport
+from streamscribe.server import metrics
 from streamscribe.server.auth import install_log_redaction
+from streamscribe.server.logs import new_request_id
+from streamscribe.server.openai_api import error_body, openai_http_error, openai_validation_error
+from streamscribe.server.openai_api import router as openai_router
 from streamscribe.server.runtime import Runtime
 from streamscribe.server.stream import StreamConnection
 from streamscribe.server.web import add_web_page
 
 STREAM_PATH = "/api/v1/audio/stream/transcribe"
 LIMITS_PATH = "/api/v1/audio/stream/limits"
+log = logging.getLogger("streamscribe.http")
+_PROBE_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
 def create_app(settings: Settings, api_key: str) -> FastAPI:
@@ -29,13 +40,60 @@ def create_app(settings: Settings, api_key: str) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         runtime = Runtime(settings, api_key)
+        app.state.runtime = runtime
         if settings.preload:
             await runtime.preload()
-        app.state.runtime = runtime
         yield
         await runtime.close()
 
     app = FastAPI(title="streamscribe", version=__version__, lifespan=lifespan)
+    if settings.allowed_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.allowed_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "X-API-KEY", "Content-Type"],
+        )
+
+    @app.middleware("http")
+    async def log_request(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        """One log line per request, with an id (also sent back as X-Request-ID) and no query string."""
+        request_id = new_request_id("http")
+        started = time.perf_counter()
+        length = request.headers.get("content-length", "")
+        limit = settings.max_upload_bytes + 64 * 1024  # the file plus the form's other fields
+        if request.url.path.startswith("/v1/audio/") and length.isdigit() and int(length) > limit:
+            # Refused before the body is read (the form parser would spool it all to disk first).
+            message = f"the file is larger than the limit of {settings.max_upload_bytes} bytes"
+            return JSONResponse(
+                error_body(message, "file_too_large", "file"),
+                status_code=413,
+                headers={"X-Request-ID": request_id},
+            )
+        response = await call_next(request)
+        response.headers["X-Request-ID"] = request_id
+        route = request.scope.get("route")
+        route_path = getattr(route, "path", "unmatched")
+        runtime: Runtime | None = getattr(request.app.state, "runtime", None)
+        if runtime is not None:
+            runtime.metrics.http_requests.labels(route_path, str(response.status_code)).inc()
+        # Probes and scrapes every few seconds would drown the log: they are debug lines.
+        level = logging.DEBUG if request.url.path in _PROBE_PATHS else logging.INFO
+        log.log(
+            level,
+            "%s %s %d",
+            request.method,
+            request.url.path,
+            response.status_code,
+            extra={
+                "event": "http_request",
+                "method": request.method,
+                "path": request.url.path,
+                "status": response.status_code,
+                "duration_ms": round((time.perf_counter() - started) * 1000, 1),
+            },
+        )
+        return response
 
     @app.websocket(STREAM_PATH)
     async def transcribe_stream(websocket: WebSocket) -> None:
@@ -71,7 +129,34 @@ def create_app(settings: Settings, api_key: str) -> FastAPI:
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
+        """The process is up and serving requests."""
         return {"status": "ok"}
 
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        """Ready for new clients: models loaded, the shared store answering (when new streams depend on it),
+        and not shutting down; else 503."""
+        runtime: Runtime = app.state.runtime
+        quotas = runtime.access.quotas
+        store_ok = quotas.shared_store_healthy or settings.shared_store.on_failure == "fail_open"
+        ready = runtime.ready and store_ok
+        body = {
+            "status": "ready" if ready else "not_ready",
+            "models_loaded": runtime.models_ready,
+            "loaded": [engine.name for engine in runtime.registry.loaded()],
+            "store_reachable": quotas.shared_store_healthy if quotas.shared else None,
+            "draining": runtime.draining.is_set(),
+        }
+        return JSONResponse(body, status_code=200 if ready else 503)
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        """Prometheus text format; unauthenticated, like /healthz: expose it on an internal network."""
+        runtime: Runtime = app.state.runtime
+        return Response(runtime.metrics.render(), media_type=metrics.CONTENT_TYPE)
+
+    app.include_router(openai_router)
+    app.add_exception_handler(StarletteHTTPException, openai_http_error)
+    app.add_exception_handler(RequestValidationError, openai_validation_error)
     add_web_page(app)
     return app

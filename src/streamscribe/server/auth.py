@@ -17,7 +17,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from starlette.requests import HTTPConnection
+from fastapi import HTTPException
+from starlette.requests import HTTPConnection, Request
 
 from streamscribe.config import Settings, TierLimits
 from streamscribe.protocol import (
@@ -253,7 +254,7 @@ class AccessControl:
             raise StreamError(
                 ErrorType.AUTH_FAILED,
                 "keys in the URL (?token=) are disabled here: send an X-API-KEY or Authorization: Bearer "
-                "header, or a first message {\"type\":\"auth\",\"token\":...}",
+                'header, or a first message {"type":"auth","token":...}',
                 CloseCode.UNAUTHORIZED,
             )
         if key is None:
@@ -275,7 +276,7 @@ class AccessControl:
         missing = StreamError(
             ErrorType.AUTH_FAILED,
             f"missing or invalid API key: send it as ?token=, an X-API-KEY or Authorization: Bearer header, "
-            f"or a first message {{\"type\":\"auth\",\"token\":...}} within {timeout:g} s",
+            f'or a first message {{"type":"auth","token":...}} within {timeout:g} s',
             CloseCode.UNAUTHORIZED,
         )
         try:
@@ -353,3 +354,19 @@ def install_log_redaction() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, RedactSecrets) for f in logger.filters):
             logger.addFilter(RedactSecrets())
+
+
+async def require_principal(request: Request) -> Principal:
+    """FastAPI dependency for authenticated HTTP routes: the caller's principal, or 401 (403 by address).
+
+    The same checks as a stream's (allowlist, key, expiry, revocation), for the file API.
+    """
+    access: AccessControl = request.app.state.runtime.access
+    try:
+        return await access.principal_for_request(request)
+    except StreamError as error:
+        if error.close_code == CloseCode.POLICY_VIOLATION:
+            raise HTTPException(status_code=403, detail=error.message) from None
+        raise HTTPException(
+            status_code=401, detail=error.message, headers={"WWW-Authenticate": "Bearer"}
+        ) from None

@@ -139,20 +139,29 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
 
-_ACQUIRE_STREAM = _NOW_MS + """redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+_ACQUIRE_STREAM = (
+    _NOW_MS
+    + """redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[2])
 redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]))
 return 1
 """
+)
 
-_REFRESH_STREAM = _NOW_MS + """redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+_REFRESH_STREAM = (
+    _NOW_MS
+    + """redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
 redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]))
 return 1
 """
+)
 
-_ACTIVE_STREAMS = _NOW_MS + """return redis.call('ZCOUNT', KEYS[1], '(' .. now, '+inf')
+_ACTIVE_STREAMS = (
+    _NOW_MS
+    + """return redis.call('ZCOUNT', KEYS[1], '(' .. now, '+inf')
 """
+)
 
 # ARGV: seconds, limit (negative: none), seed, ttl. Returns {accepted, added, total} (numbers as strings:
 # Lua numbers would reach Python as integers).

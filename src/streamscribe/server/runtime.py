@@ -1,5 +1,5 @@
 """What every connection shares: settings, access control (keys, quotas), loaded engines, their schedulers,
-the VAD model."""
+the VAD model, metrics, and the shutdown state."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from streamscribe.engines.base import Engine
 from streamscribe.engines.registry import EngineRegistry
 from streamscribe.protocol import CloseCode, ErrorType, StreamError
 from streamscribe.server.auth import AccessControl
+from streamscribe.server.metrics import ServerMetrics
 from streamscribe.streaming.scheduler import DecodeScheduler
 from streamscribe.streaming.vad import SileroVad
 
@@ -25,14 +26,20 @@ class Runtime:
         self.access = AccessControl(settings, api_key)
         self.registry = EngineRegistry(settings)
         self.vad = SileroVad()
+        self.metrics = ServerMetrics()
+        self.draining = asyncio.Event()
+        self.models_ready = not settings.preload
         self._schedulers: dict[str, DecodeScheduler] = {}
         self._load_lock = asyncio.Lock()
-        self.active_streams = 0
+        self.active_streams = 0  # admitted streams (admission control)
+        self._open_streams = 0  # open sockets (graceful shutdown waits for them)
+        self._no_streams = asyncio.Event()
+        self._no_streams.set()
 
-    async def engine(self, model: str, variant: str, language: str) -> Engine:
+    async def engine(self, model: str, variant: str, language: str, task: str = "transcribe") -> Engine:
         """The loaded engine for this choice; loading (seconds) runs off the event loop, once."""
         async with self._load_lock:
-            return await asyncio.to_thread(self.registry.get, model, variant, language)
+            return await asyncio.to_thread(self.registry.get, model, variant, language, task)
 
     def scheduler(self, engine: Engine) -> DecodeScheduler:
         if engine.name not in self._schedulers:
@@ -40,6 +47,7 @@ class Runtime:
                 engine,
                 workers=self.settings.decode_workers,
                 overload_seconds=self.settings.streaming.overload_seconds,
+                observer=self.metrics,
             )
         return self._schedulers[engine.name]
 
@@ -64,7 +72,39 @@ class Runtime:
     async def preload(self) -> None:
         """Load the default (fallback) English engine before the first client needs it."""
         engine = await self.engine("whisper", "standard", "en")
-        log.info("model %s ready", engine.name)
+        self.models_ready = True
+        log.info("model %s ready", engine.name, extra={"event": "model_ready", "engine": engine.name})
+
+    @property
+    def ready(self) -> bool:
+        """Models loaded and not shutting down: a load balancer may send new clients here."""
+        return self.models_ready and not self.draining.is_set()
+
+    def stream_opened(self) -> None:
+        self._open_streams += 1
+        self._no_streams.clear()
+        self.metrics.active_streams.inc()
+
+    def stream_closed(self) -> None:
+        self._open_streams -= 1
+        self.metrics.active_streams.dec()
+        if self._open_streams == 0:
+            self._no_streams.set()
+
+    async def drain(self) -> None:
+        """Tell every stream to finish (see StreamConnection) and wait up to the grace time for them."""
+        grace = self.settings.shutdown_grace_seconds
+        self.draining.set()
+        log.info(
+            "draining %d stream(s) within %g s",
+            self._open_streams,
+            grace,
+            extra={"event": "drain", "streams": self._open_streams},
+        )
+        try:
+            await asyncio.wait_for(self._no_streams.wait(), grace)
+        except TimeoutError:
+            log.warning("%d stream(s) still open after the grace time", self._open_streams)
 
     async def close(self) -> None:
         await self.access.close()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
+from collections import deque
 
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
@@ -17,6 +19,8 @@ from streamscribe.protocol import (
     ConfigMessage,
     ErrorType,
     FullTranscriptFrame,
+    PingMessage,
+    PongFrame,
     ResetMessage,
     ServerFrame,
     StatusFrame,
@@ -24,8 +28,11 @@ from streamscribe.protocol import (
     StreamError,
     TranscriptFrame,
     WarningFrame,
+    WordTiming,
     parse_client_message,
 )
+from streamscribe.server.logs import new_request_id
+from streamscribe.server.origins import origin_allowed
 from streamscribe.server.quotas import StreamLease
 from streamscribe.server.runtime import Runtime
 from streamscribe.streaming.session import (
@@ -52,22 +59,52 @@ class StreamConnection:
         self._runtime = runtime
         self._send_lock = asyncio.Lock()
         self._closed = False
+        self._going_away = False
+        # (seconds of stream audio received, monotonic time then): for the emission-delay metric.
+        self._received_at: deque[tuple[float, float]] = deque(maxlen=2000)
 
     async def run(self) -> None:
+        new_request_id("ws")
+        if not origin_allowed(self._ws, self._runtime.settings.allowed_origins):
+            # Refused before the upgrade (HTTP 403): a page from another site gets no socket at all.
+            log.warning(
+                "WebSocket from a foreign origin refused",
+                extra={"event": "origin_refused", "origin": self._ws.headers.get("origin")},
+            )
+            self._runtime.metrics.errors.labels("origin_refused").inc()
+            await self._ws.close(code=int(CloseCode.POLICY_VIOLATION))
+            return
+        if self._runtime.draining.is_set():
+            await self._ws.close(code=int(CloseCode.GOING_AWAY))
+            return
         await self._ws.accept()
         session: StreamingSession | None = None
+        watcher: asyncio.Task[None] | None = None
         lease: StreamLease | None = None
         admitted = False
+        started = time.monotonic()
+        self._runtime.stream_opened()
         try:
             access = self._runtime.access
             principal = await access.admit(self._ws, self._receive_text)
             lease = await access.quotas.open_stream(principal.user_id, principal.limits)
+            self._runtime.metrics.streams.inc()
             config = await self._receive_config()
             engine, resampler = await self._start(config)
             self._runtime.admit(engine)
             admitted = True
             await self._send(StatusFrame(state="ready", model=engine.name))
+            log.info(
+                "stream started",
+                extra={
+                    "event": "stream_start",
+                    "engine": engine.name,
+                    "language": config.language,
+                    "task": config.task,
+                },
+            )
             session = self._new_session(config, engine)
+            watcher = asyncio.create_task(self._finish_on_shutdown(session))
             await self._serve(config, session, resampler, lease)
         except StreamError as error:
             await self._fail(error)
@@ -79,17 +116,45 @@ class StreamConnection:
                 StreamError(ErrorType.INTERNAL_ERROR, "internal server error", CloseCode.ENGINE_FAILURE)
             )
         finally:
+            if watcher is not None:
+                watcher.cancel()
+                await asyncio.gather(watcher, return_exceptions=True)
             if session is not None:
                 await session.close()
             if lease is not None:
                 await lease.close()
             if admitted:
                 self._runtime.release()
+            self._runtime.stream_closed()
+            log.info(
+                "stream ended",
+                extra={
+                    "event": "stream_end",
+                    "audio_seconds": round(session.received_seconds, 2) if session else 0.0,
+                    "duration_seconds": round(time.monotonic() - started, 2),
+                },
+            )
+
+    async def _finish_on_shutdown(self, session: StreamingSession) -> None:
+        """On server shutdown: let the current utterance end (up to half the grace time), then send its
+        final and the full transcript and close with 1001; the other half is for decoding it."""
+        await self._runtime.draining.wait()
+        deadline = time.monotonic() + self._runtime.settings.shutdown_grace_seconds / 2
+        while session.in_utterance and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        self._going_away = True
+        with contextlib.suppress(_SessionEnded):
+            await self._send(FullTranscriptFrame(text=await session.flush()))
+        await self._close(CloseCode.GOING_AWAY)
 
     async def _receive_config(self) -> ConfigMessage:
         timeout = self._runtime.settings.streaming.config_timeout_seconds
         try:
-            message = parse_client_message(await asyncio.wait_for(self._receive_text(), timeout))
+            async with asyncio.timeout(timeout):
+                message = parse_client_message(await self._receive_unless_draining())
+                while isinstance(message, PingMessage):
+                    await self._send(PongFrame())
+                    message = parse_client_message(await self._receive_unless_draining())
         except TimeoutError:
             raise StreamError(
                 ErrorType.TIMEOUT, f"no config message within {timeout:g} s", CloseCode.PROTOCOL_ERROR
@@ -112,16 +177,18 @@ class StreamConnection:
             StatusFrame(state="configured", model=model, variant=variant, language=config.language)
         )
         try:
-            engine = await self._runtime.engine(model, variant, config.language)
+            engine = await self._runtime.engine(model, variant, config.language, config.task)
         except EngineUnavailable as exc:
             if model == "whisper" and isinstance(exc, UnsupportedLanguage):
                 raise StreamError(
                     ErrorType.BAD_REQUEST, f"invalid config: {exc}", CloseCode.PROTOCOL_ERROR
                 ) from None
-            engine = await self._fall_back(model, variant, config.language, exc)
+            engine = await self._fall_back(model, variant, config.language, config.task, exc)
         return engine, StreamResampler(config.sample_rate, engine.sample_rate)
 
-    async def _fall_back(self, model: str, variant: str, language: str, reason: EngineUnavailable) -> Engine:
+    async def _fall_back(
+        self, model: str, variant: str, language: str, task: str, reason: EngineUnavailable
+    ) -> Engine:
         """The default engine instead of an unavailable one, announced with a warning frame."""
         if model == "whisper" or not self._runtime.settings.allow_fallback:
             raise StreamError(
@@ -130,7 +197,7 @@ class StreamConnection:
                 CloseCode.ENGINE_FAILURE,
             )
         try:
-            engine = await self._runtime.engine("whisper", "standard", language)
+            engine = await self._runtime.engine("whisper", "standard", language, task)
         except EngineUnavailable as exc:
             raise StreamError(
                 ErrorType.MODEL_UNAVAILABLE,
@@ -156,6 +223,10 @@ class StreamConnection:
             max_segment_seconds=min(settings.streaming.max_segment_seconds, config.max_buffer_duration),
             max_backlog_seconds=settings.streaming.max_backlog_seconds,
             prompt_chars=settings.streaming.prompt_chars,
+            word_timestamps=config.word_timestamps,
+            task=config.task,
+            prompt=config.prompt,
+            hotwords=config.hotwords,
             vad=VadOptions(**settings.vad.model_dump()),
         )
         model_name = engine.name
@@ -169,6 +240,18 @@ class StreamConnection:
                 )
                 return
             final = isinstance(event, FinalSegment)
+            self._observe_emission("final" if final else "partial", event.end)
+            words = None
+            if isinstance(event, FinalSegment) and config.word_timestamps:
+                words = [
+                    WordTiming(
+                        word=w.text.strip(),
+                        start=round(w.start, 3),
+                        end=round(w.end, 3),
+                        probability=round(w.probability, 4),
+                    )
+                    for w in event.words
+                ]
             frame = TranscriptFrame(
                 type="final" if final else "partial",
                 text=event.text,
@@ -178,6 +261,7 @@ class StreamConnection:
                 start=round(event.start, 3),
                 end=round(event.end, 3),
                 language=event.language if isinstance(event, FinalSegment) else config.language,
+                words=words,
             )
             with contextlib.suppress(_SessionEnded):  # the client left; the receive loop will see it
                 await self._send(frame)
@@ -203,15 +287,22 @@ class StreamConnection:
                         ErrorType.TIMEOUT, f"no message for {idle_timeout:g} s: closing", CloseCode.GOING_AWAY
                     ) from None
                 message = parse_client_message(text)
+                if self._going_away:
+                    continue  # shutting down: audio after the last utterance is not transcribed
                 if isinstance(message, AudioMessage):
                     samples = decode_audio_payload(message.data, config.audio_format, max_bytes)
                     await lease.charge(len(samples) / config.sample_rate)
                     await session.feed(resampler(samples))
+                    seconds = len(samples) / config.sample_rate
+                    self._runtime.metrics.audio_seconds.labels("stream").inc(seconds)
+                    self._received_at.append((session.received_seconds, time.monotonic()))
                 elif isinstance(message, CommitMessage):
                     await self._send(FullTranscriptFrame(text=await session.flush()))
                 elif isinstance(message, ResetMessage):
                     session.reset()
                     await self._send(StatusFrame(state="reset"))
+                elif isinstance(message, PingMessage):
+                    await self._send(PongFrame())
                 elif isinstance(message, StopMessage):
                     await self._send(FullTranscriptFrame(text=await session.flush()))
                     await self._close(CloseCode.NORMAL)
@@ -221,7 +312,24 @@ class StreamConnection:
             except StreamError as error:
                 if error.close_code is not None:
                     raise
+                self._runtime.metrics.errors.labels(error.error_type.value).inc()
                 await self._send(error.to_frame())
+
+    async def _receive_unless_draining(self) -> str:
+        """The next text frame; if the server starts shutting down first, close with 1001 instead."""
+        receive = asyncio.ensure_future(self._receive_text())
+        draining = asyncio.ensure_future(self._runtime.draining.wait())
+        try:
+            await asyncio.wait({receive, draining}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            draining.cancel()
+            if not receive.done():  # shutting down, or the config timeout fired
+                receive.cancel()
+                await asyncio.gather(receive, return_exceptions=True)
+        if not receive.cancelled():
+            return receive.result()
+        await self._close(CloseCode.GOING_AWAY)
+        raise _SessionEnded
 
     async def _receive_text(self) -> str:
         message = await self._ws.receive()
@@ -242,7 +350,21 @@ class StreamConnection:
                 self._closed = True
                 raise _SessionEnded from None
 
+    def _observe_emission(self, kind: str, end: float) -> None:
+        """Delay from receiving the audio at ``end`` (stream seconds) to now."""
+        received = next((at for seconds, at in self._received_at if seconds >= end - 1e-3), None)
+        if received is not None:
+            self._runtime.metrics.emission_delay.labels(kind).observe(time.monotonic() - received)
+
     async def _fail(self, error: StreamError) -> None:
+        self._runtime.metrics.errors.labels(error.error_type.value).inc()
+        if error.error_type is ErrorType.QUOTA_EXCEEDED:
+            self._runtime.metrics.quota_rejections.labels(error.quota or "unknown").inc()
+        log.info(
+            "stream error: %s",
+            error.message,
+            extra={"event": "stream_error", "error_type": error.error_type.value},
+        )
         with contextlib.suppress(_SessionEnded):
             await self._send(error.to_frame())
         await self._close(error.close_code or CloseCode.ENGINE_FAILURE)

@@ -16,6 +16,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import IntEnum
+from typing import Protocol
 
 from streamscribe.engines.base import AudioWindow, Engine, Transcript
 
@@ -23,6 +24,12 @@ from streamscribe.engines.base import AudioWindow, Engine, Transcript
 class Priority(IntEnum):
     FINAL = 0
     PARTIAL = 1
+
+
+class DecodeObserver(Protocol):
+    """Told about every engine call (for metrics); must be quick, it runs on the event loop."""
+
+    def batch_decoded(self, engine: str, priority: Priority, size: int, seconds: float) -> None: ...
 
 
 @dataclass(order=True)
@@ -38,10 +45,16 @@ class DecodeScheduler:
     """Runs an engine's ``transcribe`` in worker threads, never on the event loop."""
 
     def __init__(
-        self, engine: Engine, workers: int = 1, max_batch: int = 1, overload_seconds: float = 3.0
+        self,
+        engine: Engine,
+        workers: int = 1,
+        max_batch: int = 1,
+        overload_seconds: float = 3.0,
+        observer: DecodeObserver | None = None,
     ) -> None:
         self.engine = engine
         self._overload_seconds = overload_seconds
+        self._observer = observer
         self._workers = workers
         self._max_batch = max_batch
         self._queue: list[_Job] = []
@@ -84,6 +97,7 @@ class DecodeScheduler:
             batch = self._take_batch()
             if not batch:
                 continue
+            started = time.perf_counter()
             try:
                 results = await loop.run_in_executor(
                     self._executor, self.engine.transcribe, [job.window for job in batch]
@@ -93,6 +107,10 @@ class DecodeScheduler:
                     if not job.result.done():
                         job.result.set_exception(exc)
                 continue
+            if self._observer is not None:
+                self._observer.batch_decoded(
+                    self.engine.name, Priority(batch[0].priority), len(batch), time.perf_counter() - started
+                )
             for job, transcript in zip(batch, results, strict=True):
                 if not job.result.done():
                     job.result.set_result(transcript)

@@ -15,6 +15,7 @@ import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 
@@ -38,6 +39,9 @@ class SessionOptions:
     max_backlog_seconds: float = 60.0
     prompt_chars: int = 200
     word_timestamps: bool = False
+    task: Literal["transcribe", "translate"] = "transcribe"
+    prompt: str | None = None
+    hotwords: str | None = None
     vad: VadOptions = field(default_factory=VadOptions)
 
 
@@ -113,6 +117,15 @@ class StreamingSession:
         self._partial_decoded_to = 0
         self._last_partial = ""
         self._worker = asyncio.create_task(self._decode_loop())
+
+    @property
+    def received_seconds(self) -> float:
+        return self._buffer.end / self._rate
+
+    @property
+    def in_utterance(self) -> bool:
+        """True while speech has started and not yet ended (an utterance is open)."""
+        return self._segment_start is not None
 
     @property
     def full_transcript(self) -> str:
@@ -213,7 +226,9 @@ class StreamingSession:
         return self._buffer.end - self._partial_decoded_to >= self._partial_step
 
     def _window(self, samples: np.ndarray, final: bool, prefix: str | None = None) -> AudioWindow:
-        prompt = self.full_transcript[-self._options.prompt_chars :] if self._options.prompt_chars else None
+        previous = self.full_transcript[-self._options.prompt_chars :] if self._options.prompt_chars else ""
+        # The client's prompt (vocabulary, spelling, style) comes first, then the stream's own recent text.
+        prompt = " ".join(part for part in (self._options.prompt, previous) if part)
         return AudioWindow(
             samples=samples,
             language=self._options.language,
@@ -221,6 +236,8 @@ class StreamingSession:
             prompt=prompt or None,
             prefix=prefix,
             word_timestamps=final and self._options.word_timestamps,
+            task=self._options.task,
+            hotwords=self._options.hotwords,
         )
 
     async def _decode_loop(self) -> None:
@@ -252,16 +269,23 @@ class StreamingSession:
             self._drained.set()
             if transcript.text:
                 self._finals.append(transcript.text)
-                offset = utterance.start / self._rate
+                offset, end = utterance.start / self._rate, utterance.end / self._rate
+                # Clamped to the utterance: Whisper may place a last word's end a few ms past the window.
                 words = tuple(
-                    Word(w.text, w.start + offset, w.end + offset, w.probability) for w in transcript.words
+                    Word(
+                        w.text,
+                        min(max(w.start + offset, offset), end),
+                        min(max(w.end + offset, offset), end),
+                        w.probability,
+                    )
+                    for w in transcript.words
                 )
                 await self._emit(
                     FinalSegment(
                         utterance.segment_id,
                         transcript.text,
                         offset,
-                        utterance.end / self._rate,
+                        end,
                         transcript.language,
                         words,
                     )

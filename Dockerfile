@@ -1,0 +1,32 @@
+# streamscribe on CPU: the server with its bundled Whisper weights (tiny.en and base), no download at run time.
+#   docker build -t streamscribe .
+#   docker run -p 8000:8000 -e STREAMSCRIBE_API_KEY=change-me streamscribe
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    HF_HUB_OFFLINE=1 \
+    STREAMSCRIBE_HOST=0.0.0.0 \
+    STREAMSCRIBE_PORT=8000 \
+    STREAMSCRIBE_CACHE_DIR=/opt/streamscribe/cache
+
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY src ./src
+# silero-vad declares torch, but only its ONNX file is used (run with onnxruntime): no torch in the image.
+RUN pip install --no-deps "silero-vad==6.2.3" \
+ && pip install . \
+ && useradd --system --uid 10001 --home-dir /nonexistent streamscribe \
+ && mkdir -p "$STREAMSCRIBE_CACHE_DIR" \
+ && python -c "from pathlib import Path; from streamscribe.engines.bundled import BUNDLED_WHISPER_MODELS as m; \
+[b.locate(Path('$STREAMSCRIBE_CACHE_DIR')) for b in m.values()]" \
+ && chown -R streamscribe "$STREAMSCRIBE_CACHE_DIR"
+
+USER streamscribe
+EXPOSE 8000
+HEALTHCHECK --interval=15s --timeout=3s --start-period=60s \
+  CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2)"
+# SIGTERM drains streams (STREAMSCRIBE_SHUTDOWN_GRACE_SECONDS, default 30): give `docker stop -t` more than that.
+STOPSIGNAL SIGTERM
+CMD ["streamscribe", "serve"]

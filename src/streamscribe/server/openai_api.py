@@ -1,0 +1,290 @@
+"""OpenAI-compatible file API: ``/v1/audio/transcriptions``, ``/v1/audio/translations``, ``/v1/models``.
+
+The official ``openai`` client works against it unchanged (``base_url=".../v1"``, the API key as its key).
+Files are decoded with PyAV (any format FFmpeg's libraries read), cut by the VAD into utterances, and
+each piece goes through the same decode queue as live streams.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Annotated, Any, Literal
+
+import numpy as np
+from fastapi import APIRouter, Depends, File, Form, HTTPException, Request, UploadFile
+from fastapi.exception_handlers import http_exception_handler, request_validation_exception_handler
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+
+from streamscribe.audio import load_audio_file
+from streamscribe.engines.base import AudioWindow, Engine, EngineUnavailable, Transcript
+from streamscribe.offline import FileOptions, TimedText, render, speech_windows, transcribe_samples_async
+from streamscribe.protocol import MODEL_ALIASES, ErrorType, StreamError
+from streamscribe.server.auth import Principal, require_principal
+from streamscribe.server.quotas import StreamLease
+from streamscribe.server.runtime import Runtime
+from streamscribe.streaming.scheduler import Priority
+from streamscribe.streaming.vad import VadOptions
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/v1")
+
+ResponseFormat = Literal["json", "text", "srt", "vtt", "verbose_json"]
+SUPPORTED_FORMATS = "wav, flac, mp3, ogg/opus, m4a/aac, webm"
+
+
+class ApiError(HTTPException):
+    """An error in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``."""
+
+    def __init__(self, status: int, message: str, code: str, param: str | None = None) -> None:
+        super().__init__(status_code=status, detail=message)
+        self.code = code
+        self.param = param
+
+
+def error_body(message: str, code: str, param: str | None = None) -> dict[str, Any]:
+    kind = "invalid_request_error" if code != "internal_error" else "server_error"
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+async def openai_http_error(request: Request, exc: Exception) -> Response:
+    """HTTP errors under /v1 in OpenAI's shape (its client reads the message from there)."""
+    assert isinstance(exc, HTTPException)
+    if not request.url.path.startswith("/v1/"):
+        return await http_exception_handler(request, exc)
+    code = getattr(exc, "code", None) or ("auth_failed" if exc.status_code == 401 else "bad_request")
+    request.app.state.runtime.metrics.errors.labels(code).inc()
+    return JSONResponse(
+        error_body(str(exc.detail), code, getattr(exc, "param", None)),
+        status_code=exc.status_code,
+        headers=exc.headers,
+    )
+
+
+async def openai_validation_error(request: Request, exc: Exception) -> Response:
+    """A missing or malformed form field under /v1: 400 with the field named (OpenAI answers 400)."""
+    assert isinstance(exc, RequestValidationError)
+    if not request.url.path.startswith("/v1/"):
+        return await request_validation_exception_handler(request, exc)
+    first = exc.errors()[0]
+    field = str(first["loc"][-1]) if first.get("loc") else None
+    request.app.state.runtime.metrics.errors.labels("bad_request").inc()
+    return JSONResponse(error_body(f"{field}: {first['msg']}", "bad_request", field), status_code=400)
+
+
+def _engine_choice(model: str) -> tuple[str, str]:
+    name = model.strip().lower()
+    if name in MODEL_ALIASES:
+        chosen, variant = MODEL_ALIASES[name]
+        return chosen, variant or "standard"
+    if name.startswith("whisper"):
+        return "whisper", "standard"  # whisper-tiny.en, whisper-base, ...: this server's Whisper models
+    raise ApiError(400, f"unknown model {model!r}; try whisper-1", "model_not_found", "model")
+
+
+async def _engine(runtime: Runtime, model: str, language: str, task: str) -> Engine:
+    chosen, variant = _engine_choice(model)
+    try:
+        return await runtime.engine(chosen, variant, language, task)
+    except EngineUnavailable as exc:
+        if chosen == "whisper" or not runtime.settings.allow_fallback:
+            raise ApiError(400, f"{chosen} ({variant}) is unavailable: {exc}", "model_unavailable") from None
+    try:
+        return await runtime.engine("whisper", "standard", language, task)
+    except EngineUnavailable as exc:
+        raise ApiError(400, f"no engine for this request: {exc}", "model_unavailable") from None
+
+
+async def _decode_upload(upload: UploadFile, limit: int) -> np.ndarray:
+    if upload.size is not None and upload.size > limit:
+        raise ApiError(413, f"the file is larger than the limit of {limit} bytes", "file_too_large", "file")
+    try:
+        samples = await asyncio.to_thread(load_audio_file, upload.file)
+    except Exception as exc:
+        log.info("undecodable upload", extra={"event": "bad_file", "reason": type(exc).__name__})
+        raise ApiError(
+            400,
+            f"could not decode the file as audio (supported: {SUPPORTED_FORMATS})",
+            "invalid_audio",
+            "file",
+        ) from None
+    if len(samples) == 0:
+        raise ApiError(400, "the file contains no audio", "invalid_audio", "file")
+    return samples
+
+
+async def _charged_lease(runtime: Runtime, principal: Principal, seconds: float) -> StreamLease:
+    """A file takes a stream slot and is charged up front, like a stream's audio: same quotas."""
+    quotas = runtime.access.quotas
+    lease: StreamLease | None = None
+    try:
+        lease = await quotas.open_stream(principal.user_id, principal.limits)
+        await lease.charge(seconds)
+        return lease
+    except StreamError as error:
+        if lease is not None:
+            await lease.close()
+        if error.error_type is ErrorType.QUOTA_EXCEEDED:
+            runtime.metrics.quota_rejections.labels(error.quota or "unknown").inc()
+            raise ApiError(429, error.message, "quota_exceeded") from None
+        raise ApiError(503, error.message, error.error_type.value) from None
+
+
+async def _transcribe_upload(
+    request: Request,
+    principal: Principal,
+    upload: UploadFile,
+    model: str,
+    options: FileOptions,
+    response_format: ResponseFormat,
+    granularities: list[str],
+) -> Response:
+    runtime: Runtime = request.app.state.runtime
+    samples = await _decode_upload(upload, runtime.settings.max_upload_bytes)
+    engine = await _engine(runtime, model, options.language, options.task)
+    duration = len(samples) / engine.sample_rate
+    vad_options = VadOptions(**runtime.settings.vad.model_dump())
+    windows = await asyncio.to_thread(
+        lambda: list(speech_windows(samples, runtime.vad, vad_options, rate=engine.sample_rate))
+    )
+    scheduler = runtime.scheduler(engine)
+    languages: list[str] = []
+    lease = await _charged_lease(runtime, principal, duration)
+
+    async def decode(window: AudioWindow) -> Transcript:
+        try:
+            transcript = await scheduler.decode(window, Priority.FINAL)
+        except Exception:
+            log.exception("engine failure on a file")
+            raise ApiError(500, "the speech engine failed", "internal_error") from None
+        languages.append(transcript.language)
+        return transcript
+
+    try:
+        pieces = await transcribe_samples_async(samples, decode, windows, options, rate=engine.sample_rate)
+    finally:
+        await lease.close()
+    runtime.metrics.audio_seconds.labels("file").inc(duration)
+    log.info(
+        "file transcribed",
+        extra={
+            "event": "file_transcribed",
+            "engine": engine.name,
+            "task": options.task,
+            "audio_seconds": round(duration, 2),
+            "pieces": len(pieces),
+        },
+    )
+    language = languages[0] if languages else options.language
+    return _respond(pieces, response_format, granularities, options, language, duration)
+
+
+def _respond(
+    pieces: list[TimedText],
+    response_format: ResponseFormat,
+    granularities: list[str],
+    options: FileOptions,
+    language: str,
+    duration: float,
+) -> Response:
+    text = " ".join(p.text for p in pieces)
+    if response_format == "text":
+        return PlainTextResponse(text + "\n")
+    if response_format in ("srt", "vtt"):
+        return PlainTextResponse(render(pieces, response_format))
+    if response_format == "json":
+        return JSONResponse({"text": text})
+    body: dict[str, Any] = {
+        "task": options.task,
+        "language": language,
+        "duration": round(duration, 3),
+        "text": text,
+    }
+    if "segment" in granularities or not granularities:
+        # Whisper's per-segment statistics (avg_logprob, ...) are not kept: only what is known is sent.
+        body["segments"] = [
+            {
+                "id": index,
+                "seek": round(piece.start * 100),
+                "start": round(piece.start, 3),
+                "end": round(piece.end, 3),
+                "text": piece.text,
+                "tokens": [],
+                "temperature": options.temperature or 0.0,
+            }
+            for index, piece in enumerate(pieces)
+        ]
+    if "word" in granularities:
+        body["words"] = [
+            {"word": w.text.strip(), "start": round(w.start, 3), "end": round(w.end, 3)}
+            for piece in pieces
+            for w in piece.words
+        ]
+    return JSONResponse(body)
+
+
+def _temperature(value: float) -> float | None:
+    # OpenAI: 0 means "start greedy and raise the temperature when the text looks wrong", the default.
+    return value if value > 0 else None
+
+
+@router.post("/audio/transcriptions")
+async def create_transcription(
+    request: Request,
+    principal: Annotated[Principal, Depends(require_principal)],
+    file: Annotated[UploadFile, File()],
+    model: Annotated[str, Form()] = "whisper-1",
+    language: Annotated[str | None, Form(min_length=2, max_length=8)] = None,
+    prompt: Annotated[str | None, Form(max_length=2000)] = None,
+    response_format: Annotated[ResponseFormat, Form()] = "json",
+    temperature: Annotated[float, Form(ge=0, le=1)] = 0.0,
+    timestamp_granularities: Annotated[
+        list[Literal["segment", "word"]], Form(alias="timestamp_granularities[]")
+    ] = [],  # noqa: B006 - FastAPI copies defaults
+) -> Response:
+    """Speech in ``file`` as text in its own language (English when ``language`` is not given)."""
+    options = FileOptions(
+        language=(language or "en").strip().lower(),
+        prompt=prompt or None,
+        word_timestamps=response_format == "verbose_json" and "word" in timestamp_granularities,
+        temperature=_temperature(temperature),
+    )
+    return await _transcribe_upload(
+        request, principal, file, model, options, response_format, list(timestamp_granularities)
+    )
+
+
+@router.post("/audio/translations")
+async def create_translation(
+    request: Request,
+    principal: Annotated[Principal, Depends(require_principal)],
+    file: Annotated[UploadFile, File()],
+    model: Annotated[str, Form()] = "whisper-1",
+    prompt: Annotated[str | None, Form(max_length=2000)] = None,
+    response_format: Annotated[ResponseFormat, Form()] = "json",
+    temperature: Annotated[float, Form(ge=0, le=1)] = 0.0,
+) -> Response:
+    """Speech in ``file`` (any language Whisper knows, detected) as English text."""
+    options = FileOptions(
+        language="en", task="translate", prompt=prompt or None, temperature=_temperature(temperature)
+    )
+    return await _transcribe_upload(request, principal, file, model, options, response_format, [])
+
+
+@router.get("/models")
+async def list_models(
+    request: Request, principal: Annotated[Principal, Depends(require_principal)]
+) -> dict[str, Any]:
+    """``whisper-1`` (OpenAI's name, served by this server's Whisper models) and every available engine."""
+    runtime: Runtime = request.app.state.runtime
+    names = ["whisper-1"]
+    names += [f"{s.model}-{s.variant}" for s in runtime.registry.status() if s.available]
+    names += [engine.name for engine in runtime.registry.loaded()]
+    unique = list(dict.fromkeys(names))
+    return {
+        "object": "list",
+        "data": [
+            {"id": name, "object": "model", "created": 0, "owned_by": "streamscribe"} for name in unique
+        ],
+    }
