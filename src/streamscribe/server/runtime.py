@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 
 from streamscribe.config import Settings
-from streamscribe.engines.base import Engine
+from streamscribe.engines.base import Engine, StreamingEngine
 from streamscribe.engines.registry import EngineRegistry
 from streamscribe.server.auth import SingleUserAuth
+from streamscribe.streaming.native import NativeStreamingSession, StreamStepper
 from streamscribe.streaming.scheduler import DecodeScheduler
+from streamscribe.streaming.session import LiveSession, SessionEvent, SessionOptions, StreamingSession
 from streamscribe.streaming.vad import SileroVad
 
 log = logging.getLogger(__name__)
@@ -24,6 +27,7 @@ class Runtime:
         self.registry = EngineRegistry(settings)
         self.vad = SileroVad()
         self._schedulers: dict[str, DecodeScheduler] = {}
+        self._steppers: dict[str, StreamStepper] = {}
         self._load_lock = asyncio.Lock()
 
     async def engine(self, model: str, variant: str, language: str) -> Engine:
@@ -36,6 +40,19 @@ class Runtime:
             self._schedulers[engine.name] = DecodeScheduler(engine, workers=self.settings.decode_workers)
         return self._schedulers[engine.name]
 
+    def stepper(self, engine: StreamingEngine) -> StreamStepper:
+        if engine.name not in self._steppers:
+            self._steppers[engine.name] = StreamStepper(engine)
+        return self._steppers[engine.name]
+
+    def new_session(
+        self, engine: Engine, options: SessionOptions, emit: Callable[[SessionEvent], Awaitable[None]]
+    ) -> LiveSession:
+        """A live session for ``engine``: its own streaming when it has one, else re-decoded windows."""
+        if isinstance(engine, StreamingEngine):
+            return NativeStreamingSession(self.stepper(engine), self.vad, options, emit)
+        return StreamingSession(self.scheduler(engine), self.vad, options, emit)
+
     async def preload(self) -> None:
         """Load the default (fallback) English engine before the first client needs it."""
         engine = await self.engine("whisper", "standard", "en")
@@ -44,3 +61,5 @@ class Runtime:
     async def close(self) -> None:
         for scheduler in self._schedulers.values():
             await scheduler.close()
+        for stepper in self._steppers.values():
+            await stepper.close()

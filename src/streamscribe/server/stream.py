@@ -30,10 +30,10 @@ from streamscribe.server.runtime import Runtime
 from streamscribe.streaming.session import (
     EngineFailure,
     FinalSegment,
+    LiveSession,
     PartialText,
     SessionEvent,
     SessionOptions,
-    StreamingSession,
 )
 from streamscribe.streaming.vad import VadOptions
 
@@ -55,7 +55,7 @@ class StreamConnection:
 
     async def run(self) -> None:
         await self._ws.accept()
-        session: StreamingSession | None = None
+        session: LiveSession | None = None
         try:
             if not self._runtime.auth.is_valid(presented_key(self._ws)):
                 raise StreamError(ErrorType.AUTH_FAILED, "missing or invalid API key", CloseCode.UNAUTHORIZED)
@@ -124,7 +124,7 @@ class StreamConnection:
         await self._send(StatusFrame(state="ready", model=engine.name))
         return engine, StreamResampler(config.sample_rate, engine.sample_rate)
 
-    def _new_session(self, config: ConfigMessage, engine: Engine) -> StreamingSession:
+    def _new_session(self, config: ConfigMessage, engine: Engine) -> LiveSession:
         settings = self._runtime.settings
         options = SessionOptions(
             language=config.language,
@@ -169,9 +169,9 @@ class StreamConnection:
                     StreamError(ErrorType.INTERNAL_ERROR, "the speech engine failed", CloseCode.ENGINE_FAILURE)
                 )
 
-        return StreamingSession(self._runtime.scheduler(engine), self._runtime.vad, options, emit)
+        return self._runtime.new_session(engine, options, emit)
 
-    async def _serve(self, config: ConfigMessage, session: StreamingSession, resampler: StreamResampler) -> None:
+    async def _serve(self, config: ConfigMessage, session: LiveSession, resampler: StreamResampler) -> None:
         max_bytes = self._runtime.settings.streaming.max_frame_bytes
         while True:
             try:
