@@ -7,8 +7,11 @@ Shapes follow Parakeet and Canary (FastConformer encoder, dw_striding x8 subsamp
 from __future__ import annotations
 
 import copy
+import importlib.util
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 SAMPLE_RATE = 16000
 TEXT = """the quick brown fox jumps over the lazy dog
@@ -20,6 +23,12 @@ a tiny model that says nothing useful at all
 good morning good evening good night
 """.strip().splitlines()
 CANARY_LANGUAGES = ("en", "es", "de", "fr")
+
+
+def require(module: str, extra: str) -> None:
+    """Skip when an optional engine package is missing (scripts/test.sh installs them all)."""
+    if importlib.util.find_spec(module) is None:
+        pytest.skip(f"{module} is not installed (pip install 'streamscribe[{extra}]')")
 
 
 def train_tokenizer(folder: Path, vocab_size: int = 64) -> Path:

@@ -8,8 +8,8 @@ written from a ``.nemo`` file by ``streamscribe.engines.export``.
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -36,13 +36,14 @@ class MlxParakeetEngine:
             from parakeet_mlx.utils import from_pretrained
         except ImportError as exc:
             raise EngineUnavailable(f"parakeet-mlx is not installed ({exc}); pip install 'streamscribe[mlx]'") from None
+        # MLX streams belong to the thread that made them: load and decode on one thread of our own.
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlx")
         try:
-            self._model: Any = from_pretrained(str(folder), dtype=mx.float32)
+            self._model: Any = self._thread.submit(from_pretrained, str(folder), dtype=mx.float32).result()
         except Exception as exc:
             raise EngineUnavailable(f"could not load MLX model from {folder}: {type(exc).__name__}: {exc}") from None
         self._mx = mx
         self._get_logmel = get_logmel
-        self._lock = threading.Lock()
 
     @property
     def name(self) -> str:
@@ -57,11 +58,13 @@ class MlxParakeetEngine:
         return frozenset({"en"})
 
     def transcribe(self, batch: Sequence[AudioWindow]) -> list[Transcript]:
+        return self._thread.submit(self._transcribe_here, batch).result()
+
+    def _transcribe_here(self, batch: Sequence[AudioWindow]) -> list[Transcript]:
         results: list[Transcript] = []
-        with self._lock:
-            for window in batch:
-                samples = self._mx.array(np.ascontiguousarray(window.samples, dtype=np.float32))
-                mel = self._get_logmel(samples, self._model.preprocessor_config)
-                result = self._model.generate(mel)[0]
-                results.append(Transcript(str(result.text).strip(), "en"))
+        for window in batch:
+            samples = self._mx.array(np.ascontiguousarray(window.samples, dtype=np.float32))
+            mel = self._get_logmel(samples, self._model.preprocessor_config)
+            result = self._model.generate(mel)[0]
+            results.append(Transcript(str(result.text).strip(), "en"))
         return results
