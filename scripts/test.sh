@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Installs streamscribe with its test dependencies, then runs lint, type checks and every test.
+# Installs streamscribe with its test dependencies and every engine (NeMo, ONNX, MLX), then runs lint,
+# type checks and every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/install.sh test
+scripts/install.sh test,nemo,onnx,mlx
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1
 ruff check src tests bench

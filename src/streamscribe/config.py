@@ -77,13 +77,14 @@ class NemoSettings(BaseModel):
 
     parakeet_model: str | None = Field(
         None,
-        description="Parakeet for the standard variant (NeMo, PyTorch): a local .nemo file (TDT, RNNT or CTC), "
-        "or a model name such as nvidia/parakeet-tdt-0.6b-v2 when the machine can reach the model hub.",
+        description="Parakeet for the standard variant (NeMo, PyTorch): a local .nemo file (TDT, RNNT or "
+        "CTC), or a model name such as nvidia/parakeet-tdt-0.6b-v2 when the machine can reach the model hub.",
     )
     parakeet_onnx_dir: Path | None = Field(
         None,
-        description="Parakeet for the onnx variant: a folder with encoder-model.onnx, decoder_joint-model.onnx "
-        "(CTC: model.onnx) and vocab.txt, as onnx-asr reads it (see README, exporting to ONNX).",
+        description="Parakeet for the onnx variant: a folder with encoder-model.onnx, "
+        "decoder_joint-model.onnx (CTC: model.onnx) and vocab.txt, as onnx-asr reads it "
+        "(see docs/engines.md).",
     )
     parakeet_mlx_dir: Path | None = Field(
         None, description="Parakeet for the mlx variant: a folder with config.json and model.safetensors."

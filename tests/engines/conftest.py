@@ -12,8 +12,9 @@ from tiny_nemo import require
 def tiny_nemo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """kind -> model: tdt, ctc, tdt_cache, canary (.nemo files); onnx_tdt, onnx_ctc, mlx_tdt (folders)."""
     require("nemo", "nemo")
-    from streamscribe.engines.export import export_mlx, export_onnx
     from tiny_nemo import build_tiny_models
+
+    from streamscribe.engines.export import export_mlx, export_onnx
 
     work = tmp_path_factory.mktemp("tiny_nemo")
     models: dict[str, Path] = dict(build_tiny_models(work))

@@ -26,8 +26,18 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::U
 
 # backend id -> (config model, variant, expected `model` field, NeMo settings built from the tiny models)
 BACKENDS: dict[str, tuple[str, str, str, Callable[[dict[str, Path]], dict[str, Any]]]] = {
-    "parakeet-standard-tdt": ("parakeet", "standard", "parakeet-standard", lambda m: {"parakeet_model": m["tdt"]}),
-    "parakeet-standard-ctc": ("parakeet", "standard", "parakeet-standard", lambda m: {"parakeet_model": m["ctc"]}),
+    "parakeet-standard-tdt": (
+        "parakeet",
+        "standard",
+        "parakeet-standard",
+        lambda m: {"parakeet_model": m["tdt"]},
+    ),
+    "parakeet-standard-ctc": (
+        "parakeet",
+        "standard",
+        "parakeet-standard",
+        lambda m: {"parakeet_model": m["ctc"]},
+    ),
     "parakeet-standard-cache-aware": (
         "parakeet",
         "standard",
@@ -70,7 +80,9 @@ def test_backend_completes_a_streaming_session(
         require(*EXTRA_PACKAGES[variant])
     running = nemo_server(make_server, **settings(tiny_nemo))
     # Load the engine first: audio sent while it loads arrives all at once, too late for partials.
-    warm_up = running.stream(np.zeros(SAMPLE_RATE // 2, np.float32), config={"model": model, "variant": variant})
+    warm_up = running.stream(
+        np.zeros(SAMPLE_RATE // 2, np.float32), config={"model": model, "variant": variant}
+    )
     assert warm_up.close_code == 1000, warm_up.error
 
     result = running.stream(
@@ -95,7 +107,9 @@ def test_backend_completes_a_streaming_session(
     assert result.full_transcript == " ".join(texts(result, "final"))
 
 
-def test_onnx_mlx_and_nemo_give_the_same_text(tiny_nemo: dict[str, Path], clip: Callable[[str], np.ndarray]) -> None:
+def test_onnx_mlx_and_nemo_give_the_same_text(
+    tiny_nemo: dict[str, Path], clip: Callable[[str], np.ndarray]
+) -> None:
     """Engine level, several clips: the exported models decode exactly like NeMo (TDT and CTC)."""
     require("onnx_asr", "onnx")
     require("parakeet_mlx", "mlx")
@@ -106,7 +120,9 @@ def test_onnx_mlx_and_nemo_give_the_same_text(tiny_nemo: dict[str, Path], clip: 
     for kind in ("tdt", "ctc"):
         nemo_texts = [t.text for t in NemoAsrEngine.load(str(tiny_nemo[kind]), "cpu").transcribe(windows)]
         assert all(nemo_texts), f"tiny {kind} model said nothing: the comparison would be empty"
-        assert [t.text for t in OnnxParakeetEngine(tiny_nemo[f"onnx_{kind}"]).transcribe(windows)] == nemo_texts
+        assert [
+            t.text for t in OnnxParakeetEngine(tiny_nemo[f"onnx_{kind}"]).transcribe(windows)
+        ] == nemo_texts
         if kind == "tdt":
             from streamscribe.engines.mlx import MlxParakeetEngine
 
@@ -138,7 +154,10 @@ def test_native_streaming_is_deterministic_with_concurrent_streams(
     async def together() -> list[StreamResult]:
         return list(
             await asyncio.gather(
-                *(stream_audio(running.ws_url(), speech, SAMPLE_RATE, config=config, speed=4.0) for _ in range(3))
+                *(
+                    stream_audio(running.ws_url(), speech, SAMPLE_RATE, config=config, speed=4.0)
+                    for _ in range(3)
+                )
             )
         )
 
@@ -160,9 +179,16 @@ def test_canary_translates_to_english(tiny_nemo: dict[str, Path], clip: Callable
 
 def test_status_lists_every_engine_with_the_reason(tiny_nemo: dict[str, Path], tmp_path: Path) -> None:
     rows = {(s.model, s.variant): s for s in EngineRegistry(Settings(cache_dir=tmp_path)).status()}
-    assert set(rows) >= {("parakeet", "standard"), ("parakeet", "onnx"), ("parakeet", "mlx"), ("canary", "standard")}
+    assert set(rows) >= {
+        ("parakeet", "standard"),
+        ("parakeet", "onnx"),
+        ("parakeet", "mlx"),
+        ("canary", "standard"),
+    }
     assert not rows["parakeet", "standard"].available
-    assert rows["parakeet", "standard"].reason == "no weights configured: set STREAMSCRIBE_NEMO__PARAKEET_MODEL"
+    assert (
+        rows["parakeet", "standard"].reason == "no weights configured: set STREAMSCRIBE_NEMO__PARAKEET_MODEL"
+    )
     assert rows["canary", "standard"].reason == "no weights configured: set STREAMSCRIBE_NEMO__CANARY_MODEL"
 
     configured = Settings(
@@ -179,7 +205,9 @@ def test_status_endpoint_shows_availability(
     tiny_nemo: dict[str, Path], make_server: Callable[..., Any]
 ) -> None:
     running = nemo_server(make_server, canary_model=tiny_nemo["canary"])
-    body = httpx.get(f"{running.base_url}/api/v1/audio/stream/status", headers={"X-API-Key": running.api_key}).json()
+    body = httpx.get(
+        f"{running.base_url}/api/v1/audio/stream/status", headers={"X-API-Key": running.api_key}
+    ).json()
     rows = {(row["model"], row["variant"]): row for row in body["engines"]}
     assert rows["canary", "standard"]["available"] is True
     assert rows["canary", "standard"]["languages"] == ["en", "es", "de", "fr"]

@@ -98,7 +98,12 @@ def tdt_config(tokenizer: Path) -> dict[str, Any]:
         "sample_rate": SAMPLE_RATE,
         "compute_eval_loss": False,
         "log_prediction": False,
-        "model_defaults": {"enc_hidden": 64, "pred_hidden": 64, "joint_hidden": 64, "tdt_durations": durations},
+        "model_defaults": {
+            "enc_hidden": 64,
+            "pred_hidden": 64,
+            "joint_hidden": 64,
+            "tdt_durations": durations,
+        },
         "tokenizer": {"dir": str(tokenizer), "type": "bpe"},
         "preprocessor": preprocessor(),
         "spec_augment": None,
@@ -119,10 +124,22 @@ def tdt_config(tokenizer: Path) -> dict[str, Any]:
             "jointnet": {"joint_hidden": 64, "activation": "relu", "dropout": 0.0},
             "num_extra_outputs": len(durations),  # TDT duration logits
         },
-        "decoding": {"strategy": "greedy_batch", "model_type": "tdt", "durations": durations,
-                     "greedy": {"max_symbols": 10}},
-        "loss": {"loss_name": "tdt", "tdt_kwargs": {"fastemit_lambda": 0.0, "clamp": -1.0, "durations": durations,
-                                                     "sigma": 0.02, "omega": 0.1}},
+        "decoding": {
+            "strategy": "greedy_batch",
+            "model_type": "tdt",
+            "durations": durations,
+            "greedy": {"max_symbols": 10},
+        },
+        "loss": {
+            "loss_name": "tdt",
+            "tdt_kwargs": {
+                "fastemit_lambda": 0.0,
+                "clamp": -1.0,
+                "durations": durations,
+                "sigma": 0.02,
+                "omega": 0.1,
+            },
+        },
         "optim": {"name": "adamw", "lr": 1e-3},
     }
 
@@ -193,7 +210,10 @@ def canary_config(work: Path) -> dict[str, Any]:
             "type": "agg",
             "langs": {
                 "spl_tokens": {"dir": str(work / "tok_canary_spl"), "type": "bpe"},
-                **{lang: {"dir": str(work / f"tok_canary_{lang}"), "type": "bpe"} for lang in CANARY_LANGUAGES},
+                **{
+                    lang: {"dir": str(work / f"tok_canary_{lang}"), "type": "bpe"}
+                    for lang in CANARY_LANGUAGES
+                },
             },
             "custom_tokenizer": {
                 "_target_": "nemo.collections.common.tokenizers.canary_tokenizer.CanaryTokenizer",
@@ -211,7 +231,7 @@ def canary_config(work: Path) -> dict[str, Any]:
             **transformer,
         },
         "transf_decoder": {
-            # Hydra logs "Error getting class ... get_nemo_transformer": harmless, NVIDIA's config does the same.
+            # Hydra logs "Error getting class ... get_nemo_transformer": harmless (as in NVIDIA's config).
             "_target_": "nemo.collections.asr.modules.transformer.get_nemo_transformer",
             "model_name": None,
             "pretrained": False,

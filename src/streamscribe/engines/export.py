@@ -32,7 +32,9 @@ def export_onnx(nemo_path: Path, folder: Path) -> Path:
         for index, token in enumerate([*vocabulary, "<blk>"]):
             vocab.write(f"{token} {index}\n")
     is_tdt = str(model.cfg.get("loss", {}).get("loss_name", "")) == "tdt"
-    model_type = "nemo-conformer-ctc" if is_ctc else ("nemo-conformer-tdt" if is_tdt else "nemo-conformer-rnnt")
+    model_type = (
+        "nemo-conformer-ctc" if is_ctc else ("nemo-conformer-tdt" if is_tdt else "nemo-conformer-rnnt")
+    )
     config = {
         "model_type": model_type,
         "features_size": int(model.cfg.preprocessor.features),

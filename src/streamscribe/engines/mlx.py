@@ -35,13 +35,17 @@ class MlxParakeetEngine:
             from parakeet_mlx.audio import get_logmel
             from parakeet_mlx.utils import from_pretrained
         except ImportError as exc:
-            raise EngineUnavailable(f"parakeet-mlx is not installed ({exc}); pip install 'streamscribe[mlx]'") from None
+            raise EngineUnavailable(
+                f"parakeet-mlx is not installed ({exc}); pip install 'streamscribe[mlx]'"
+            ) from None
         # MLX streams belong to the thread that made them: load and decode on one thread of our own.
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlx")
         try:
             self._model: Any = self._thread.submit(from_pretrained, str(folder), dtype=mx.float32).result()
         except Exception as exc:
-            raise EngineUnavailable(f"could not load MLX model from {folder}: {type(exc).__name__}: {exc}") from None
+            raise EngineUnavailable(
+                f"could not load MLX model from {folder}: {type(exc).__name__}: {exc}"
+            ) from None
         self._mx = mx
         self._get_logmel = get_logmel
 

@@ -39,7 +39,7 @@ class NemoStreamingOptions:
 
 
 def torch_device(device: str) -> str:
-    """"auto" becomes "cuda" when PyTorch sees a GPU, else "cpu"."""
+    """ "auto" becomes "cuda" when PyTorch sees a GPU, else "cpu"."""
     if device != "auto":
         return device
     import torch
@@ -51,9 +51,7 @@ def _import_nemo_asr() -> Any:
     try:
         import nemo.collections.asr as nemo_asr
     except ImportError as exc:
-        raise EngineUnavailable(
-            f"NeMo is not installed ({exc}); pip install 'streamscribe[nemo]'"
-        ) from None
+        raise EngineUnavailable(f"NeMo is not installed ({exc}); pip install 'streamscribe[nemo]'") from None
     from nemo.utils import logging as nemo_logging
 
     nemo_logging.setLevel(_NEMO_LOG_LEVEL)
@@ -136,7 +134,9 @@ class NemoAsrEngine:
         return [Transcript(_text_of(h), "en") for h in hypotheses]
 
 
-def pipeline_config(model: str, device: str, decoding_type: str, cache_aware: bool, options: NemoStreamingOptions) -> Any:
+def pipeline_config(
+    model: str, device: str, decoding_type: str, cache_aware: bool, options: NemoStreamingOptions
+) -> Any:
     """The config ``PipelineBuilder.build_pipeline`` expects: NeMo's streaming pipeline, no ITN, no NMT."""
     from omegaconf import OmegaConf
 
@@ -187,7 +187,12 @@ def pipeline_config(model: str, device: str, decoding_type: str, cache_aware: bo
             "confidence": {
                 "exclude_blank": True,
                 "aggregation": "mean",
-                "method_cfg": {"name": "entropy", "entropy_type": "tsallis", "alpha": 0.5, "entropy_norm": "exp"},
+                "method_cfg": {
+                    "name": "entropy",
+                    "entropy_type": "tsallis",
+                    "alpha": 0.5,
+                    "entropy_norm": "exp",
+                },
             },
             # Utterances are cut by the server's VAD; NeMo's own end-of-utterance stays a fallback.
             "endpointing": {"stop_history_eou": 800, "residue_tokens_at_end": 2},
@@ -238,7 +243,9 @@ class NemoStreamingEngine(NemoAsrEngine):
         self._pipeline = pipeline
         self._streams_per_step = streams_per_step
         self.kind = kind
-        chunk = pipeline.chunk_size_in_secs if hasattr(pipeline, "chunk_size_in_secs") else pipeline.chunk_size
+        chunk = (
+            pipeline.chunk_size_in_secs if hasattr(pipeline, "chunk_size_in_secs") else pipeline.chunk_size
+        )
         self._chunk_samples = round(float(chunk) * SAMPLE_RATE)
         pipeline.open_session()
 
@@ -286,7 +293,9 @@ class NemoStreamingEngine(NemoAsrEngine):
             for start in range(0, len(chunks), self._streams_per_step):
                 frames = []
                 for chunk in chunks[start : start + self._streams_per_step]:
-                    samples = torch.from_numpy(np.ascontiguousarray(chunk.samples[: self._chunk_samples], np.float32))
+                    samples = torch.from_numpy(
+                        np.ascontiguousarray(chunk.samples[: self._chunk_samples], np.float32)
+                    )
                     valid = int(samples.shape[0])
                     if valid < self._chunk_samples:
                         samples = torch.nn.functional.pad(samples, (0, self._chunk_samples - valid))
@@ -324,7 +333,9 @@ class CanaryEngine:
     def load(cls, model: str, device: str) -> CanaryEngine:
         loaded = load_nemo_model(model, torch_device(device))
         if type(loaded).__name__ != "EncDecMultiTaskModel":
-            raise EngineUnavailable(f"{model!r} is a {type(loaded).__name__}, not a Canary EncDecMultiTaskModel")
+            raise EngineUnavailable(
+                f"{model!r} is a {type(loaded).__name__}, not a Canary EncDecMultiTaskModel"
+            )
         return cls(loaded)
 
     @property

@@ -61,7 +61,9 @@ class OnnxParakeetEngine:
             import onnx_asr
             import onnxruntime
         except ImportError as exc:
-            raise EngineUnavailable(f"onnx-asr is not installed ({exc}); pip install 'streamscribe[onnx]'") from None
+            raise EngineUnavailable(
+                f"onnx-asr is not installed ({exc}); pip install 'streamscribe[onnx]'"
+            ) from None
         options = onnxruntime.SessionOptions()
         if cpu_threads:
             options.intra_op_num_threads = cpu_threads
@@ -73,7 +75,9 @@ class OnnxParakeetEngine:
         except EngineUnavailable:
             raise
         except Exception as exc:
-            raise EngineUnavailable(f"could not load ONNX model from {folder}: {type(exc).__name__}: {exc}") from None
+            raise EngineUnavailable(
+                f"could not load ONNX model from {folder}: {type(exc).__name__}: {exc}"
+            ) from None
         self.model_type = model_type
         self._lock = threading.Lock()
 

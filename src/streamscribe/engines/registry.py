@@ -146,7 +146,8 @@ class EngineRegistry:
                 loaded = self._engines.get(f"{model}:{variant}")
                 if loaded is not None:
                     languages = tuple(sorted(loaded.languages, key=lambda code: (code != "en", code)))
-                rows.append(EngineStatus(model, variant, languages, available=problem is None, reason=problem))
+                available = problem is None
+                rows.append(EngineStatus(model, variant, languages, available=available, reason=problem))
         return rows
 
     def _nemo_family_problem(self, model: str, variant: str) -> str | None:
@@ -154,13 +155,15 @@ class EngineRegistry:
         nemo = self._settings.nemo
         setting: str | Path | None
         if variant == "standard":
-            packages, extra = (("nemo_toolkit", "torch"), "nemo")
+            packages, extra = ("nemo_toolkit", "torch"), "nemo"
             name = "canary_model" if model == "canary" else "parakeet_model"
             setting = nemo.canary_model if model == "canary" else nemo.parakeet_model
         elif variant == "onnx":
-            packages, extra, name, setting = (("onnx-asr", "onnxruntime"), "onnx", "parakeet_onnx_dir", nemo.parakeet_onnx_dir)
+            packages, extra = ("onnx-asr", "onnxruntime"), "onnx"
+            name, setting = "parakeet_onnx_dir", nemo.parakeet_onnx_dir
         else:
-            packages, extra, name, setting = (("parakeet-mlx", "mlx"), "mlx", "parakeet_mlx_dir", nemo.parakeet_mlx_dir)
+            packages, extra = ("parakeet-mlx", "mlx"), "mlx"
+            name, setting = "parakeet_mlx_dir", nemo.parakeet_mlx_dir
         for package in packages:
             try:
                 _require_distribution(package)

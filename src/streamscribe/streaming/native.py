@@ -21,7 +21,13 @@ import numpy as np
 
 from streamscribe.audio import AudioBuffer
 from streamscribe.engines.base import StreamChunk, StreamingEngine, StreamUpdate
-from streamscribe.streaming.session import EngineFailure, FinalSegment, PartialText, SessionEvent, SessionOptions
+from streamscribe.streaming.session import (
+    EngineFailure,
+    FinalSegment,
+    PartialText,
+    SessionEvent,
+    SessionOptions,
+)
 from streamscribe.streaming.vad import SileroVad, SpeechEnd, SpeechStart, VadStream
 
 log = logging.getLogger(__name__)
@@ -294,7 +300,9 @@ class NativeStreamingSession:
                 self._finals.append(text)
                 assert utterance.end is not None
                 await self._emit(
-                    FinalSegment(utterance.segment_id, text, start, utterance.end / self._rate, self._options.language)
+                    FinalSegment(
+                        utterance.segment_id, text, start, utterance.end / self._rate, self._options.language
+                    )
                 )
         elif (
             self._options.enable_partial
