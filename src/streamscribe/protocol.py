@@ -82,6 +82,8 @@ class ConfigMessage(_ClientFrame):
     enable_partial: bool = True
     partial_interval: float = Field(0.5, ge=0.1, le=10)
     audio_format: Literal["float32", "pcm16"] = "float32"
+    # "translate": speech in ``language``, text in English (Canary and multilingual Whisper).
+    task: Literal["transcribe", "translate"] = "transcribe"
 
     @field_validator("language")
     @classmethod

@@ -177,6 +177,19 @@ def test_canary_translates_to_english(tiny_nemo: dict[str, Path], clip: Callable
     assert engine.transcribe([AudioWindow(german, "de")]) == results[:1]
 
 
+def test_canary_session_translates_when_asked(
+    tiny_nemo: dict[str, Path], make_server: Callable[..., Any], clip: Callable[[str], np.ndarray]
+) -> None:
+    running = nemo_server(make_server, canary_model=tiny_nemo["canary"])
+    german = np.concatenate([clip("de.wav"), np.zeros(SAMPLE_RATE, np.float32)])
+    config = {"model": "canary", "language": "de", "enable_partial": False}
+    transcribed = running.stream(german, config=config, speed=0)
+    translated = running.stream(german, config={**config, "task": "translate"}, speed=0)
+    assert {f["language"] for f in transcribed.of_type("final")} == {"de"}
+    assert {f["language"] for f in translated.of_type("final")} == {"en"}
+    assert {f["model"] for f in translated.of_type("final")} == {"canary-1b"}
+
+
 def test_status_lists_every_engine_with_the_reason(tiny_nemo: dict[str, Path], tmp_path: Path) -> None:
     rows = {(s.model, s.variant): s for s in EngineRegistry(Settings(cache_dir=tmp_path)).status()}
     assert set(rows) >= {
@@ -224,4 +237,7 @@ def test_missing_model_file_fails_fast_with_a_clear_error(
     assert time.monotonic() - started < 10
     assert result.close_code == 1011
     assert result.error is not None and result.error["error_type"] == "model_unavailable"
-    assert "absent.nemo" in result.error["message"]
+    assert (
+        "STREAMSCRIBE_NEMO__PARAKEET_MODEL points at a missing file (absent.nemo)" in result.error["message"]
+    )
+    assert str(tmp_path) not in result.error["message"]

@@ -175,11 +175,12 @@ class EngineRegistry:
         text = str(setting)
         path = Path(text).expanduser()
         if variant == "standard":
+            # Only the file's name: this reason reaches clients, which must not learn server paths.
             if text.endswith(".nemo") and not path.is_file():
-                return f"{variable} points at a missing file: {text}"
+                return f"{variable} points at a missing file ({path.name})"
             return None
         if not path.is_dir():
-            return f"{variable} points at a missing folder: {text}"
+            return f"{variable} points at a missing folder ({path.name})"
         return None
 
     def _whisper_status(self) -> EngineStatus:

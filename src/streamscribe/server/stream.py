@@ -133,6 +133,7 @@ class StreamConnection:
             max_segment_seconds=min(settings.streaming.max_segment_seconds, config.max_buffer_duration),
             max_backlog_seconds=settings.streaming.max_backlog_seconds,
             prompt_chars=settings.streaming.prompt_chars,
+            task=config.task,
             vad=VadOptions(**settings.vad.model_dump()),
         )
         model_name = engine.name

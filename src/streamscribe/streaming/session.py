@@ -15,7 +15,7 @@ import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Literal, Protocol
 
 import numpy as np
 
@@ -39,6 +39,7 @@ class SessionOptions:
     max_backlog_seconds: float = 60.0
     prompt_chars: int = 200
     word_timestamps: bool = False
+    task: Literal["transcribe", "translate"] = "transcribe"
     vad: VadOptions = field(default_factory=VadOptions)
 
 
@@ -236,6 +237,7 @@ class StreamingSession:
             final=final,
             prompt=prompt or None,
             word_timestamps=final and self._options.word_timestamps,
+            task=self._options.task,
         )
 
     async def _decode_loop(self) -> None:
