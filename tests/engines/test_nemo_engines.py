@@ -228,6 +228,13 @@ def test_status_endpoint_shows_availability(
     assert "STREAMSCRIBE_NEMO__PARAKEET_MLX_DIR" in rows["parakeet", "mlx"]["reason"]
 
 
+def test_hub_model_name_offline_is_unavailable_without_loading_nemo(tmp_path: Path) -> None:
+    settings = Settings(cache_dir=tmp_path, nemo={"parakeet_model": "nvidia/parakeet-tdt-0.6b-v2"})
+    rows = {(s.model, s.variant): s for s in EngineRegistry(settings).status()}
+    assert not rows["parakeet", "standard"].available
+    assert "HF_HUB_OFFLINE" in (rows["parakeet", "standard"].reason or "")
+
+
 def test_missing_model_file_fails_fast_with_a_clear_error(
     make_server: Callable[..., Any], speech: np.ndarray, tmp_path: Path
 ) -> None:

@@ -59,12 +59,35 @@ def _import_nemo_asr() -> Any:
 
 
 def check_model_source(model: str) -> None:
-    """Fail fast, before importing NeMo, when a configured local file is missing."""
+    """Fail fast, before importing NeMo (seconds), when the model cannot be found here."""
     path = Path(model).expanduser()
-    if model.endswith(".nemo") and not path.is_file():
-        raise EngineUnavailable(f"NeMo model file not found: {model}")
+    if model.endswith(".nemo"):
+        if not path.is_file():
+            raise EngineUnavailable(f"NeMo model file not found ({path.name})")
+        return
     if path.is_dir():
-        raise EngineUnavailable(f"{model} is a folder; a NeMo model is a single .nemo file")
+        raise EngineUnavailable(f"{path.name} is a folder; a NeMo model is a single .nemo file")
+    if _hub_offline() and not _in_hub_cache(model):
+        raise EngineUnavailable(
+            f"model {model!r} is not in the local model-hub cache and HF_HUB_OFFLINE is set: "
+            "download its .nemo file and configure the file's path"
+        )
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _in_hub_cache(model: str) -> bool:
+    """Whether ``ASRModel.from_pretrained(model)`` can work offline (names without "/" are NGC's: no)."""
+    if "/" not in model:
+        return False
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return False
+    cached = try_to_load_from_cache(model, f"{model.split('/')[-1]}.nemo")
+    return isinstance(cached, str)
 
 
 def load_nemo_model(model: str, device: str) -> Any:

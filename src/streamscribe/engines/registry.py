@@ -178,6 +178,12 @@ class EngineRegistry:
             # Only the file's name: this reason reaches clients, which must not learn server paths.
             if text.endswith(".nemo") and not path.is_file():
                 return f"{variable} points at a missing file ({path.name})"
+            from streamscribe.engines.nemo import check_model_source
+
+            try:
+                check_model_source(text)
+            except EngineUnavailable as exc:
+                return f"{variable}: {exc}"
             return None
         if not path.is_dir():
             return f"{variable} points at a missing folder ({path.name})"
