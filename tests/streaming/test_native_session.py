@@ -36,6 +36,8 @@ class CountingEngine:
             if chunk.is_first:
                 assert chunk.stream_id not in self.pieces
                 self.opened.append(chunk.stream_id)
+            else:  # like NeMo, which keeps no state for streams it has not opened or already closed
+                assert chunk.stream_id in self.pieces and chunk.stream_id not in self.closed
             self.pieces[chunk.stream_id] = self.pieces.get(chunk.stream_id, 0) + 1
             text = " ".join(f"w{i}" for i in range(self.pieces[chunk.stream_id]))
             if chunk.is_last:
@@ -101,3 +103,20 @@ def test_reset_mid_utterance_closes_the_engine_stream(clip: Callable[[str], np.n
     assert engine.opened and engine.opened == engine.closed
     assert transcript == ""
     assert not [e for e in events if isinstance(e, FinalSegment)]
+
+
+def test_closing_mid_utterance_closes_the_engine_stream(clip: Callable[[str], np.ndarray]) -> None:
+    """A client that disconnects mid-sentence must not leave state (a cache slot) in the engine."""
+    speech = clip("short.wav")
+    engine = CountingEngine()
+
+    async def script(session: NativeStreamingSession) -> None:
+        for start in range(0, len(speech) // 2, 1600):
+            await session.feed(speech[start : start + 1600])
+        for _ in range(200):
+            if engine.opened:
+                break
+            await asyncio.sleep(0.01)
+
+    run_session(engine, script)  # run_session closes the session when the script returns
+    assert engine.opened and engine.opened == engine.closed

@@ -10,6 +10,7 @@ A ``StreamStepper`` per engine puts the waiting piece of every live stream into 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 from collections import deque
@@ -64,9 +65,13 @@ class StreamStepper:
             while not self._waiting:
                 self._ready.clear()
                 await self._ready.wait()
-            # A stream cancelled while waiting still takes part: its piece may open or close the
-            # engine's state for that stream.
-            batch, self._waiting = self._waiting, []
+            # A piece whose session went away still takes part: it may open or close the engine's
+            # state for its stream. A stream appears once per step; a second piece waits for the next.
+            batch: list[tuple[StreamChunk, asyncio.Future[StreamUpdate]]] = []
+            later: list[tuple[StreamChunk, asyncio.Future[StreamUpdate]]] = []
+            for item in self._waiting:
+                (later if any(item[0].stream_id == c.stream_id for c, _ in batch) else batch).append(item)
+            self._waiting = later
             try:
                 updates = await loop.run_in_executor(
                     self._executor, self.engine.stream_step, [chunk for chunk, _ in batch]
@@ -140,6 +145,7 @@ class NativeStreamingSession:
         self._buffer = AudioBuffer()
         self._open: _Utterance | None = None
         self._pieces: deque[_Piece] = deque()
+        self._engine_streams: set[int] = set()  # opened in the engine and not closed yet
         self._finals: list[str] = []
         self._generation = 0
         self._next_segment_id = 0
@@ -224,8 +230,13 @@ class NativeStreamingSession:
             self._idle.set()
 
     async def close(self) -> None:
+        """Stop decoding, and close the streams the engine still holds for this session."""
         self._worker.cancel()
         await asyncio.gather(self._worker, return_exceptions=True)
+        for stream_id in list(self._engine_streams):
+            with contextlib.suppress(Exception):
+                await self._stepper.step(StreamChunk(stream_id, np.zeros(1, np.float32), False, True))
+        self._engine_streams.clear()
 
     def _open_utterance(self, start: int) -> None:
         self._open = _Utterance(
@@ -240,7 +251,10 @@ class NativeStreamingSession:
             self._queue_piece(utterance, utterance.fed_to + self._chunk, is_last=False)
 
     def _queue_piece(self, utterance: _Utterance, end: int, is_last: bool) -> None:
-        samples = self._buffer.slice(utterance.fed_to, end)
+        # Never an empty piece: an engine cannot close a stream on nothing.
+        samples = (
+            self._buffer.slice(utterance.fed_to, end) if end > utterance.fed_to else np.zeros(1, np.float32)
+        )
         self._pieces.append(_Piece(utterance, samples, end, is_last))
         utterance.fed_to = end
         self._idle.clear()
@@ -285,9 +299,14 @@ class NativeStreamingSession:
             utterance.stream_id, piece.samples, not utterance.opened, piece.is_last, self._options.language
         )
         utterance.opened = True
-        update = await self._stepper.step(chunk)
+        # Handed to the stepper, a piece always reaches the engine, even if this session is closed
+        # while it waits: so a stream counts as closed as soon as its last piece is handed over.
         if piece.is_last:
             utterance.closed = True
+            self._engine_streams.discard(utterance.stream_id)
+        else:
+            self._engine_streams.add(utterance.stream_id)
+        update = await self._stepper.step(chunk)
         if update.final_text:
             utterance.final_parts.append(update.final_text)
         utterance.partial = update.partial_text
