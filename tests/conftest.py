@@ -21,11 +21,11 @@ import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-import uvicorn  # noqa: E402
+import uvicorn
 
-from streamscribe.client import StreamResult, stream_audio, stream_url  # noqa: E402
-from streamscribe.config import Settings  # noqa: E402
-from streamscribe.server.app import create_app  # noqa: E402
+from streamscribe.client import StreamResult, stream_audio, stream_url
+from streamscribe.config import Settings
+from streamscribe.server.app import create_app
 
 DATA = Path(__file__).parent / "data"
 TEST_KEY = "test-key-" + "x" * 40
@@ -86,6 +86,10 @@ class RunningServer:
         token = kwargs.pop("token", None)
         return asyncio.run(stream_audio(self.ws_url(token), samples, rate, **kwargs))
 
+    @property
+    def app(self) -> Any:
+        return self._server.config.app
+
     def stop(self) -> None:
         self._server.should_exit = True
         self._thread.join(timeout=10)
@@ -140,6 +144,7 @@ def captured_logs() -> Iterator[list[str]]:
             lines.append(self.format(record))
 
     handler = Collect(level=logging.DEBUG)
+    handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
     # uvicorn's loggers do not propagate to the root logger, so listen on them directly.
     loggers = [logging.getLogger(name) for name in ("", "uvicorn", "uvicorn.access", "uvicorn.error")]
     previous = [logger.level for logger in loggers]

@@ -28,7 +28,8 @@ def decode_audio_payload(data: str, audio_format: AudioFormat, max_bytes: int) -
     if len(raw) % dtype.itemsize:
         raise StreamError(
             ErrorType.INVALID_AUDIO,
-            f"audio frame has {len(raw)} bytes, not a multiple of the {dtype.itemsize}-byte {audio_format} sample",
+            f"audio frame has {len(raw)} bytes, not a multiple of the "
+            f"{dtype.itemsize}-byte {audio_format} sample",
         )
     samples = np.frombuffer(raw, dtype=dtype)
     if audio_format == "pcm16":
@@ -42,7 +43,9 @@ class StreamResampler:
     """Resamples a live stream chunk by chunk, keeping filter state across chunk borders."""
 
     def __init__(self, in_rate: int, out_rate: int) -> None:
-        self._stream = None if in_rate == out_rate else soxr.ResampleStream(in_rate, out_rate, 1, dtype="float32")
+        self._stream = (
+            None if in_rate == out_rate else soxr.ResampleStream(in_rate, out_rate, 1, dtype="float32")
+        )
 
     def __call__(self, samples: np.ndarray, last: bool = False) -> np.ndarray:
         if self._stream is None:

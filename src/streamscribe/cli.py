@@ -26,6 +26,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from streamscribe.config import Settings
+    from streamscribe.engines.registry import EngineRegistry
     from streamscribe.server.app import STREAM_PATH, create_app
     from streamscribe.server.auth import generate_api_key
 
@@ -35,12 +36,21 @@ def _serve(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    whisper = next(row for row in EngineRegistry(settings).status() if row.model == "whisper")
+    if not whisper.available:
+        print(f"error: the default Whisper engine cannot start: {whisper.reason}", file=sys.stderr)
+        return 2
     api_key = settings.api_key.get_secret_value() if settings.api_key else generate_api_key()
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     shown_host = "localhost" if settings.host in ("0.0.0.0", "::", "127.0.0.1") else settings.host
     print(f"streamscribe on http://{shown_host}:{settings.port}", flush=True)
     print(f"  stream:  ws://{shown_host}:{settings.port}{STREAM_PATH}?token=<API key>", flush=True)
-    print(f"  API key: {api_key}" if not settings.api_key else "  API key: from STREAMSCRIBE_API_KEY", flush=True)
+    print(
+        f"  API key: {api_key}" if not settings.api_key else "  API key: from STREAMSCRIBE_API_KEY",
+        flush=True,
+    )
     uvicorn.run(
         create_app(settings, api_key),
         host=settings.host,
@@ -111,7 +121,9 @@ def _stream(args: argparse.Namespace) -> int:
         print(f"error ({result.error['error_type']}): {result.error['message']}", file=sys.stderr)
         return 1
     if result.close_code not in (1000, None):
-        print(f"error: connection closed with code {result.close_code} {result.close_reason}", file=sys.stderr)
+        print(
+            f"error: connection closed with code {result.close_code} {result.close_reason}", file=sys.stderr
+        )
         return 1
     print("\nFull transcript:")
     print(result.full_transcript or "")
@@ -146,7 +158,6 @@ def _transcribe(args: argparse.Namespace) -> int:
         BarColumn(),
         TextColumn("{task.completed:.0f}/{task.total:.0f} s"),
         TimeRemainingColumn(),
-        console=None if sys.stderr.isatty() else None,
         transient=True,
         disable=not sys.stderr.isatty(),
     ) as progress:
@@ -204,7 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     serve.set_defaults(handler=_serve)
 
-    stream = commands.add_parser("stream", help="stream a file (or synthetic audio) to a server and print text")
+    stream = commands.add_parser(
+        "stream", help="stream a file (or synthetic audio) to a server and print text"
+    )
     source = stream.add_mutually_exclusive_group(required=True)
     source.add_argument("--audio", type=Path, help="audio file (any rate, mono or stereo, any common format)")
     source.add_argument("--duration", type=float, help="seconds of synthetic audio instead of a file")

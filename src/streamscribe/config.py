@@ -7,6 +7,7 @@ Nested groups use a double underscore: ``STREAMSCRIBE_VAD__MIN_SILENCE_MS=400``.
 from __future__ import annotations
 
 import os
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,6 +21,7 @@ from pydantic_settings import (
 
 ENV_PREFIX = "STREAMSCRIBE_"
 CONFIG_FILE_VARIABLE = "STREAMSCRIBE_CONFIG_FILE"
+_config_file: ContextVar[Path | None] = ContextVar("config_file", default=None)
 
 
 class WhisperSettings(BaseModel):
@@ -31,7 +33,11 @@ class WhisperSettings(BaseModel):
     multilingual_model: str = Field(
         "base", description="Model used for every language other than English (bundled name or folder)."
     )
-    compute_type: str = Field("int8", description="CTranslate2 compute type: int8, int8_float16, float16, float32.")
+    compute_type: str = Field(
+        "int8",
+        description="CTranslate2 compute type on CPU: int8, int8_float16, float16, float32 "
+        "(float16 on CUDA).",
+    )
     beam_size: int = Field(5, ge=1, le=10, description="Beam size for final segments (partials use greedy).")
     min_encoder_seconds: float = Field(
         15.0,
@@ -66,7 +72,9 @@ class StreamingSettings(BaseModel):
     prompt_chars: int = Field(
         200, ge=0, le=1000, description="Characters of previous final text given to the engine as context."
     )
-    config_timeout_seconds: float = Field(10.0, gt=0, description="Time allowed for the first config message.")
+    config_timeout_seconds: float = Field(
+        10.0, gt=0, description="Time allowed for the first config message."
+    )
     max_frame_bytes: int = Field(
         1_048_576, ge=1024, description="Largest decoded audio payload accepted in one frame."
     )
@@ -130,7 +138,8 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="Address to listen on.")
     port: int = Field(8000, ge=0, le=65535, description="Port to listen on.")
     api_key: SecretStr | None = Field(
-        None, description="The single user's API key. When unset, a random key is generated and printed at start."
+        None,
+        description="The single user's API key. When unset, a random key is generated and printed at start.",
     )
     default_model: Literal["whisper", "parakeet", "canary"] = Field(
         "whisper", description="Engine used when a config names none."
@@ -140,8 +149,12 @@ class Settings(BaseSettings):
         description="When a requested engine is unavailable, use the default one and warn. If false, the "
         "session ends with an error (close 1011).",
     )
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where engines run.")
-    cpu_threads: int = Field(0, ge=0, description="Threads per engine on CPU; 0 means all cores.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where engines run: cpu, cuda, or auto (CUDA when CTranslate2 sees a GPU)."
+    )
+    cpu_threads: int = Field(
+        0, ge=0, description="Threads per engine call on CPU; 0 means cores divided by decode workers."
+    )
     decode_workers: int = Field(1, ge=1, le=16, description="Engine calls that may run at the same time.")
     cache_dir: Path = Field(
         Path.home() / ".cache" / "streamscribe",
@@ -164,7 +177,7 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        config_file = os.environ.get(CONFIG_FILE_VARIABLE)
+        config_file = _config_file.get() or os.environ.get(CONFIG_FILE_VARIABLE)
         if config_file:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(config_file)))
         return tuple(sources)
@@ -172,12 +185,14 @@ class Settings(BaseSettings):
     @classmethod
     def load(cls, config_file: Path | None = None, **overrides: Any) -> Settings:
         """Settings from the environment, ``config_file`` (or $STREAMSCRIBE_CONFIG_FILE) and overrides."""
-        if config_file is not None:
-            os.environ[CONFIG_FILE_VARIABLE] = str(config_file)
-        path = os.environ.get(CONFIG_FILE_VARIABLE)
+        path = config_file or os.environ.get(CONFIG_FILE_VARIABLE)
         if path and not Path(path).is_file():
             raise FileNotFoundError(f"config file not found: {path}")
-        return cls(**{k: v for k, v in overrides.items() if v is not None})
+        token = _config_file.set(Path(path) if path else None)
+        try:
+            return cls(**{k: v for k, v in overrides.items() if v is not None})
+        finally:
+            _config_file.reset(token)
 
 
 def describe_settings() -> list[tuple[str, str, str]]:

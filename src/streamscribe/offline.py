@@ -89,9 +89,12 @@ def render(pieces: list[TimedText], output_format: str) -> str:
     if output_format == "txt":
         return " ".join(p.text for p in pieces) + "\n"
     if output_format == "json":
-        return json.dumps(
-            {"text": " ".join(p.text for p in pieces), "segments": [asdict(p) for p in pieces]}, indent=2
-        ) + "\n"
+        return (
+            json.dumps(
+                {"text": " ".join(p.text for p in pieces), "segments": [asdict(p) for p in pieces]}, indent=2
+            )
+            + "\n"
+        )
     if output_format == "srt":
         blocks = [
             f"{i}\n{_timestamp(p.start, ',')} --> {_timestamp(p.end, ',')}\n{p.text}\n"

@@ -145,8 +145,10 @@ def _describe_validation_error(exc: ValidationError) -> str:
     if first["type"] == "json_invalid":
         return "message is not valid JSON"
     if first["type"] == "union_tag_invalid":
-        return f"unknown message type {first['input'].get('type')!r}" if isinstance(first["input"], dict) else (
-            "unknown message type"
+        return (
+            f"unknown message type {first['input'].get('type')!r}"
+            if isinstance(first["input"], dict)
+            else ("unknown message type")
         )
     if first["type"] == "union_tag_not_found":
         return "message has no 'type' field"
@@ -154,14 +156,14 @@ def _describe_validation_error(exc: ValidationError) -> str:
     return f"{location}: {first['msg']}"
 
 
-class _ServerFrame(BaseModel):
+class ServerFrame(BaseModel):
     timestamp: float = Field(default_factory=time.time)
 
     def to_json(self) -> str:
         return self.model_dump_json(exclude_none=True)
 
 
-class StatusFrame(_ServerFrame):
+class StatusFrame(ServerFrame):
     type: Literal["status"] = "status"
     state: Literal["configured", "ready", "reset"]
     model: str | None = None
@@ -169,7 +171,7 @@ class StatusFrame(_ServerFrame):
     language: str | None = None
 
 
-class TranscriptFrame(_ServerFrame):
+class TranscriptFrame(ServerFrame):
     """A partial (tentative, replaced by the next one) or a final (never revised) segment."""
 
     type: Literal["partial", "final"]
@@ -183,12 +185,12 @@ class TranscriptFrame(_ServerFrame):
     words: list[dict[str, Any]] | None = None
 
 
-class FullTranscriptFrame(_ServerFrame):
+class FullTranscriptFrame(ServerFrame):
     type: Literal["full_transcript"] = "full_transcript"
     text: str
 
 
-class WarningFrame(_ServerFrame):
+class WarningFrame(ServerFrame):
     type: Literal["warning"] = "warning"
     fallback: bool
     original_model: str
@@ -196,7 +198,7 @@ class WarningFrame(_ServerFrame):
     message: str
 
 
-class ErrorFrame(_ServerFrame):
+class ErrorFrame(ServerFrame):
     type: Literal["error"] = "error"
     message: str
     error_type: ErrorType

@@ -5,16 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from tiny_nemo import require
+
+from tests.engines.tiny_nemo import require
 
 
 @pytest.fixture(scope="session")
 def tiny_nemo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """kind -> model: tdt, ctc, tdt_cache, canary (.nemo files); onnx_tdt, onnx_ctc, mlx_tdt (folders)."""
     require("nemo", "nemo")
-    from tiny_nemo import build_tiny_models
-
     from streamscribe.engines.export import export_mlx, export_onnx
+    from tests.engines.tiny_nemo import build_tiny_models
 
     work = tmp_path_factory.mktemp("tiny_nemo")
     models: dict[str, Path] = dict(build_tiny_models(work))

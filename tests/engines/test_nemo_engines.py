@@ -15,12 +15,12 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from tiny_nemo import SAMPLE_RATE, require
 
 from streamscribe.client import StreamResult, stream_audio
 from streamscribe.config import Settings
 from streamscribe.engines.base import AudioWindow
 from streamscribe.engines.registry import EngineRegistry
+from tests.engines.tiny_nemo import SAMPLE_RATE, require
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
 

@@ -35,6 +35,8 @@ class AudioWindow:
         language: Source language code ("en", "es", ...).
         final: True for text that will be final (worth a wider beam); False for a quick partial.
         prompt: Previous text of the stream, given as context where the engine supports it.
+        prefix: Text the window is known to start with (a partial's stable words): the engine continues
+            after it instead of decoding it again, where it supports that.
         word_timestamps: Whether to return per-word timing.
         task: "transcribe", or "translate" (to English) where the engine supports it.
     """
@@ -43,6 +45,7 @@ class AudioWindow:
     language: str
     final: bool = True
     prompt: str | None = None
+    prefix: str | None = None
     word_timestamps: bool = False
     task: Literal["transcribe", "translate"] = "transcribe"
 

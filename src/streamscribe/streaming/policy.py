@@ -34,9 +34,8 @@ class LocalAgreement:
         tail = self._tail_after_stable(words)
         previous_tail = self._tail_after_stable(self._previous)
         agreed = 0
-        while (
-            agreed < min(len(tail), len(previous_tail))
-            and normalize_word(tail[agreed]) == normalize_word(previous_tail[agreed])
+        while agreed < min(len(tail), len(previous_tail)) and normalize_word(tail[agreed]) == normalize_word(
+            previous_tail[agreed]
         ):
             agreed += 1
         self.stable.extend(tail[:agreed])
@@ -51,9 +50,11 @@ class LocalAgreement:
         normalized = [normalize_word(w) for w in words]
         if normalized[: len(stable)] == stable:
             return words[len(stable) :]
-        # The new hypothesis rephrased the start: find where the last stable words end in it.
-        anchor = stable[-2:]
-        for i in range(len(normalized) - len(anchor), -1, -1):
-            if normalized[i : i + len(anchor)] == anchor:
-                return words[i + len(anchor) :]
-        return []
+        # The new hypothesis rephrased the start: place the stable words' end by their last one or two
+        # words, at the match closest to where the stable prefix ends; failing that, by word count.
+        for size in (2, 1):
+            anchor = stable[-size:]
+            ends = [i + size for i in range(len(normalized) - size + 1) if normalized[i : i + size] == anchor]
+            if ends:
+                return words[min(ends, key=lambda end: abs(end - len(stable))) :]
+        return words[len(stable) :]

@@ -115,6 +115,7 @@ class StreamingSession:
         self._min_speech = options.vad.min_speech_ms * self._rate // 1000
         self._max_segment = int(options.max_segment_seconds * self._rate)
         self._partial_step = int(options.partial_interval * self._rate)
+        self._first_partial = self._rate + self._pad
         self._buffer = AudioBuffer()
         self._closed: deque[_Utterance] = deque()
         self._agreement = LocalAgreement()
@@ -226,16 +227,20 @@ class StreamingSession:
     def _wants_partial(self) -> bool:
         if not self._options.enable_partial or self._segment_start is None or self._closed:
             return False
-        decoded_to = max(self._partial_decoded_to, self._segment_start)
-        return self._buffer.end - decoded_to >= self._partial_step
+        if self._buffer.end - self._segment_start < self._first_partial:
+            return False  # hypotheses of under a second of speech mostly get rewritten: wait
+        if self._vad.last_voiced <= self._partial_decoded_to:
+            return False  # only silence since the last partial: its text cannot have changed
+        return self._buffer.end - self._partial_decoded_to >= self._partial_step
 
-    def _window(self, samples: np.ndarray, final: bool) -> AudioWindow:
+    def _window(self, samples: np.ndarray, final: bool, prefix: str | None = None) -> AudioWindow:
         prompt = self.full_transcript[-self._options.prompt_chars :] if self._options.prompt_chars else None
         return AudioWindow(
             samples=samples,
             language=self._options.language,
             final=final,
             prompt=prompt or None,
+            prefix=prefix,
             word_timestamps=final and self._options.word_timestamps,
             task=self._options.task,
         )
@@ -260,7 +265,9 @@ class StreamingSession:
         while self._closed:
             generation = self._generation
             utterance = self._closed[0]
-            transcript = await self._scheduler.decode(self._window(utterance.samples, final=True), Priority.FINAL)
+            transcript = await self._scheduler.decode(
+                self._window(utterance.samples, final=True), Priority.FINAL
+            )
             if generation != self._generation:
                 return
             self._closed.popleft()
@@ -288,7 +295,9 @@ class StreamingSession:
         generation, start, end = self._generation, self._segment_start, self._buffer.end
         self._partial_decoded_to = end
         samples = self._buffer.slice(start, end)
-        transcript = await self._scheduler.decode(self._window(samples, final=False), Priority.PARTIAL)
+        # Stable words are forced as the decode's prefix: they cannot flicker, and are not decoded again.
+        prefix = " ".join(self._agreement.stable) or None
+        transcript = await self._scheduler.decode(self._window(samples, False, prefix), Priority.PARTIAL)
         if generation != self._generation or self._segment_start != start:
             return  # the utterance closed or the stream was reset while decoding: stale
         text = self._agreement.update(transcript.text)

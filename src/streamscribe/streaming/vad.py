@@ -94,6 +94,7 @@ class VadStream:
         self.in_speech = False
         self._speech_start = 0
         self._silence_start: int | None = None
+        self.last_voiced = position  # end of the latest chunk that sounded like speech
         self.probabilities: list[tuple[int, float]] = []  # (chunk start, prob) while in speech
 
     def process(self, samples: np.ndarray) -> list[VadEvent]:
@@ -117,6 +118,8 @@ class VadStream:
         threshold = self._options.threshold
         if self.in_speech:
             self.probabilities.append((at, prob))
+        if prob >= threshold - 0.15:
+            self.last_voiced = at + CHUNK
         if prob >= threshold:
             self._silence_start = None
             if not self.in_speech:

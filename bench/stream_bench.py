@@ -1,0 +1,240 @@
+"""Streams a clip at real-time pace to a server with N concurrent clients and prints what users would feel.
+
+    python bench/stream_bench.py --clients 1 4 8            # starts its own server on a free port
+    python bench/stream_bench.py --url ws://host:8000 --token KEY --server-pid PID --clients 4
+
+Per N it prints one JSON object: WER (mean and worst stream), time to first partial (from the first
+word's start in the audio), per-sentence emission delay (from a sentence's end in the audio to when all
+its words are on the client's screen, as finals or partial; median and p90 over every sentence of every
+stream), final lag (from the stop message, sent 0.1 s after the last word, to the full transcript),
+server CPU seconds per audio second, the server's peak RSS, and how many streams kept up (final lag
+under 2 s and no sentence later than 5 s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import difflib
+import json
+import os
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+import wave
+from pathlib import Path
+from typing import Any
+
+import jiwer
+import numpy as np
+
+from streamscribe.client import ReceivedFrame, StreamResult, stream_audio, stream_url
+
+ROOT = Path(__file__).resolve().parent.parent
+_WORD = re.compile(r"[a-z0-9']+")
+_NUMBERS = {"20": "twenty", "2": "two", "4": "four"}
+
+
+def words(text: str) -> list[str]:
+    return [_NUMBERS.get(w, w) for w in _WORD.findall(text.lower())]
+
+
+def read_wav(path: Path) -> np.ndarray:
+    with wave.open(str(path)) as wav:
+        assert wav.getframerate() == 16000, "bench clips are 16 kHz"
+        raw = np.frombuffer(wav.readframes(wav.getnframes()), dtype="<i2")
+        return (raw.reshape(-1, wav.getnchannels()).mean(axis=1) / 32768.0).astype(np.float32)
+
+
+def displayed_over_time(frames: list[ReceivedFrame]) -> list[tuple[float, list[str]]]:
+    """What the client shows after each transcript frame: finals so far plus the current partial."""
+    finals: list[str] = []
+    partial = ""
+    shown: list[tuple[float, list[str]]] = []
+    for received in frames:
+        frame = received.frame
+        if frame["type"] == "final":
+            finals.append(frame["text"])
+            partial = ""
+        elif frame["type"] == "partial":
+            partial = frame["text"]
+        else:
+            continue
+        shown.append((received.at, words(" ".join([*finals, partial]))))
+    return shown
+
+
+def emission_delays(
+    frames: list[ReceivedFrame], sentences: list[dict[str, Any]], speed: float
+) -> list[float]:
+    """Per sentence: arrival of the frame that put its last word (or all but a misheard last one) on screen,
+    minus when the sentence's end was sent. Sentences never shown count as the final arrival time."""
+    reference: list[str] = []
+    ends: list[int] = []
+    for sentence in sentences:
+        reference += words(sentence["text"])
+        ends.append(len(reference) - 1)
+    reached: list[tuple[float, int, int]] = []  # (time, furthest reference index matched, words shown)
+    for at, hypothesis in displayed_over_time(frames):
+        blocks = difflib.SequenceMatcher(None, reference, hypothesis, autojunk=False).get_matching_blocks()
+        # Only matches near the diagonal: a stray "the" must not count as reaching a later sentence.
+        furthest = max((b.a + b.size - 1 for b in blocks if b.size and abs(b.a - b.b) <= 6), default=-1)
+        reached.append((at, furthest, len(hypothesis)))
+    last = frames[-1].at if frames else 0.0
+    delays = []
+    for sentence, end_index in zip(sentences, ends, strict=True):
+        shown_at = next(
+            (
+                at
+                for at, furthest, count in reached
+                if furthest >= end_index or (furthest >= end_index - 1 and count >= end_index + 1)
+            ),
+            last,
+        )
+        delays.append(shown_at - sentence["end"] / speed)
+    return delays
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+def process_cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / ticks
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def start_server(token: str) -> tuple[subprocess.Popen[bytes], str]:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "STREAMSCRIBE_API_KEY": token, "STREAMSCRIBE_PORT": str(port), "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "streamscribe.cli", "serve", "--log-level", "warning"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1)
+            return process, f"ws://127.0.0.1:{port}"
+        except OSError:
+            time.sleep(0.2)
+    process.kill()
+    raise RuntimeError("server did not start")
+
+
+async def run_clients(
+    url: str, samples: np.ndarray, clients: int, speed: float, config: dict[str, Any]
+) -> list[StreamResult]:
+    async def one(index: int) -> StreamResult:
+        await asyncio.sleep(index * 0.5 / clients)  # real users do not start in lockstep
+        return await stream_audio(url, samples, 16000, config=config, speed=speed, timeout=600)
+
+    return await asyncio.gather(*(one(i) for i in range(clients)))
+
+
+def measure(
+    url: str,
+    pid: int | None,
+    samples: np.ndarray,
+    item: dict[str, Any],
+    clients: int,
+    speed: float,
+    config: dict[str, Any],
+) -> dict[str, Any]:
+    cpu_before = process_cpu_seconds(pid) if pid else None
+    results = asyncio.run(run_clients(url, samples, clients, speed, config))
+    cpu = process_cpu_seconds(pid) - cpu_before if pid and cpu_before is not None else None
+    reference = " ".join(words(item["reference"]))
+    first_word = item["segments"][0]["start"] / speed
+    wers, first_partials, delays, lags, kept_up = [], [], [], [], 0
+    for result in results:
+        wers.append(jiwer.wer(reference, " ".join(words(result.full_transcript or ""))))
+        texts = [f.at for f in result.frames if f.frame["type"] in ("partial", "final") and f.frame["text"]]
+        first_partials.append((texts[0] if texts else float("nan")) - first_word)
+        stream_delays = emission_delays(result.frames, item["segments"], speed)
+        delays += stream_delays
+        full = [f.at for f in result.frames if f.frame["type"] == "full_transcript"]
+        lag = full[-1] - result.sent_at_end if full else float("inf")
+        lags.append(lag)
+        kept_up += int(lag < 2.0 and max(stream_delays) < 5.0 and result.close_code == 1000)
+    audio_seconds = clients * len(samples) / 16000
+    return {
+        "clients": clients,
+        "wer_mean": round(statistics.mean(wers), 4),
+        "wer_worst": round(max(wers), 4),
+        "first_partial_s": round(statistics.median(first_partials), 3),
+        "emission_delay_median_s": round(percentile(delays, 50), 3),
+        "emission_delay_p90_s": round(percentile(delays, 90), 3),
+        "final_lag_median_s": round(statistics.median(lags), 3),
+        "final_lag_max_s": round(max(lags), 3),
+        "cpu_s_per_audio_s": round(cpu / audio_seconds, 4) if cpu is not None else None,
+        "peak_rss_mb": round(peak_rss_mb(pid), 1) if pid else None,
+        "kept_up": f"{kept_up}/{clients}",
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8])
+    parser.add_argument("--clip", type=Path, default=ROOT / "tests" / "data" / "long.wav")
+    parser.add_argument("--manifest", type=Path, default=ROOT / "tests" / "data" / "manifest.json")
+    parser.add_argument("--speed", type=float, default=1.0, help="times real time (1 = live)")
+    parser.add_argument("--seconds", type=float, help="only the first N seconds of the clip")
+    parser.add_argument("--keep-tail", action="store_true", help="send the clip's trailing silence too")
+    parser.add_argument("--url", help="existing server (default: start one)")
+    parser.add_argument("--token", default="bench-" + "k" * 40)
+    parser.add_argument("--server-pid", type=int, help="pid of an existing server, for CPU and memory")
+    parser.add_argument("--model", help="model to request (server default if omitted)")
+    parser.add_argument("--language", default="en")
+    args = parser.parse_args()
+
+    items = {i["path"]: i for i in json.loads(args.manifest.read_text())["items"]}
+    item = dict(items[args.clip.name])
+    samples = read_wav(args.clip)
+    if args.seconds:
+        samples = samples[: int(args.seconds * 16000)]
+        item["segments"] = [s for s in item["segments"] if s["end"] <= args.seconds]
+        item["reference"] = " ".join(s["text"] for s in item["segments"])
+    if not args.keep_tail:
+        # End the audio just after the last word, so the final lag includes decoding the last sentence.
+        samples = samples[: int((item["segments"][-1]["end"] + 0.1) * 16000)]
+    config: dict[str, Any] = {"language": args.language}
+    if args.model:
+        config["model"] = args.model
+
+    process = None
+    if args.url:
+        url, pid = args.url, args.server_pid
+    else:
+        process, url = start_server(args.token)
+        pid = process.pid
+    try:
+        for clients in args.clients:
+            row = measure(stream_url(url, args.token), pid, samples, item, clients, args.speed, config)
+            print(json.dumps(row), flush=True)
+    finally:
+        if process:
+            process.terminate()
+            process.wait(timeout=10)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

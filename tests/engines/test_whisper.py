@@ -1,0 +1,78 @@
+"""The faster-whisper engine on the bundled models, and clear errors for missing ones."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from streamscribe.config import Settings
+from streamscribe.engines.base import AudioWindow, Engine, EngineUnavailable
+from streamscribe.engines.bundled import BUNDLED_WHISPER_MODELS
+from streamscribe.engines.registry import EngineRegistry
+from streamscribe.engines.whisper import WhisperEngine
+
+
+def test_engine_transcribes_a_batch_in_order(tmp_path: Path, clip: Callable[[str], np.ndarray]) -> None:
+    engine = WhisperEngine("tiny.en", tmp_path)
+    assert isinstance(engine, Engine)
+    assert engine.name == "whisper-tiny.en" and engine.languages == {"en"} and engine.sample_rate == 16000
+    speech = clip("short.wav")
+    results = engine.transcribe(
+        [
+            AudioWindow(speech, "en", final=True, word_timestamps=True),
+            AudioWindow(np.zeros(16000, np.float32), "en", final=False),
+        ]
+    )
+    assert "quarterly report" in results[0].text.lower()
+    assert results[0].words and results[0].words[0].start < results[0].words[-1].end <= 3.2
+    assert results[1].text == ""
+
+
+def test_sized_encoder_gives_the_same_text_as_the_padded_one(
+    tmp_path: Path, clip: Callable[[str], np.ndarray]
+) -> None:
+    speech = clip("short.wav")
+    window = AudioWindow(speech, "en", final=True)
+    sized = WhisperEngine("tiny.en", tmp_path, min_encoder_seconds=15).transcribe([window])
+    padded = WhisperEngine("tiny.en", tmp_path, min_encoder_seconds=30).transcribe([window])
+    assert sized[0].text == padded[0].text
+
+
+def test_a_local_folder_can_be_used(tmp_path: Path) -> None:
+    folder = tmp_path / "my-model"
+    shutil.copytree(BUNDLED_WHISPER_MODELS["tiny.en"].locate(tmp_path), folder)
+    assert WhisperEngine(str(folder), tmp_path).name == "whisper-my-model"
+
+
+def test_missing_model_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(EngineUnavailable, match="neither a bundled model"):
+        WhisperEngine(str(tmp_path / "nowhere"), tmp_path)
+
+
+def test_registry_loads_each_model_once_and_rejects_unsupported_languages(tmp_path: Path) -> None:
+    registry = EngineRegistry(Settings(cache_dir=tmp_path, whisper={"multilingual_model": "tiny.en"}))
+    first = registry.get("whisper", "standard", "en")
+    assert registry.get("whisper", "standard", "en") is first
+    with pytest.raises(EngineUnavailable, match="does not transcribe language 'de'"):
+        registry.get("whisper", "standard", "de")
+
+
+def test_registry_reports_unavailable_engines_with_reasons(tmp_path: Path) -> None:
+    rows = EngineRegistry(Settings(cache_dir=tmp_path)).status()
+    whisper = next(r for r in rows if r.model == "whisper")
+    assert whisper.available and whisper.reason is None
+    assert {(r.model, r.variant) for r in rows} >= {
+        ("parakeet", "standard"),
+        ("parakeet", "onnx"),
+        ("parakeet", "mlx"),
+        ("canary", "standard"),
+    }
+    assert all(r.reason for r in rows if not r.available)
+    broken = EngineRegistry(
+        Settings(cache_dir=tmp_path, whisper={"english_model": "/no/such/model"})
+    ).status()
+    assert "neither a bundled model" in (next(r for r in broken if r.model == "whisper").reason or "")

@@ -1,0 +1,60 @@
+"""The decode scheduler: finals jump the queue, engine errors reach the caller, the loop never blocks."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+
+from streamscribe.engines.base import AudioWindow
+from streamscribe.streaming.scheduler import DecodeScheduler, Priority
+from tests.streaming.fakes import ScriptedEngine
+
+
+def window(seconds: float, final: bool) -> AudioWindow:
+    return AudioWindow(np.zeros(int(seconds * 16000), np.float32), "en", final=final)
+
+
+async def test_finals_run_before_partials_queued_earlier() -> None:
+    engine = ScriptedEngine()
+    scheduler = DecodeScheduler(engine)
+    engine.gate.clear()
+    first = asyncio.create_task(scheduler.decode(window(1, False), Priority.PARTIAL))
+    await asyncio.sleep(0.05)  # the first partial is now inside the engine
+    partial = asyncio.create_task(scheduler.decode(window(2, False), Priority.PARTIAL))
+    final = asyncio.create_task(scheduler.decode(window(3, True), Priority.FINAL))
+    await asyncio.sleep(0.05)
+    engine.gate.set()
+    await asyncio.gather(first, partial, final)
+    assert [len(w.samples) // 16000 for w in engine.windows] == [1, 3, 2]
+    await scheduler.close()
+
+
+async def test_event_loop_keeps_running_during_a_decode() -> None:
+    engine = ScriptedEngine()
+    scheduler = DecodeScheduler(engine)
+    engine.gate.clear()
+    decode = asyncio.create_task(scheduler.decode(window(1, True), Priority.FINAL))
+    ticks = 0
+    for _ in range(5):
+        await asyncio.sleep(0.01)
+        ticks += 1
+    assert ticks == 5 and not decode.done()
+    engine.gate.set()
+    assert (await decode).text == "w0"
+    await scheduler.close()
+
+
+async def test_engine_errors_reach_the_caller() -> None:
+    class Failing(ScriptedEngine):
+        def transcribe(self, batch):  # type: ignore[no-untyped-def]
+            raise MemoryError("no room")
+
+    scheduler = DecodeScheduler(Failing())
+    try:
+        await scheduler.decode(window(1, True), Priority.FINAL)
+    except MemoryError as exc:
+        assert "no room" in str(exc)
+    else:
+        raise AssertionError("expected the engine's error")
+    await scheduler.close()

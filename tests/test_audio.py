@@ -1,0 +1,69 @@
+"""Audio frames in: decoding, validation, resampling and the stream buffer."""
+
+from __future__ import annotations
+
+import base64
+
+import numpy as np
+import pytest
+
+from streamscribe.audio import AudioBuffer, StreamResampler, decode_audio_payload
+from streamscribe.protocol import ErrorType, StreamError
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def test_float32_and_pcm16_decode_to_the_same_signal() -> None:
+    signal = np.linspace(-0.5, 0.5, 100, dtype=np.float32)
+    as_float = decode_audio_payload(b64(signal.astype("<f4").tobytes()), "float32", 10_000)
+    as_pcm = decode_audio_payload(b64((signal * 32768).astype("<i2").tobytes()), "pcm16", 10_000)
+    np.testing.assert_allclose(as_float, signal)
+    np.testing.assert_allclose(as_pcm, signal, atol=1e-4)
+
+
+def test_out_of_range_floats_are_clipped() -> None:
+    decoded = decode_audio_payload(b64(np.array([3.0, -3.0], dtype="<f4").tobytes()), "float32", 100)
+    assert decoded.tolist() == [1.0, -1.0]
+
+
+@pytest.mark.parametrize(
+    ("payload", "audio_format", "reason"),
+    [
+        ("***", "float32", "base64"),
+        (b64(b"\0" * 6), "float32", "multiple"),
+        (b64(b"\0" * 3), "pcm16", "multiple"),
+        (b64(np.array([np.nan], dtype="<f4").tobytes()), "float32", "NaN"),
+        (b64(b"\0" * 400), "float32", "larger"),
+    ],
+)
+def test_invalid_frames_are_rejected(payload: str, audio_format: str, reason: str) -> None:
+    with pytest.raises(StreamError) as caught:
+        decode_audio_payload(payload, audio_format, 256)  # type: ignore[arg-type]
+    assert caught.value.error_type is ErrorType.INVALID_AUDIO and caught.value.close_code is None
+    assert reason in caught.value.message
+
+
+def test_streamed_resampling_matches_length_and_tone() -> None:
+    rate = 48000
+    t = np.arange(rate) / rate
+    tone = np.sin(2 * np.pi * 440 * t).astype(np.float32)
+    resample = StreamResampler(rate, 16000)
+    pieces = [resample(chunk) for chunk in np.array_split(tone, 37)] + [
+        resample(np.zeros(0, np.float32), True)
+    ]
+    out = np.concatenate(pieces)
+    assert abs(len(out) - 16000) <= 2
+    spectrum = np.abs(np.fft.rfft(out[:16000]))
+    assert abs(int(np.argmax(spectrum)) - 440) <= 1
+
+
+def test_buffer_keeps_absolute_positions_when_trimmed() -> None:
+    buffer = AudioBuffer(capacity=4)
+    buffer.append(np.arange(10, dtype=np.float32))
+    buffer.trim_before(6)
+    buffer.append(np.arange(10, 13, dtype=np.float32))
+    assert (buffer.start, buffer.end, len(buffer)) == (6, 13, 7)
+    assert buffer.slice(5, 9).tolist() == [6, 7, 8]
+    assert buffer.slice(0, 3).tolist() == []

@@ -1,0 +1,129 @@
+"""The command line against a real running server and real files."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import DATA, RunningServer, normalize_text
+
+
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "streamscribe.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
+    )
+
+
+def test_stream_command_prints_finals_and_full_transcript(server: RunningServer, tmp_path: Path) -> None:
+    # A stereo 44.1 kHz copy: the client converts it to mono and the server resamples.
+    import soxr
+
+    from tests.conftest import read_wav
+
+    mono, _ = read_wav(DATA / "short.wav")
+    stereo = soxr.resample(mono, 16000, 44100)
+    path = tmp_path / "stereo.wav"
+    import wave
+
+    import numpy as np
+
+    with wave.open(str(path), "wb") as wav:
+        wav.setnchannels(2)
+        wav.setsampwidth(2)
+        wav.setframerate(44100)
+        frames = (np.repeat(stereo[:, None], 2, axis=1) * 32767).astype("<i2")
+        wav.writeframes(frames.tobytes())
+
+    done = run_cli(
+        "stream",
+        "--audio",
+        str(path),
+        "--url",
+        f"ws://127.0.0.1:{server.port}",
+        "--speed",
+        "0",
+        "--sample-rate",
+        "44100",
+        env={"STREAMSCRIBE_API_KEY": server.api_key},
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert lines[-2] == "Full transcript:"
+    assert "quarterly report" in normalize_text(lines[-1])
+    assert any(line.startswith("[") and "finance" in line.lower() for line in lines)
+
+
+def test_stream_command_reports_server_errors(server: RunningServer) -> None:
+    done = run_cli(
+        "stream",
+        "--duration",
+        "1",
+        "--url",
+        f"ws://127.0.0.1:{server.port}",
+        "--token",
+        "nope",
+        "--speed",
+        "0",
+    )
+    assert done.returncode == 1
+    assert "auth_failed" in done.stderr and "invalid API key" in done.stderr
+
+
+def test_stream_command_reports_unreachable_server() -> None:
+    done = run_cli("stream", "--duration", "1", "--url", "ws://127.0.0.1:9", "--token", "x")
+    assert done.returncode == 1
+    assert "cannot stream" in done.stderr
+
+
+def test_transcribe_command_writes_subtitles(tmp_path: Path) -> None:
+    out = tmp_path / "long.srt"
+    done = run_cli("transcribe", str(DATA / "long.wav"), "--format", "srt", "-o", str(out))
+    assert done.returncode == 0, done.stderr
+    text = out.read_text()
+    assert text.startswith("1\n00:00:00,")
+    assert "quarterly report" in text.lower() and "receipt" in text.lower()
+
+
+def test_transcribe_json_and_missing_file(tmp_path: Path) -> None:
+    done = run_cli("transcribe", str(DATA / "short.wav"), "--format", "json")
+    assert done.returncode == 0, done.stderr
+    parsed = json.loads(done.stdout)
+    assert "finance team" in normalize_text(parsed["text"])
+    assert parsed["segments"][0]["start"] < 1.0
+    missing = run_cli("transcribe", str(tmp_path / "nope.wav"))
+    assert missing.returncode == 2 and "cannot read" in missing.stderr
+
+
+def test_models_command_lists_every_engine() -> None:
+    done = run_cli("models")
+    assert done.returncode == 0, done.stderr
+    for name in ("whisper", "parakeet", "canary", "onnx", "mlx"):
+        assert name in done.stdout
+
+
+def test_serve_help_documents_every_setting() -> None:
+    from streamscribe.config import describe_settings
+
+    done = run_cli("serve", "--help")
+    assert done.returncode == 0
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    for variable, _, _ in describe_settings():
+        assert variable in done.stdout
+        assert variable in readme, f"{variable} missing from README"
+
+
+def test_serve_with_a_missing_model_fails_fast_and_clearly() -> None:
+    done = run_cli(
+        "serve", "--port", "0", env={"STREAMSCRIBE_WHISPER__ENGLISH_MODEL": "/models/gone"}, timeout=30
+    )
+    assert done.returncode == 2
+    assert "/models/gone" in done.stderr and "neither a bundled model" in done.stderr

@@ -1,0 +1,61 @@
+"""Wire frames: defaults, aliases and the readable reasons given for bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from streamscribe.protocol import ConfigMessage, ErrorType, StreamError, TranscriptFrame, parse_client_message
+
+
+def test_config_defaults_match_the_documented_protocol() -> None:
+    config = parse_client_message('{"type":"config"}')
+    assert isinstance(config, ConfigMessage)
+    assert (config.variant, config.sample_rate, config.language) == ("standard", 16000, "en")
+    assert (config.chunk_duration, config.overlap_duration, config.max_buffer_duration) == (2.0, 0.5, 30)
+    assert (config.enable_partial, config.partial_interval, config.audio_format) == (True, 0.5, "float32")
+    assert config.engine_choice("whisper") == ("whisper", "standard")
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        ({"model": "parakeet-onnx"}, ("parakeet", "onnx")),
+        ({"model": "parakeet-mlx", "variant": "standard"}, ("parakeet", "mlx")),
+        ({"model": "parakeet", "model_variant": "onnx"}, ("parakeet", "onnx")),
+        ({"model": "canary-1b"}, ("canary", "standard")),
+        ({"model": "whisper-1"}, ("whisper", "standard")),
+        ({"model": "Whisper"}, ("whisper", "standard")),
+    ],
+)
+def test_model_aliases(fields: dict[str, str], expected: tuple[str, str]) -> None:
+    config = parse_client_message(json.dumps({"type": "config", **fields}))
+    assert isinstance(config, ConfigMessage)
+    assert config.engine_choice("whisper") == expected
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        ("nope", "not valid JSON"),
+        ('{"data": 1}', "no 'type'"),
+        ('{"type": "sing"}', "unknown message type 'sing'"),
+        ('{"type": "config", "sample_rate": 96000}', "sample_rate"),
+        ('{"type": "audio"}', "data"),
+        ("[1, 2]", "should be an object"),
+    ],
+)
+def test_bad_messages_explain_themselves(raw: str, reason: str) -> None:
+    with pytest.raises(StreamError) as caught:
+        parse_client_message(raw)
+    assert caught.value.error_type is ErrorType.BAD_REQUEST
+    assert reason in caught.value.message
+
+
+def test_server_frames_omit_unset_fields() -> None:
+    frame = TranscriptFrame(
+        type="final", text="hi", is_final=True, model="m", segment_id=0, start=0, end=1, language="en"
+    )
+    data = json.loads(frame.to_json())
+    assert "words" not in data and data["type"] == "final" and isinstance(data["timestamp"], float)
