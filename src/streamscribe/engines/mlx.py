@@ -7,6 +7,7 @@ written from a ``.nemo`` file by ``streamscribe.engines.export``.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -16,6 +17,8 @@ from typing import Any
 import numpy as np
 
 from streamscribe.engines.base import AudioWindow, EngineUnavailable, Transcript
+
+log = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16000
 
@@ -27,7 +30,7 @@ class MlxParakeetEngine:
         folder = Path(folder).expanduser()
         for name in ("config.json", "model.safetensors"):
             if not (folder / name).is_file():
-                raise EngineUnavailable(f"MLX model folder {folder} has no {name}")
+                raise EngineUnavailable(f"MLX model folder {folder.name} has no {name}")
         # from_pretrained asks the hub first and falls back to a local folder; offline, it never waits.
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         try:
@@ -43,8 +46,9 @@ class MlxParakeetEngine:
         try:
             self._model: Any = self._thread.submit(from_pretrained, str(folder), dtype=mx.float32).result()
         except Exception as exc:
+            log.error("loading the %s model in %s failed: %s: %s", "MLX", folder, type(exc).__name__, exc)
             raise EngineUnavailable(
-                f"could not load MLX model from {folder}: {type(exc).__name__}: {exc}"
+                f"could not load MLX model from {folder.name}: {type(exc).__name__} (see the server log)"
             ) from None
         self._mx = mx
         self._get_logmel = get_logmel

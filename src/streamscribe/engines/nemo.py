@@ -39,7 +39,7 @@ class NemoStreamingOptions:
 
 
 def torch_device(device: str) -> str:
-    """ "auto" becomes "cuda" when PyTorch sees a GPU, else "cpu"."""
+    """The torch device for the ``device`` setting: auto is cuda when PyTorch sees a GPU, else cpu."""
     if device != "auto":
         return device
     import torch
@@ -90,8 +90,16 @@ def _in_hub_cache(model: str) -> bool:
     return isinstance(cached, str)
 
 
+def shown_name(model: str) -> str:
+    """How a model is named in errors that reach clients: a file's name, never its folder."""
+    return Path(model).name if model.endswith(".nemo") else model
+
+
 def load_nemo_model(model: str, device: str) -> Any:
-    """A NeMo ASR model in eval mode from a .nemo file or (hub reachable) a model name."""
+    """A NeMo ASR model in eval mode from a .nemo file or (hub reachable) a model name.
+
+    Hub names are fetched only where ``HF_HUB_OFFLINE=0``: the server sets it to 1 unless told otherwise.
+    """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     check_model_source(model)
     nemo_asr = _import_nemo_asr()
@@ -101,7 +109,10 @@ def load_nemo_model(model: str, device: str) -> Any:
         else:
             loaded = nemo_asr.models.ASRModel.from_pretrained(model, map_location=device)
     except Exception as exc:
-        raise EngineUnavailable(f"could not load NeMo model {model!r}: {type(exc).__name__}: {exc}") from None
+        log.error("loading NeMo model %s failed: %s: %s", model, type(exc).__name__, exc)
+        raise EngineUnavailable(
+            f"could not load NeMo model {shown_name(model)!r}: {type(exc).__name__} (see the server log)"
+        ) from None
     loaded.eval()
     _disable_dither(loaded)
     return loaded
@@ -294,8 +305,12 @@ class NemoStreamingEngine(NemoAsrEngine):
         except EngineUnavailable:
             raise
         except Exception as exc:
+            log.error(
+                "building the NeMo streaming pipeline for %s failed: %s: %s", model, type(exc).__name__, exc
+            )
             raise EngineUnavailable(
-                f"could not build NeMo streaming pipeline for {model!r}: {type(exc).__name__}: {exc}"
+                f"could not build NeMo streaming pipeline for {shown_name(model)!r}: {type(exc).__name__} "
+                "(details in the server log)"
             ) from None
         _disable_dither(pipeline.asr_model.asr_model)
         kind = f"{'cache-aware' if cache_aware else 'buffered'} {decoding_type}"
@@ -357,7 +372,7 @@ class CanaryEngine:
         loaded = load_nemo_model(model, torch_device(device))
         if type(loaded).__name__ != "EncDecMultiTaskModel":
             raise EngineUnavailable(
-                f"{model!r} is a {type(loaded).__name__}, not a Canary EncDecMultiTaskModel"
+                f"{shown_name(model)!r} is a {type(loaded).__name__}, not a Canary EncDecMultiTaskModel"
             )
         return cls(loaded)
 

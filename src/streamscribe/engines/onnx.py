@@ -7,6 +7,7 @@ onnx-asr's layout; ``streamscribe.engines.export`` writes one from a ``.nemo`` f
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,6 +17,8 @@ import numpy as np
 
 from streamscribe.engines.base import AudioWindow, EngineUnavailable, Transcript
 
+log = logging.getLogger(__name__)
+
 SAMPLE_RATE = 16000
 _TRANSDUCER_FILES = ("encoder-model.onnx", "decoder_joint-model.onnx")
 
@@ -23,7 +26,7 @@ _TRANSDUCER_FILES = ("encoder-model.onnx", "decoder_joint-model.onnx")
 def onnx_model_type(folder: Path) -> str:
     """onnx-asr's model type for a folder: from its config.json, else guessed from the file names."""
     if not (folder / "vocab.txt").is_file():
-        raise EngineUnavailable(f"ONNX folder {folder} has no vocab.txt (see README: exporting to ONNX)")
+        raise EngineUnavailable(f"ONNX folder {folder.name} has no vocab.txt (see docs/engines.md)")
     config = folder / "config.json"
     if config.is_file():
         model_type = json.loads(config.read_text()).get("model_type")
@@ -34,7 +37,8 @@ def onnx_model_type(folder: Path) -> str:
     if (folder / "model.onnx").is_file():
         return "nemo-conformer-ctc"
     raise EngineUnavailable(
-        f"ONNX folder {folder} holds neither {' + '.join(_TRANSDUCER_FILES)} (TDT/RNNT) nor model.onnx (CTC)"
+        f"ONNX folder {folder.name} holds neither {' + '.join(_TRANSDUCER_FILES)} (TDT/RNNT) "
+        "nor model.onnx (CTC)"
     )
 
 
@@ -55,7 +59,7 @@ class OnnxParakeetEngine:
     def __init__(self, folder: Path, device: str = "cpu", cpu_threads: int = 0) -> None:
         folder = Path(folder).expanduser()
         if not folder.is_dir():
-            raise EngineUnavailable(f"ONNX model folder not found: {folder}")
+            raise EngineUnavailable(f"ONNX model folder not found ({folder.name})")
         model_type = onnx_model_type(folder)
         try:
             import onnx_asr
@@ -75,8 +79,9 @@ class OnnxParakeetEngine:
         except EngineUnavailable:
             raise
         except Exception as exc:
+            log.error("loading the %s model in %s failed: %s: %s", "ONNX", folder, type(exc).__name__, exc)
             raise EngineUnavailable(
-                f"could not load ONNX model from {folder}: {type(exc).__name__}: {exc}"
+                f"could not load ONNX model from {folder.name}: {type(exc).__name__} (see the server log)"
             ) from None
         self.model_type = model_type
         self._lock = threading.Lock()
