@@ -39,7 +39,8 @@ class MlxParakeetEngine:
             from parakeet_mlx.utils import from_pretrained
         except ImportError as exc:
             raise EngineUnavailable(
-                f"parakeet-mlx is not installed ({exc}); pip install 'streamscribe[mlx]'"
+                f"parakeet-mlx cannot be imported ({exc}); pip install 'streamscribe[mlx]' "
+                "(on Linux MLX needs mlx[cpu])"
             ) from None
         # MLX streams belong to the thread that made them: load and decode on one thread of our own.
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlx")
