@@ -7,8 +7,9 @@ Per N it prints one JSON object: WER (mean and worst stream), time to first part
 word's start in the audio), per-sentence emission delay (from a sentence's end in the audio to when all
 its words are on the client's screen, as finals or partial; median and p90 over every sentence of every
 stream), final lag (from the stop message, sent 0.1 s after the last word, to the full transcript),
-server CPU seconds per audio second, the server's peak RSS, and how many streams kept up (final lag
-under 2 s and no sentence later than 5 s).
+server CPU seconds per audio second, the server's peak RSS, how many streams kept up (final lag under 2 s
+and no sentence later than 5 s), and sentences lost (sentences of the clip whose audio no final covers:
+audio dropped somewhere; must be 0).
 """
 
 from __future__ import annotations
@@ -161,7 +162,7 @@ def measure(
     cpu = process_cpu_seconds(pid) - cpu_before if pid and cpu_before is not None else None
     reference = " ".join(words(item["reference"]))
     first_word = item["segments"][0]["start"] / speed
-    wers, first_partials, delays, lags, kept_up = [], [], [], [], 0
+    wers, first_partials, delays, lags, kept_up, lost = [], [], [], [], 0, 0
     for result in results:
         wers.append(jiwer.wer(reference, " ".join(words(result.full_transcript or ""))))
         texts = [f.at for f in result.frames if f.frame["type"] in ("partial", "final") and f.frame["text"]]
@@ -172,6 +173,11 @@ def measure(
         lag = full[-1] - result.sent_at_end if full else float("inf")
         lags.append(lag)
         kept_up += int(lag < 2.0 and max(stream_delays) < 5.0 and result.close_code == 1000)
+        spans = [(f["start"], f["end"]) for f in result.of_type("final")]
+        lost += sum(
+            not any(start <= s["start"] + 0.3 and s["end"] - 0.3 <= end for start, end in spans)
+            for s in item["segments"]
+        )
     audio_seconds = clients * len(samples) / 16000
     return {
         "clients": clients,
@@ -185,6 +191,7 @@ def measure(
         "cpu_s_per_audio_s": round(cpu / audio_seconds, 4) if cpu is not None else None,
         "peak_rss_mb": round(peak_rss_mb(pid), 1) if pid else None,
         "kept_up": f"{kept_up}/{clients}",
+        "sentences_lost": lost,
     }
 
 

@@ -46,6 +46,8 @@ def _serve(args: argparse.Namespace) -> int:
     )
     shown_host = "localhost" if settings.host in ("0.0.0.0", "::", "127.0.0.1") else settings.host
     print(f"streamscribe on http://{shown_host}:{settings.port}", flush=True)
+    if not settings.api_key:
+        print(f"  page:    http://{shown_host}:{settings.port}/#token={api_key}", flush=True)
     print(f"  stream:  ws://{shown_host}:{settings.port}{STREAM_PATH}?token=<API key>", flush=True)
     print(
         f"  API key: {api_key}" if not settings.api_key else "  API key: from STREAMSCRIBE_API_KEY",

@@ -75,6 +75,12 @@ class StreamingSettings(BaseModel):
     config_timeout_seconds: float = Field(
         10.0, gt=0, description="Time allowed for the first config message."
     )
+    overload_seconds: float = Field(
+        3.0,
+        gt=0,
+        description="When a final has waited this long for the engine, new streams are refused (close 1013) "
+        "until the server catches up.",
+    )
     max_frame_bytes: int = Field(
         1_048_576, ge=1024, description="Largest decoded audio payload accepted in one frame."
     )
@@ -155,6 +161,7 @@ class Settings(BaseSettings):
     cpu_threads: int = Field(
         0, ge=0, description="Threads per engine call on CPU; 0 means cores divided by decode workers."
     )
+    max_streams: int = Field(0, ge=0, description="Concurrent streams this server accepts; 0 means no limit.")
     decode_workers: int = Field(1, ge=1, le=16, description="Engine calls that may run at the same time.")
     cache_dir: Path = Field(
         Path.home() / ".cache" / "streamscribe",

@@ -17,6 +17,7 @@ class CloseCode(IntEnum):
     GOING_AWAY = 1001
     POLICY_VIOLATION = 1008
     ENGINE_FAILURE = 1011
+    TRY_AGAIN_LATER = 1013
     PROTOCOL_ERROR = 4400
     UNAUTHORIZED = 4401
 
@@ -27,6 +28,7 @@ class ErrorType(StrEnum):
     AUTH_FAILED = "auth_failed"
     MODEL_UNAVAILABLE = "model_unavailable"
     TIMEOUT = "timeout"
+    SERVER_BUSY = "server_busy"
     INTERNAL_ERROR = "internal_error"
 
 

@@ -188,3 +188,29 @@ def test_api_key_never_logged(
     assert any("WebSocket" in line for line in captured_logs), "expected uvicorn's connection log lines"
     server_lines = [line for line in captured_logs if not line.startswith("websockets.client")]
     assert not [line for line in server_lines if server.api_key in line or "wrong-" in line]
+
+
+def test_streams_over_the_server_limit_are_refused_1013(
+    make_server: Callable[..., RunningServer], clip: Callable[[str], np.ndarray]
+) -> None:
+    server = make_server(max_streams=1)
+
+    async def two_streams() -> tuple[list[dict[str, Any]], int | None]:
+        async with connect(server.ws_url()) as first:
+            await first.send(config())
+            await first.recv()
+            await first.recv()  # configured, ready: the slot is taken
+            second = await _exchange(server.ws_url(), [config()])
+        return second
+
+    frames, code = asyncio.run(two_streams())
+    assert code == 1013
+    assert frames[-1]["error_type"] == "server_busy" and "limit of 1" in frames[-1]["message"]
+    # The slot is free again once the first stream has gone.
+    assert exchange(server.ws_url(), config(), STOP)[1] == 1000
+
+
+def test_a_language_whisper_does_not_know_is_an_invalid_config(server: RunningServer) -> None:
+    frames, code = exchange(server.ws_url(), config(language="xx"))
+    assert code == 4400
+    assert frames[-1]["error_type"] == "bad_request" and "language 'xx'" in frames[-1]["message"]

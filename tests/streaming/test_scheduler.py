@@ -58,3 +58,18 @@ async def test_engine_errors_reach_the_caller() -> None:
     else:
         raise AssertionError("expected the engine's error")
     await scheduler.close()
+
+
+async def test_when_behind_finals_are_decoded_fast_and_overload_is_reported() -> None:
+    engine = ScriptedEngine()
+    scheduler = DecodeScheduler(engine, overload_seconds=0.1)
+    engine.gate.clear()
+    jobs = [asyncio.create_task(scheduler.decode(window(1, True), Priority.FINAL)) for _ in range(3)]
+    await asyncio.sleep(0.3)
+    assert scheduler.overloaded
+    engine.gate.set()
+    await asyncio.gather(*jobs)
+    assert not scheduler.overloaded
+    # The first final was taken while two more waited: decoded fast; the last one had the engine alone.
+    assert [w.fast for w in engine.windows] == [True, True, False]
+    await scheduler.close()

@@ -38,6 +38,7 @@ class AudioWindow:
         prefix: Text the window is known to start with (a partial's stable words): the engine continues
             after it instead of decoding it again, where it supports that.
         word_timestamps: Whether to return per-word timing.
+        fast: Decode as cheaply as possible even if final (set by the scheduler when it is behind).
         task: "transcribe", or "translate" (to English) where the engine supports it.
     """
 
@@ -47,6 +48,7 @@ class AudioWindow:
     prompt: str | None = None
     prefix: str | None = None
     word_timestamps: bool = False
+    fast: bool = False
     task: Literal["transcribe", "translate"] = "transcribe"
 
 
@@ -67,6 +69,10 @@ class Transcript:
 
 class EngineUnavailable(RuntimeError):
     """An engine cannot run here: a package or the weights are missing. The message says which."""
+
+
+class UnsupportedLanguage(EngineUnavailable):
+    """The engine runs here, but not for the requested language."""
 
 
 @runtime_checkable

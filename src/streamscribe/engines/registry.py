@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from streamscribe.config import ENV_PREFIX, Settings
-from streamscribe.engines.base import Engine, EngineUnavailable
+from streamscribe.engines.base import Engine, EngineUnavailable, UnsupportedLanguage
 from streamscribe.engines.bundled import BUNDLED_WHISPER_MODELS
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ class EngineRegistry:
                 raise EngineUnavailable(status.reason or f"{model} ({variant}) is not available")
             engine = self._nemo_family(model, variant)
         if language not in engine.languages:
-            raise EngineUnavailable(f"{engine.name} does not transcribe language {language!r}")
+            raise UnsupportedLanguage(f"{engine.name} does not transcribe language {language!r}")
         return engine
 
     def loaded(self) -> list[Engine]:

@@ -107,13 +107,14 @@ class WhisperEngine:
         return [self._transcribe_one(window) for window in batch]
 
     def _transcribe_one(self, window: AudioWindow) -> Transcript:
+        thorough = window.final and not window.fast
         segments, info = self._model.transcribe(
             window.samples,
             language=window.language if self._languages != {"en"} else "en",
             task=window.task,
-            beam_size=self._beam_size if window.final else 1,
-            best_of=self._beam_size if window.final else 1,
-            temperature=(0.0, 0.2, 0.4, 0.6) if window.final else 0.0,
+            beam_size=self._beam_size if thorough else 1,
+            best_of=self._beam_size if thorough else 1,
+            temperature=(0.0, 0.2, 0.4, 0.6) if thorough else 0.0,
             initial_prompt=window.prompt or None,
             prefix=window.prefix or None,
             condition_on_previous_text=False,

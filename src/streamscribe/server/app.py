@@ -14,6 +14,7 @@ from streamscribe.config import Settings
 from streamscribe.server.auth import install_log_redaction
 from streamscribe.server.runtime import Runtime
 from streamscribe.server.stream import StreamConnection
+from streamscribe.server.web import add_web_page
 
 STREAM_PATH = "/api/v1/audio/stream/transcribe"
 
@@ -52,4 +53,5 @@ def create_app(settings: Settings, api_key: str) -> FastAPI:
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
+    add_web_page(app)
     return app

@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 from streamscribe.config import Settings
 from streamscribe.engines.base import Engine, StreamingEngine
 from streamscribe.engines.registry import EngineRegistry
+from streamscribe.protocol import CloseCode, ErrorType, StreamError
 from streamscribe.server.auth import SingleUserAuth
 from streamscribe.streaming.native import NativeStreamingSession, StreamStepper
 from streamscribe.streaming.scheduler import DecodeScheduler
@@ -29,6 +30,7 @@ class Runtime:
         self._schedulers: dict[str, DecodeScheduler] = {}
         self._steppers: dict[str, StreamStepper] = {}
         self._load_lock = asyncio.Lock()
+        self.active_streams = 0
 
     async def engine(self, model: str, variant: str, language: str) -> Engine:
         """The loaded engine for this choice; loading (seconds) runs off the event loop, once."""
@@ -37,8 +39,30 @@ class Runtime:
 
     def scheduler(self, engine: Engine) -> DecodeScheduler:
         if engine.name not in self._schedulers:
-            self._schedulers[engine.name] = DecodeScheduler(engine, workers=self.settings.decode_workers)
+            self._schedulers[engine.name] = DecodeScheduler(
+                engine,
+                workers=self.settings.decode_workers,
+                overload_seconds=self.settings.streaming.overload_seconds,
+            )
         return self._schedulers[engine.name]
+
+    def admit(self, engine: Engine) -> None:
+        """Take a stream slot, or refuse: better a clear "try later" than a stream that cannot keep up."""
+        limit = self.settings.max_streams
+        if limit and self.active_streams >= limit:
+            raise StreamError(
+                ErrorType.SERVER_BUSY, f"server is at its limit of {limit} streams", CloseCode.TRY_AGAIN_LATER
+            )
+        if not isinstance(engine, StreamingEngine) and self.scheduler(engine).overloaded:
+            raise StreamError(
+                ErrorType.SERVER_BUSY,
+                f"{engine.name} is behind on the streams it has; try again shortly",
+                CloseCode.TRY_AGAIN_LATER,
+            )
+        self.active_streams += 1
+
+    def release(self) -> None:
+        self.active_streams -= 1
 
     def stepper(self, engine: StreamingEngine) -> StreamStepper:
         if engine.name not in self._steppers:

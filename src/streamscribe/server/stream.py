@@ -9,7 +9,7 @@ import logging
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from streamscribe.audio import StreamResampler, decode_audio_payload
-from streamscribe.engines.base import Engine, EngineUnavailable
+from streamscribe.engines.base import Engine, EngineUnavailable, UnsupportedLanguage
 from streamscribe.protocol import (
     AudioMessage,
     CloseCode,
@@ -32,7 +32,6 @@ from streamscribe.streaming.session import (
     EngineFailure,
     FinalSegment,
     LiveSession,
-    PartialText,
     SessionEvent,
     SessionOptions,
 )
@@ -57,11 +56,15 @@ class StreamConnection:
     async def run(self) -> None:
         await self._ws.accept()
         session: LiveSession | None = None
+        admitted = False
         try:
             if not self._runtime.auth.is_valid(presented_key(self._ws)):
                 raise StreamError(ErrorType.AUTH_FAILED, "missing or invalid API key", CloseCode.UNAUTHORIZED)
             config = await self._receive_config()
             engine, resampler = await self._start(config)
+            self._runtime.admit(engine)
+            admitted = True
+            await self._send(StatusFrame(state="ready", model=engine.name))
             session = self._new_session(config, engine)
             await self._serve(config, session, resampler)
         except StreamError as error:
@@ -76,6 +79,8 @@ class StreamConnection:
         finally:
             if session is not None:
                 await session.close()
+            if admitted:
+                self._runtime.release()
 
     async def _receive_config(self) -> ConfigMessage:
         timeout = self._runtime.settings.streaming.config_timeout_seconds
@@ -98,38 +103,45 @@ class StreamConnection:
         return message
 
     async def _start(self, config: ConfigMessage) -> tuple[Engine, StreamResampler]:
-        settings = self._runtime.settings
-        model, variant = config.engine_choice(settings.default_model)
+        model, variant = config.engine_choice(self._runtime.settings.default_model)
         await self._send(
             StatusFrame(state="configured", model=model, variant=variant, language=config.language)
         )
         try:
             engine = await self._runtime.engine(model, variant, config.language)
         except EngineUnavailable as exc:
-            if model == "whisper" or not settings.allow_fallback:
+            if model == "whisper" and isinstance(exc, UnsupportedLanguage):
                 raise StreamError(
-                    ErrorType.MODEL_UNAVAILABLE,
-                    f"{model} ({variant}) is unavailable: {exc}",
-                    CloseCode.ENGINE_FAILURE,
+                    ErrorType.BAD_REQUEST, f"invalid config: {exc}", CloseCode.PROTOCOL_ERROR
                 ) from None
-            try:
-                engine = await self._runtime.engine("whisper", "standard", config.language)
-            except EngineUnavailable as fallback_exc:
-                raise StreamError(
-                    ErrorType.MODEL_UNAVAILABLE,
-                    f"{model} ({variant}) is unavailable ({exc}) and so is the fallback: {fallback_exc}",
-                    CloseCode.ENGINE_FAILURE,
-                ) from None
-            await self._send(
-                WarningFrame(
-                    fallback=True,
-                    original_model=f"{model}-{variant}",
-                    active_model=engine.name,
-                    message=f"{model} ({variant}) is unavailable here ({exc}); using {engine.name}",
-                )
-            )
-        await self._send(StatusFrame(state="ready", model=engine.name))
+            engine = await self._fall_back(model, variant, config.language, exc)
         return engine, StreamResampler(config.sample_rate, engine.sample_rate)
+
+    async def _fall_back(self, model: str, variant: str, language: str, reason: EngineUnavailable) -> Engine:
+        """The default engine instead of an unavailable one, announced with a warning frame."""
+        if model == "whisper" or not self._runtime.settings.allow_fallback:
+            raise StreamError(
+                ErrorType.MODEL_UNAVAILABLE,
+                f"{model} ({variant}) is unavailable: {reason}",
+                CloseCode.ENGINE_FAILURE,
+            )
+        try:
+            engine = await self._runtime.engine("whisper", "standard", language)
+        except EngineUnavailable as exc:
+            raise StreamError(
+                ErrorType.MODEL_UNAVAILABLE,
+                f"{model} ({variant}) is unavailable ({reason}) and so is the fallback: {exc}",
+                CloseCode.ENGINE_FAILURE,
+            ) from None
+        await self._send(
+            WarningFrame(
+                fallback=True,
+                original_model=f"{model}-{variant}",
+                active_model=engine.name,
+                message=f"{model} ({variant}) is unavailable here ({reason}); using {engine.name}",
+            )
+        )
+        return engine
 
     def _new_session(self, config: ConfigMessage, engine: Engine) -> LiveSession:
         settings = self._runtime.settings
@@ -146,38 +158,26 @@ class StreamConnection:
         model_name = engine.name
 
         async def emit(event: SessionEvent) -> None:
-            if isinstance(event, PartialText):
-                await self._send(
-                    TranscriptFrame(
-                        type="partial",
-                        text=event.text,
-                        is_final=False,
-                        model=model_name,
-                        segment_id=event.segment_id,
-                        start=round(event.start, 3),
-                        end=round(event.end, 3),
-                        language=config.language,
-                    )
-                )
-            elif isinstance(event, FinalSegment):
-                await self._send(
-                    TranscriptFrame(
-                        type="final",
-                        text=event.text,
-                        is_final=True,
-                        model=model_name,
-                        segment_id=event.segment_id,
-                        start=round(event.start, 3),
-                        end=round(event.end, 3),
-                        language=event.language,
-                    )
-                )
-            elif isinstance(event, EngineFailure):
+            if isinstance(event, EngineFailure):
                 await self._fail(
                     StreamError(
                         ErrorType.INTERNAL_ERROR, "the speech engine failed", CloseCode.ENGINE_FAILURE
                     )
                 )
+                return
+            final = isinstance(event, FinalSegment)
+            frame = TranscriptFrame(
+                type="final" if final else "partial",
+                text=event.text,
+                is_final=final,
+                model=model_name,
+                segment_id=event.segment_id,
+                start=round(event.start, 3),
+                end=round(event.end, 3),
+                language=event.language if isinstance(event, FinalSegment) else config.language,
+            )
+            with contextlib.suppress(_SessionEnded):  # the client left; the receive loop will see it
+                await self._send(frame)
 
         return self._runtime.new_session(engine, options, emit)
 

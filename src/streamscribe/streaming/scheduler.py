@@ -1,14 +1,18 @@
 """Between sessions and an engine: one queue, finals before partials, oldest audio first.
 
 Each session keeps at most one request in flight, so oldest-first is a round robin over streams, and
-a stream that falls behind sends one larger window instead of a queue of stale ones.
+a stream that falls behind sends one larger window instead of a queue of stale ones. When more work
+waits than the workers can take, finals are decoded greedily (``AudioWindow.fast``); when finals
+themselves wait too long, ``overloaded`` tells the server to refuse new streams.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import heapq
 import itertools
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -27,13 +31,17 @@ class _Job:
     order: int
     window: AudioWindow = field(compare=False)
     result: asyncio.Future[Transcript] = field(compare=False)
+    queued_at: float = field(compare=False, default_factory=time.monotonic)
 
 
 class DecodeScheduler:
     """Runs an engine's ``transcribe`` in worker threads, never on the event loop."""
 
-    def __init__(self, engine: Engine, workers: int = 1, max_batch: int = 1) -> None:
+    def __init__(
+        self, engine: Engine, workers: int = 1, max_batch: int = 1, overload_seconds: float = 3.0
+    ) -> None:
         self.engine = engine
+        self._overload_seconds = overload_seconds
         self._workers = workers
         self._max_batch = max_batch
         self._queue: list[_Job] = []
@@ -45,6 +53,16 @@ class DecodeScheduler:
     @property
     def queued(self) -> int:
         return len(self._queue)
+
+    @property
+    def overloaded(self) -> bool:
+        """True when a final has waited longer than ``overload_seconds``: new streams would not keep up."""
+        now = time.monotonic()
+        return any(
+            job.priority == Priority.FINAL and now - job.queued_at > self._overload_seconds
+            for job in self._queue
+            if not job.result.done()
+        )
 
     async def decode(self, window: AudioWindow, priority: Priority) -> Transcript:
         """Queue one window and wait for its transcript (engine errors are raised here)."""
@@ -89,6 +107,9 @@ class DecodeScheduler:
                 heapq.heappush(self._queue, job)
                 break
             batch.append(job)
+        if len(self._queue) >= self._workers:  # behind: spend less on each final so all streams advance
+            for job in batch:
+                job.window = dataclasses.replace(job.window, fast=True)
         return batch
 
     async def close(self) -> None:

@@ -132,10 +132,6 @@ class StreamingSession:
         self._worker = asyncio.create_task(self._decode_loop())
 
     @property
-    def received_seconds(self) -> float:
-        return self._buffer.end / self._rate
-
-    @property
     def full_transcript(self) -> str:
         return " ".join(self._finals)
 

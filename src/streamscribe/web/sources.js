@@ -1,0 +1,186 @@
+// Where audio comes from: the microphone (through an AudioWorklet) or a decoded file. Both hand the page
+// mono Float32Array frames at TARGET_RATE and offer a window of recent samples for the visualizer.
+
+export const TARGET_RATE = 16000;
+export const FRAME_MS = 100;
+const MAX_FILE_SECONDS = 3 * 60 * 60;
+
+/** Live microphone audio, resampled to 16 kHz by capture-worklet.js. */
+export class MicrophoneSource {
+  constructor(onFrame) {
+    this.onFrame = onFrame;
+    this.context = null;
+    this.stream = null;
+    this.node = null;
+    this.analyser = null;
+    this.startedAt = 0;
+  }
+
+  /** Asks for the microphone and starts posting frames. Throws a DOMException when refused. */
+  async start() {
+    if (!navigator.mediaDevices?.getUserMedia) {
+      throw new Error("This browser cannot capture audio here (a microphone needs https or localhost).");
+    }
+    this.stream = await navigator.mediaDevices.getUserMedia({
+      audio: { channelCount: 1, echoCancellation: true, noiseSuppression: true, autoGainControl: true },
+    });
+    const context = new AudioContext({ latencyHint: "interactive" });
+    this.context = context;
+    await context.audioWorklet.addModule(new URL("./capture-worklet.js", import.meta.url));
+    const input = context.createMediaStreamSource(this.stream);
+    this.analyser = context.createAnalyser();
+    this.analyser.fftSize = 2048;
+    this.analyser.smoothingTimeConstant = 0;
+    this.node = new AudioWorkletNode(context, "streamscribe-capture", {
+      numberOfInputs: 1,
+      numberOfOutputs: 1,
+      channelCount: 1,
+      channelCountMode: "explicit",
+      processorOptions: { targetRate: TARGET_RATE, frameMs: FRAME_MS },
+    });
+    this.node.port.onmessage = (event) => {
+      if (event.data.type === "frame") this.onFrame(event.data.samples);
+      else if (event.data.type === "flushed") this.flushed?.();
+    };
+    // The worklet writes nothing, but a node must reach the destination to be pulled by every browser.
+    const mute = context.createGain();
+    mute.gain.value = 0;
+    input.connect(this.analyser);
+    input.connect(this.node);
+    this.node.connect(mute);
+    mute.connect(context.destination);
+    if (context.state === "suspended") await context.resume();
+    this.startedAt = performance.now();
+    return { label: this.stream.getAudioTracks()[0]?.label || "microphone", deviceRate: context.sampleRate };
+  }
+
+  get sampleRate() {
+    return this.context?.sampleRate ?? TARGET_RATE;
+  }
+
+  /** Seconds since capture started. */
+  get position() {
+    return this.startedAt ? (performance.now() - this.startedAt) / 1000 : 0;
+  }
+
+  get duration() {
+    return null;
+  }
+
+  /** Fills `out` with the most recent samples, at `sampleRate`. */
+  readWindow(out) {
+    if (this.analyser) this.analyser.getFloatTimeDomainData(out);
+    else out.fill(0);
+  }
+
+  /** Stops capture after the worklet has posted what it still holds. */
+  async stop() {
+    if (this.node) {
+      await Promise.race([
+        new Promise((resolve) => {
+          this.flushed = resolve;
+          this.node.port.postMessage("flush");
+        }),
+        new Promise((resolve) => setTimeout(resolve, 500)),
+      ]);
+      this.node.port.postMessage("stop");
+      this.node.disconnect();
+    }
+    this.stream?.getTracks().forEach((track) => track.stop());
+    await this.context?.close().catch(() => {});
+    this.node = null;
+    this.analyser = null;
+    this.context = null;
+    this.stream = null;
+  }
+}
+
+/** Decodes any file the browser can play into mono samples at 16 kHz. */
+export async function decodeAudioFile(file) {
+  const bytes = await file.arrayBuffer();
+  // Decoding in a 16 kHz context makes the browser resample with its own high-quality resampler.
+  const decoder = new OfflineAudioContext(1, 1, TARGET_RATE);
+  let decoded;
+  try {
+    decoded = await decoder.decodeAudioData(bytes);
+  } catch {
+    throw new Error(`${file.name} could not be decoded: is it an audio file this browser can play?`);
+  }
+  if (decoded.duration > MAX_FILE_SECONDS) {
+    throw new Error(`${file.name} is longer than ${MAX_FILE_SECONDS / 3600} hours.`);
+  }
+  if (decoded.numberOfChannels === 1 && decoded.sampleRate === TARGET_RATE) {
+    return decoded.getChannelData(0).slice();
+  }
+  // Down-mix (and resample, should the decoder have kept the file's rate) with an offline render.
+  const length = Math.max(1, Math.ceil(decoded.duration * TARGET_RATE));
+  const mixer = new OfflineAudioContext(1, length, TARGET_RATE);
+  const player = mixer.createBufferSource();
+  player.buffer = decoded;
+  player.connect(mixer.destination);
+  player.start();
+  const rendered = await mixer.startRendering();
+  return rendered.getChannelData(0).slice();
+}
+
+/** A decoded file, sent in FRAME_MS frames at `speed` times real time. */
+export class FileSource {
+  constructor(samples, speed, onFrame, onEnd) {
+    this.samples = samples;
+    this.speed = speed;
+    this.onFrame = onFrame;
+    this.onEnd = onEnd;
+    this.sent = 0;
+    this.timer = null;
+    this.startedAt = 0;
+    this.canSend = () => true;
+  }
+
+  get sampleRate() {
+    return TARGET_RATE;
+  }
+
+  get duration() {
+    return this.samples.length / TARGET_RATE;
+  }
+
+  /** Seconds of the file sent so far. */
+  get position() {
+    return this.sent / TARGET_RATE;
+  }
+
+  start() {
+    const frameLength = (TARGET_RATE * FRAME_MS) / 1000;
+    this.startedAt = performance.now();
+    const pump = () => {
+      // Send what the clock allows (plus one frame ahead), unless the socket is backed up.
+      const due = ((performance.now() - this.startedAt) / 1000) * this.speed * TARGET_RATE + frameLength;
+      while (this.sent < this.samples.length && this.sent < due && this.canSend()) {
+        const end = Math.min(this.sent + frameLength, this.samples.length);
+        this.onFrame(this.samples.slice(this.sent, end));
+        this.sent = end;
+      }
+      if (this.sent >= this.samples.length) {
+        this.stop();
+        this.onEnd();
+      }
+    };
+    this.timer = setInterval(pump, FRAME_MS / 2);
+    pump();
+    return { label: "file" };
+  }
+
+  readWindow(out) {
+    // Follow the clock (frames go out in bursts), never ahead of what the server has been sent.
+    const clock = ((performance.now() - this.startedAt) / 1000) * this.speed * TARGET_RATE;
+    const end = Math.floor(Math.min(clock, this.sent, this.samples.length));
+    const start = Math.max(0, end - out.length);
+    out.fill(0);
+    out.set(this.samples.subarray(start, end), out.length - (end - start));
+  }
+
+  async stop() {
+    clearInterval(this.timer);
+    this.timer = null;
+  }
+}
