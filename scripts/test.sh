@@ -5,17 +5,21 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install.sh test,nemo,onnx,mlx
 . .venv/bin/activate
-# The browser tests (tests/web) drive Debian's Chromium headless; install it when missing (never skipped).
-if [ -z "${STREAMSCRIBE_CHROMIUM:-}" ] && ! command -v chromium >/dev/null 2>&1; then
+# Debian packages the tests drive for real (never skipped): redis-server for the replica tests (started on
+# a random loopback port), Chromium for the browser tests (tests/web).
+missing=()
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+if [ -z "${STREAMSCRIBE_CHROMIUM:-}" ] && ! command -v chromium >/dev/null 2>&1; then missing+=(chromium); fi
+if [ ${#missing[@]} -gt 0 ]; then
   if ! command -v apt-get >/dev/null 2>&1; then
-    echo "Chromium is missing and apt-get is not available: install Chromium and set STREAMSCRIBE_CHROMIUM." >&2
+    echo "Missing ${missing[*]} and apt-get is not available: install them (or set STREAMSCRIBE_CHROMIUM)." >&2
     exit 1
   fi
   as_root=""
   if [ "$(id -u)" -ne 0 ]; then as_root="sudo"; fi
-  echo "Installing Chromium for the browser tests (apt-get)..." >&2
+  echo "Installing ${missing[*]} for the tests (apt-get)..." >&2
   $as_root apt-get update -q
-  $as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium
+  $as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q -o DPkg::Lock::Timeout=300 "${missing[@]}"
 fi
 export HF_HUB_OFFLINE=1
 ruff check src tests bench

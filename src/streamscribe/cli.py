@@ -1,4 +1,5 @@
-"""The command line: ``serve``, ``stream`` (test client), ``transcribe`` (a file) and ``models``."""
+"""The command line: ``serve``, ``stream`` (test client), ``transcribe`` (a file), ``models`` and ``keys``
+(multi-user API keys)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import asyncio
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -49,10 +51,13 @@ def _serve(args: argparse.Namespace) -> int:
     if not settings.api_key:
         print(f"  page:    http://{shown_host}:{settings.port}/#token={api_key}", flush=True)
     print(f"  stream:  ws://{shown_host}:{settings.port}{STREAM_PATH}?token=<API key>", flush=True)
-    print(
-        f"  API key: {api_key}" if not settings.api_key else "  API key: from STREAMSCRIBE_API_KEY",
-        flush=True,
-    )
+    if settings.auth_mode == "multi_user":
+        print("  API keys: multi-user mode, keys from `streamscribe keys create --user NAME`", flush=True)
+    else:
+        print(
+            f"  API key: {api_key}" if not settings.api_key else "  API key: from STREAMSCRIBE_API_KEY",
+            flush=True,
+        )
     uvicorn.run(
         create_app(settings, api_key),
         host=settings.host,
@@ -72,7 +77,9 @@ def _synthetic_audio(seconds: float, rate: int) -> np.ndarray:
 def _stream(args: argparse.Namespace) -> int:
     from streamscribe.audio import load_audio_file
     from streamscribe.client import ReceivedFrame, stream_audio, stream_url
+    from streamscribe.server.auth import install_log_redaction
 
+    install_log_redaction()
     if args.audio:
         try:
             samples = load_audio_file(args.audio, args.sample_rate)
@@ -201,6 +208,65 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_expiry(value: str) -> float:
+    """``30d``, ``12h``, ``90m`` from now, or an ISO 8601 date/time (UTC unless it says otherwise)."""
+    from datetime import UTC, datetime
+
+    units = {"d": 86400, "h": 3600, "m": 60}
+    if value[:-1].isdigit() and value[-1:] in units:
+        return time.time() + int(value[:-1]) * units[value[-1]]
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 30d, 12h, 90m or an ISO date, got {value!r}") from None
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
+
+
+def _keys(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
+    from streamscribe.config import Settings
+    from streamscribe.server.auth import KeyHasher, create_key, load_pepper
+    from streamscribe.server.store import open_store
+
+    settings = Settings.load(args.config)
+    store = open_store(settings)
+
+    def when(moment: float | None) -> str:
+        return datetime.fromtimestamp(moment, UTC).strftime("%Y-%m-%d %H:%M UTC") if moment else "-"
+
+    try:
+        if args.keys_command == "create":
+            new = create_key(
+                store, KeyHasher(load_pepper(settings)), args.user, args.tier, args.scope, args.expires
+            )
+            print(f"key id:  {new.record.key_id}\nuser:    {new.record.user_id} ({new.record.tier})")
+            print(f"expires: {when(new.record.expires_at)}\nscope:   {new.record.scope}")
+            print(f"API key (shown once, store it now): {new.key}")
+        elif args.keys_command == "list":
+            print(f"{'key id':14}{'user':20}{'tier':10}{'scope':8}{'created':22}{'expires':22}status")
+            now = time.time()
+            for record in store.list_keys(args.user):
+                status = "revoked" if record.revoked_at else "active" if record.is_usable(now) else "expired"
+                print(
+                    f"{record.key_id:14}{record.user_id:20}{record.tier:10}{record.scope:8}"
+                    f"{when(record.created_at):22}{when(record.expires_at):22}{status}"
+                )
+        elif args.keys_command == "revoke":
+            if not store.revoke_key(args.key_id):
+                print(f"error: no active key {args.key_id}", file=sys.stderr)
+                return 1
+            print(f"revoked {args.key_id}")
+        elif args.keys_command == "set-tier":
+            if not store.set_tier(args.user, args.tier):
+                print(f"error: no user {args.user}", file=sys.stderr)
+                return 1
+            print(f"{args.user} is now on the {args.tier} tier")
+    finally:
+        store.close()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="streamscribe", description="Real-time speech-to-text server.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -247,6 +313,32 @@ def build_parser() -> argparse.ArgumentParser:
     models = commands.add_parser("models", help="list engines and whether each is available here")
     models.add_argument("--config", type=Path)
     models.set_defaults(handler=_models)
+
+    keys = commands.add_parser(
+        "keys",
+        help="manage multi-user API keys (database from STREAMSCRIBE_DATABASE_URL or STREAMSCRIBE_DATA_DIR)",
+    )
+    keys.add_argument("--config", type=Path, help="TOML settings file (STREAMSCRIBE_CONFIG_FILE)")
+    keys.set_defaults(handler=_keys)
+    key_commands = keys.add_subparsers(dest="keys_command", required=True)
+    from streamscribe.config import TIERS
+    from streamscribe.server.auth import SCOPES
+
+    tiers = list(TIERS)
+    create = key_commands.add_parser("create", help="create a key and print it (once)")
+    create.add_argument("--user", required=True, help="user name; quotas count per user")
+    create.add_argument("--tier", choices=tiers, help="set the user's tier (new users: free)")
+    create.add_argument("--expires", type=_parse_expiry, help="30d, 12h, 90m, or an ISO date/time")
+    create.add_argument(
+        "--scope", choices=SCOPES, default="stream", help="limits: may only read its limits"
+    )
+    listing = key_commands.add_parser("list", help="list keys (never the keys themselves)")
+    listing.add_argument("--user", help="only this user's keys")
+    revoke = key_commands.add_parser("revoke", help="revoke a key by its id")
+    revoke.add_argument("key_id")
+    set_tier = key_commands.add_parser("set-tier", help="change a user's tier")
+    set_tier.add_argument("user")
+    set_tier.add_argument("tier", choices=tiers)
     return parser
 
 

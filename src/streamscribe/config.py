@@ -134,11 +134,115 @@ class NemoSettings(BaseModel):
     )
 
 
+class TierLimits(BaseModel):
+    """What one tier may use. ``daily_minutes`` null means unlimited."""
+
+    daily_minutes: float | None = Field(
+        30.0, ge=0, description="Minutes of audio a day (UTC); null (the string 'null' in env) is unlimited."
+    )
+    concurrent_streams: int = Field(1, ge=0, description="Streams open at the same time.")
+
+
+class FreeTier(TierLimits):
+    pass
+
+
+_DAILY_MINUTES = TierLimits.model_fields["daily_minutes"].description
+_CONCURRENT_STREAMS = TierLimits.model_fields["concurrent_streams"].description
+
+
+class StandardTier(TierLimits):
+    daily_minutes: float | None = Field(300.0, ge=0, description=_DAILY_MINUTES)
+    concurrent_streams: int = Field(3, ge=0, description=_CONCURRENT_STREAMS)
+
+
+class PremiumTier(TierLimits):
+    daily_minutes: float | None = Field(None, ge=0, description=_DAILY_MINUTES)
+    concurrent_streams: int = Field(10, ge=0, description=_CONCURRENT_STREAMS)
+
+
+class TierSettings(BaseModel):
+    """Quota tiers of multi-user keys (each user has one tier)."""
+
+    free: FreeTier = Field(default_factory=FreeTier)  # type: ignore[arg-type]
+    standard: StandardTier = Field(default_factory=StandardTier)  # type: ignore[arg-type]
+    premium: PremiumTier = Field(default_factory=PremiumTier)  # type: ignore[arg-type]
+
+    def limits(self, tier: str) -> TierLimits:
+        return getattr(self, tier)
+
+
+TIERS = ("free", "standard", "premium")
+
+
+class AccessSettings(BaseModel):
+    """Who may connect, how a key is presented, and how often connections may be attempted."""
+
+    allow_query_token: bool = Field(
+        True,
+        description="Accept the key as ?token= in the URL. Turn off where proxies log URLs; clients then use "
+        "the X-API-KEY or Authorization: Bearer header or a first {\"type\":\"auth\"} message.",
+    )
+    auth_message_timeout_seconds: float = Field(
+        5.0,
+        gt=0,
+        description="Time allowed for an {\"type\":\"auth\",\"token\":...} message when no key came with the "
+        "connection.",
+    )
+    ip_allowlist: list[str] = Field(
+        default_factory=list,
+        description="Addresses and CIDR ranges allowed to connect (JSON list); empty allows all. Others: "
+        "close 1008.",
+    )
+    idle_timeout_seconds: float = Field(
+        60.0, gt=0, description="A stream that sends no frame for this long is closed (1001)."
+    )
+    connections_per_minute_per_key: int = Field(
+        60, ge=0, description="Connection attempts a key may make per minute (multi-user mode); 0: no limit."
+    )
+    connections_per_minute_per_ip: int = Field(
+        120,
+        ge=0,
+        description="Connection attempts an address may make per minute (multi-user mode); 0: no limit.",
+    )
+
+
+class SharedStoreSettings(BaseModel):
+    """Redis, shared by replicas for active streams, minute counters and rate limits."""
+
+    redis_url: str | None = Field(
+        None, description="redis://host:port/db. Unset: counters live in this process (one replica only)."
+    )
+    on_failure: Literal["fail_closed", "fail_open"] = Field(
+        "fail_closed",
+        description="When Redis is unreachable: fail_closed refuses new streams (running ones finish); "
+        "fail_open admits new streams within the allowance below, counted in this process.",
+    )
+    fail_open_streams: int = Field(
+        1, ge=0, description="fail_open: streams a user may open on this replica while Redis is unreachable."
+    )
+    fail_open_minutes: float = Field(
+        5.0,
+        ge=0,
+        description="fail_open: minutes a user may stream on this replica (per UTC day) while Redis is "
+        "unreachable.",
+    )
+    stream_ttl_seconds: float = Field(
+        30.0, gt=0, description="Lifetime of a stream's slot in Redis, refreshed while it streams (a crashed "
+        "replica's slots free themselves after this)."
+    )
+    timeout_seconds: float = Field(1.0, gt=0, description="Longest wait for one Redis command.")
+
+
 class Settings(BaseSettings):
     """Every knob of a streamscribe server. Defaults work on a laptop with nothing configured."""
 
     model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="ignore", validate_default=True
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        env_parse_none_str="null",
+        extra="ignore",
+        validate_default=True,
     )
 
     host: str = Field("127.0.0.1", description="Address to listen on.")
@@ -146,6 +250,28 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = Field(
         None,
         description="The single user's API key. When unset, a random key is generated and printed at start.",
+    )
+    auth_mode: Literal["single_user", "multi_user"] = Field(
+        "single_user",
+        description="single_user: one key (api_key). multi_user: keys and quotas from the database "
+        "(streamscribe keys ...).",
+    )
+    data_dir: Path = Field(
+        Path.home() / ".local" / "share" / "streamscribe",
+        description="Where the SQLite key database and the generated key pepper live (multi-user mode).",
+    )
+    database_url: str | None = Field(
+        None,
+        description="sqlite:///PATH or postgresql://... (needs the postgres extra). Unset: "
+        "sqlite in data_dir/streamscribe.db.",
+    )
+    key_pepper: SecretStr | None = Field(
+        None,
+        description="Server secret mixed into every key hash. Unset: generated once into "
+        "data_dir/key_pepper. Required with PostgreSQL (replicas must share it).",
+    )
+    usage_flush_seconds: float = Field(
+        5.0, gt=0, description="How often minutes charged in memory are written to the database."
     )
     default_model: Literal["whisper", "parakeet", "canary"] = Field(
         "whisper", description="Engine used when a config names none."
@@ -173,6 +299,9 @@ class Settings(BaseSettings):
     vad: VadSettings = Field(default_factory=VadSettings)  # type: ignore[arg-type]
     streaming: StreamingSettings = Field(default_factory=StreamingSettings)  # type: ignore[arg-type]
     nemo: NemoSettings = Field(default_factory=NemoSettings)  # type: ignore[arg-type]
+    access: AccessSettings = Field(default_factory=AccessSettings)  # type: ignore[arg-type]
+    tiers: TierSettings = Field(default_factory=TierSettings)
+    shared_store: SharedStoreSettings = Field(default_factory=SharedStoreSettings)  # type: ignore[arg-type]
 
     @classmethod
     def settings_customise_sources(
@@ -213,7 +342,7 @@ def describe_settings() -> list[tuple[str, str, str]]:
                 walk(annotation, f"{prefix}{name.upper()}__")
                 continue
             default = field.get_default(call_default_factory=True)
-            shown = "(generated)" if name == "api_key" else str(default)
+            shown = "(generated)" if name in ("api_key", "key_pepper") else str(default)
             rows.append((f"{prefix}{name.upper()}", shown, field.description or ""))
 
     walk(Settings, ENV_PREFIX)

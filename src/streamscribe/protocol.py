@@ -15,11 +15,14 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, TypeAdapter, Va
 class CloseCode(IntEnum):
     NORMAL = 1000
     GOING_AWAY = 1001
-    POLICY_VIOLATION = 1008
+    POLICY_VIOLATION = 1008  # the client's address is not on the allowlist
     ENGINE_FAILURE = 1011
-    TRY_AGAIN_LATER = 1013
+    TRY_AGAIN_LATER = 1013  # server busy, or the shared quota store is unreachable (fail_closed)
+    QUOTA_EXCEEDED = 4003
     PROTOCOL_ERROR = 4400
     UNAUTHORIZED = 4401
+    FORBIDDEN = 4403  # a valid key that may not use this endpoint
+    RATE_LIMITED = 4429
 
 
 class ErrorType(StrEnum):
@@ -30,19 +33,42 @@ class ErrorType(StrEnum):
     TIMEOUT = "timeout"
     SERVER_BUSY = "server_busy"
     INTERNAL_ERROR = "internal_error"
+    FORBIDDEN = "forbidden"
+    QUOTA_EXCEEDED = "quota_exceeded"
+    RATE_LIMITED = "rate_limited"
+    UNAVAILABLE = "unavailable"
+
+
+class Quota(StrEnum):
+    """Which quota a ``quota_exceeded`` error is about."""
+
+    DAILY_MINUTES = "daily_minutes"
+    CONCURRENT_STREAMS = "concurrent_streams"
 
 
 class StreamError(Exception):
     """An error the client is told about; ``close_code`` ends the session, ``None`` lets it continue."""
 
-    def __init__(self, error_type: ErrorType, message: str, close_code: CloseCode | None = None) -> None:
+    def __init__(
+        self,
+        error_type: ErrorType,
+        message: str,
+        close_code: CloseCode | None = None,
+        quota: Quota | None = None,
+    ) -> None:
         super().__init__(message)
         self.error_type = error_type
         self.message = message
         self.close_code = close_code
+        self.quota = quota
 
     def to_frame(self) -> ErrorFrame:
-        return ErrorFrame(message=self.message, error_type=self.error_type)
+        return ErrorFrame(message=self.message, error_type=self.error_type, quota=self.quota)
+
+
+def quota_exceeded(quota: Quota, message: str) -> StreamError:
+    """Over a quota: the error frame names the quota, and the session closes with 4003."""
+    return StreamError(ErrorType.QUOTA_EXCEEDED, message, CloseCode.QUOTA_EXCEEDED, quota)
 
 
 ModelName = Literal["parakeet", "canary", "whisper"]
@@ -127,8 +153,15 @@ class StopMessage(_ClientFrame):
     type: Literal["stop"]
 
 
+class AuthMessage(_ClientFrame):
+    """The key, sent as the first message when it is not in the URL or a header."""
+
+    type: Literal["auth"]
+    token: str = Field(min_length=1, max_length=512)
+
+
 ClientMessage = Annotated[
-    ConfigMessage | AudioMessage | CommitMessage | ResetMessage | StopMessage,
+    ConfigMessage | AudioMessage | CommitMessage | ResetMessage | StopMessage | AuthMessage,
     Field(discriminator="type"),
 ]
 _client_message_adapter: TypeAdapter[ClientMessage] = TypeAdapter(ClientMessage)
@@ -204,3 +237,21 @@ class ErrorFrame(ServerFrame):
     type: Literal["error"] = "error"
     message: str
     error_type: ErrorType
+    quota: Quota | None = None
+
+
+class StreamLimitsReport(BaseModel):
+    """``GET /api/v1/audio/stream/limits``: a key's limits and today's usage (UTC day)."""
+
+    class Limits(BaseModel):
+        daily_minutes: float | None
+        concurrent_streams: int | None
+        max_frame_bytes: int
+
+    user_id: str
+    tier: str
+    limits: Limits
+    used_today_minutes: float
+    remaining_minutes: float | None
+    active_streams: int
+    can_start_stream: bool

@@ -42,22 +42,21 @@ def test_long_clip_streams_with_partials_then_accurate_finals(
         assert last != first, f"word repeated at a border: {before['text']!r} | {after['text']!r}"
 
 
-def test_partials_only_grow_within_an_utterance(
+def test_words_two_partials_agree_on_are_never_withdrawn(
     server: RunningServer, clip: Callable[[str], np.ndarray]
 ) -> None:
     result = server.stream(clip("long.wav")[: 16000 * 20], speed=2.0)
 
-    by_segment: dict[int, list[str]] = {}
+    by_segment: dict[int, list[list[str]]] = {}
     for partial in result.of_type("partial"):
-        by_segment.setdefault(partial["segment_id"], []).append(normalize_text(partial["text"]))
+        by_segment.setdefault(partial["segment_id"], []).append(normalize_text(partial["text"]).split())
     assert by_segment
-    for texts in by_segment.values():
-        shared = [
-            len(_common_prefix(a.split(), b.split())) / max(1, len(a.split()))
-            for a, b in itertools.pairwise(texts)
-        ]
-        # Stable words are never withdrawn: each partial keeps nearly all of the previous one's words.
-        assert all(ratio >= 0.5 for ratio in shared), texts
+    for partials in by_segment.values():
+        # LocalAgreement: once consecutive partials agree on a prefix, every later partial keeps it.
+        for n in range(1, len(partials)):
+            agreed = _common_prefix(partials[n - 1], partials[n])
+            for later in partials[n + 1 :]:
+                assert later[: len(agreed)] == agreed, (agreed, later)
 
 
 def _common_prefix(a: list[str], b: list[str]) -> list[str]:

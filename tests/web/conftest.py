@@ -61,13 +61,13 @@ def microphone_wav(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_microphone_wav(tmp_path_factory.mktemp("mic") / "microphone.wav", "short.wav", 1.0, 6.0)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def playwright_driver() -> Iterator[Playwright]:
     with sync_playwright() as driver:
         yield driver
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def browser(playwright_driver: Playwright, microphone_wav: Path) -> Iterator[Browser]:
     """Headless Chromium whose microphone plays ``microphone_wav`` once (then silence), no prompts."""
     browser = playwright_driver.chromium.launch(

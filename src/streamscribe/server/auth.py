@@ -1,14 +1,38 @@
-"""API keys: how a client presents one, and the constant-time check. Keys are never logged or stored."""
+"""API keys: how a client presents one, and the constant-time check. Keys are never logged; the
+multi-user database stores only a peppered hash of each.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
+import ipaddress
 import logging
+import os
 import re
 import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Protocol
 
 from starlette.requests import HTTPConnection
+
+from streamscribe.config import Settings, TierLimits
+from streamscribe.protocol import (
+    AuthMessage,
+    CloseCode,
+    ErrorType,
+    StreamError,
+    StreamLimitsReport,
+    parse_client_message,
+)
+from streamscribe.server.quotas import Quotas
+from streamscribe.server.store import KeyRecord, KeyStore, open_store
+
+SCOPES = ("stream", "limits")
+SINGLE_USER = "default"
 
 
 def generate_api_key() -> str:
@@ -18,6 +42,31 @@ def generate_api_key() -> str:
 
 def _digest(key: str) -> bytes:
     return hashlib.sha256(key.encode()).digest()
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is connecting, once their key is accepted.
+
+    Attributes:
+        user_id: Quotas count per user.
+        key_id: The key's public id (for logs and rate limits; never the key).
+        tier: The user's tier, or ``single_user`` in single-user mode.
+        limits: The tier's limits; None in single-user mode (usage is counted, never refused).
+        scope: ``stream`` or ``limits`` (a key that may only read its limits).
+    """
+
+    user_id: str
+    key_id: str
+    tier: str
+    limits: TierLimits | None
+    scope: str = "stream"
+
+
+class Authenticator(Protocol):
+    async def authenticate(self, presented: str) -> Principal | None:
+        """The principal for this key, or None when it is wrong, revoked or expired."""
+        ...
 
 
 class SingleUserAuth:
@@ -30,9 +79,124 @@ class SingleUserAuth:
         # Comparing digests keeps the comparison constant-time whatever the presented length.
         return presented is not None and hmac.compare_digest(_digest(presented), self._digest)
 
+    async def authenticate(self, presented: str) -> Principal | None:
+        if not self.is_valid(presented):
+            return None
+        return Principal(SINGLE_USER, SINGLE_USER, "single_user", None)
 
-def presented_key(connection: HTTPConnection) -> str | None:
-    """The key from ``?token=``, ``X-API-KEY`` or ``Authorization: Bearer``, if any."""
+
+KEY_PREFIX = "ssk"
+
+
+@dataclass(frozen=True)
+class NewKey:
+    """A key just created: ``key`` is shown once and never stored."""
+
+    key: str
+    record: KeyRecord
+
+
+class KeyHasher:
+    """HMAC-SHA-256 of a key with the server's pepper: a stolen database alone cannot check guesses."""
+
+    def __init__(self, pepper: bytes) -> None:
+        self._pepper = pepper
+
+    def hash(self, key: str) -> str:
+        return hmac.new(self._pepper, key.encode(), hashlib.sha256).hexdigest()
+
+    def matches(self, key: str, key_hash: str) -> bool:
+        return hmac.compare_digest(self.hash(key), key_hash)
+
+
+def key_id_of(key: str) -> str | None:
+    """The public id written into a multi-user key (``ssk_<id>_<secret>``), or None for another shape."""
+    prefix, _, rest = key.partition("_")
+    key_id, _, secret = rest.partition("_")
+    if prefix != KEY_PREFIX or len(key_id) != 12 or not secret:
+        return None
+    return key_id
+
+
+def load_pepper(settings: Settings) -> bytes:
+    """The configured pepper, or the one generated into the data folder on first use."""
+    if settings.key_pepper is not None:
+        return settings.key_pepper.get_secret_value().encode()
+    if settings.database_url and not settings.database_url.startswith("sqlite"):
+        raise ValueError("STREAMSCRIBE_KEY_PEPPER must be set with a shared database (replicas share it)")
+    path = settings.data_dir / "key_pepper"
+    if not path.exists():
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass  # another process created it first
+        else:
+            with os.fdopen(descriptor, "w") as file:
+                file.write(secrets.token_hex(32))
+    for _ in range(50):  # a concurrent creator may not have written it yet
+        pepper = path.read_text().strip()
+        if pepper:
+            return pepper.encode()
+        time.sleep(0.01)
+    raise RuntimeError(f"empty key pepper file: {path}")
+
+
+def create_key(
+    store: KeyStore,
+    hasher: KeyHasher,
+    user_id: str,
+    tier: str | None = None,
+    scope: str = "stream",
+    expires_at: float | None = None,
+) -> NewKey:
+    """A new random key for ``user_id``; the store keeps its hash only."""
+    key_id = secrets.token_hex(6)
+    key = f"{KEY_PREFIX}_{key_id}_{secrets.token_urlsafe(32)}"
+    record = store.add_key(key_id, user_id, hasher.hash(key), tier, scope, expires_at)
+    return NewKey(key, record)
+
+
+class MultiUserAuth:
+    """Keys from the database: found by their public id, then checked against the stored hash in
+    constant time."""
+
+    def __init__(self, store: KeyStore, hasher: KeyHasher, settings: Settings) -> None:
+        self._store = store
+        self._hasher = hasher
+        self._settings = settings
+        self._dummy_hash = hasher.hash(generate_api_key())
+
+    async def authenticate(self, presented: str) -> Principal | None:
+        key_id = key_id_of(presented)
+        record = await asyncio.to_thread(self._store.find_key, key_id) if key_id else None
+        # Hash and compare even for an unknown id, so the time taken says nothing about which ids exist.
+        matches = self._hasher.matches(presented, record.key_hash if record else self._dummy_hash)
+        if record is None or not matches or not record.is_usable(time.time()):
+            return None
+        return Principal(
+            record.user_id, record.key_id, record.tier, self._settings.tiers.limits(record.tier), record.scope
+        )
+
+
+class IpAllowlist:
+    """Addresses and CIDR ranges; an empty list allows everyone."""
+
+    def __init__(self, entries: list[str]) -> None:
+        self._networks = [ipaddress.ip_network(entry.strip(), strict=False) for entry in entries]
+
+    def allows(self, host: str | None) -> bool:
+        if not self._networks:
+            return True
+        try:
+            address = ipaddress.ip_address(host or "")
+        except ValueError:
+            return False
+        return any(address in network for network in self._networks)
+
+
+def presented_key(connection: HTTPConnection, allow_query_token: bool = True) -> str | None:
+    """The key from ``X-API-KEY``, ``Authorization: Bearer`` or (when allowed) ``?token=``, if any."""
     header = connection.headers.get("x-api-key")
     if header:
         return header.strip()
@@ -40,7 +204,128 @@ def presented_key(connection: HTTPConnection) -> str | None:
     scheme, _, credentials = authorization.partition(" ")
     if scheme.lower() == "bearer" and credentials.strip():
         return credentials.strip()
+    if not allow_query_token:
+        return None
     return connection.query_params.get("token") or None
+
+
+ReceiveText = Callable[[], Awaitable[str]]
+
+
+class AccessControl:
+    """Everything between a connection and a stream: address allowlist, rate limits, the key, its scope
+    and its quotas."""
+
+    def __init__(self, settings: Settings, api_key: str) -> None:
+        self.settings = settings
+        self.allowlist = IpAllowlist(settings.access.ip_allowlist)
+        self.store: KeyStore | None = None
+        self.authenticator: Authenticator
+        if settings.auth_mode == "multi_user":
+            self.store = open_store(settings)
+            self.authenticator = MultiUserAuth(self.store, KeyHasher(load_pepper(settings)), settings)
+        else:
+            self.authenticator = SingleUserAuth(api_key)
+        self.quotas = Quotas(settings, self.store)
+
+    @property
+    def multi_user(self) -> bool:
+        return self.settings.auth_mode == "multi_user"
+
+    def _check_address(self, connection: HTTPConnection) -> None:
+        if not self.allowlist.allows(connection.client.host if connection.client else None):
+            raise StreamError(
+                ErrorType.FORBIDDEN,
+                "connections from this address are not allowed",
+                CloseCode.POLICY_VIOLATION,
+            )
+
+    async def admit(self, connection: HTTPConnection, receive_text: ReceiveText) -> Principal:
+        """The principal of a new WebSocket, or StreamError: 1008 (address), 4429 (rate), 4401 (key)."""
+        access = self.settings.access
+        self._check_address(connection)
+        host = connection.client.host if connection.client else "unknown"
+        if self.multi_user:
+            per_ip = access.connections_per_minute_per_ip
+            await self.quotas.check_rate("ip", host, per_ip, "from this address")
+        key = presented_key(connection, access.allow_query_token)
+        if key is None and not access.allow_query_token and connection.query_params.get("token"):
+            raise StreamError(
+                ErrorType.AUTH_FAILED,
+                "keys in the URL (?token=) are disabled here: send an X-API-KEY or Authorization: Bearer "
+                "header, or a first message {\"type\":\"auth\",\"token\":...}",
+                CloseCode.UNAUTHORIZED,
+            )
+        if key is None:
+            key = await self._receive_auth_message(receive_text)
+        principal = await self.authenticator.authenticate(key)
+        if principal is None:
+            # Clients (CLI, browser page) show this text; wrong, revoked and expired look alike on purpose.
+            raise StreamError(ErrorType.AUTH_FAILED, "missing or invalid API key", CloseCode.UNAUTHORIZED)
+        if self.multi_user:
+            await self.quotas.check_rate(
+                "key", principal.key_id, access.connections_per_minute_per_key, "with this key"
+            )
+        if principal.scope != "stream":
+            raise StreamError(ErrorType.FORBIDDEN, "this key may not open streams", CloseCode.FORBIDDEN)
+        return principal
+
+    async def _receive_auth_message(self, receive_text: ReceiveText) -> str:
+        timeout = self.settings.access.auth_message_timeout_seconds
+        missing = StreamError(
+            ErrorType.AUTH_FAILED,
+            f"missing or invalid API key: send it as ?token=, an X-API-KEY or Authorization: Bearer header, "
+            f"or a first message {{\"type\":\"auth\",\"token\":...}} within {timeout:g} s",
+            CloseCode.UNAUTHORIZED,
+        )
+        try:
+            message = parse_client_message(await asyncio.wait_for(receive_text(), timeout))
+        except (TimeoutError, StreamError):
+            raise missing from None
+        if not isinstance(message, AuthMessage):
+            raise missing
+        return message.token
+
+    async def principal_for_request(self, connection: HTTPConnection) -> Principal:
+        """The principal of an HTTP request (key as header or ?token=), or StreamError with its reason."""
+        self._check_address(connection)
+        key = presented_key(connection, self.settings.access.allow_query_token)
+        principal = await self.authenticator.authenticate(key) if key else None
+        if principal is None:
+            raise StreamError(ErrorType.AUTH_FAILED, "missing or invalid API key", CloseCode.UNAUTHORIZED)
+        return principal
+
+    async def limits_report(self, principal: Principal) -> StreamLimitsReport:
+        """What ``principal`` may use, and has used today."""
+        limits = principal.limits
+        used, active, store_answered = await self.quotas.usage_report(principal.user_id, limits)
+        daily = limits.daily_minutes if limits else None
+        streams = limits.concurrent_streams if limits else None
+        remaining = None if daily is None else max(0.0, daily - used / 60)
+        can_start = (
+            principal.scope == "stream"
+            and (remaining is None or remaining > 0)
+            and (streams is None or active < streams)
+            and (store_answered or self.settings.shared_store.on_failure == "fail_open")
+        )
+        return StreamLimitsReport(
+            user_id=principal.user_id,
+            tier=principal.tier,
+            limits=StreamLimitsReport.Limits(
+                daily_minutes=daily,
+                concurrent_streams=streams,
+                max_frame_bytes=self.settings.streaming.max_frame_bytes,
+            ),
+            used_today_minutes=round(used / 60, 4),
+            remaining_minutes=None if remaining is None else round(remaining, 4),
+            active_streams=active,
+            can_start_stream=can_start,
+        )
+
+    async def close(self) -> None:
+        await self.quotas.close()
+        if self.store is not None:
+            self.store.close()
 
 
 _SECRET_IN_TEXT = re.compile(r"((?:token|api_key|key)=)[^&\s\"']+", re.IGNORECASE)
@@ -61,7 +346,10 @@ class RedactSecrets(logging.Filter):
 
 
 def install_log_redaction() -> None:
-    for name in ("uvicorn.access", "uvicorn.error", "uvicorn", "websockets.server", "streamscribe"):
+    # A logger's filters see only records logged on that very logger, so each one that prints URLs is named:
+    # websockets' client logs its request line (with ?token=) at debug level.
+    names = ("uvicorn.access", "uvicorn.error", "uvicorn", "websockets.client", "websockets.server")
+    for name in (*names, "streamscribe"):
         logger = logging.getLogger(name)
         if not any(isinstance(f, RedactSecrets) for f in logger.filters):
             logger.addFilter(RedactSecrets())

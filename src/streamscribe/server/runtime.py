@@ -1,4 +1,5 @@
-"""What every connection shares: settings, auth, loaded engines, their schedulers, the VAD model."""
+"""What every connection shares: settings, access control (keys, quotas), loaded engines, their schedulers,
+the VAD model."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from streamscribe.config import Settings
 from streamscribe.engines.base import Engine, StreamingEngine
 from streamscribe.engines.registry import EngineRegistry
 from streamscribe.protocol import CloseCode, ErrorType, StreamError
-from streamscribe.server.auth import SingleUserAuth
+from streamscribe.server.auth import AccessControl
 from streamscribe.streaming.native import NativeStreamingSession, StreamStepper
 from streamscribe.streaming.scheduler import DecodeScheduler
 from streamscribe.streaming.session import LiveSession, SessionEvent, SessionOptions, StreamingSession
@@ -24,7 +25,7 @@ class Runtime:
 
     def __init__(self, settings: Settings, api_key: str) -> None:
         self.settings = settings
-        self.auth = SingleUserAuth(api_key)
+        self.access = AccessControl(settings, api_key)
         self.registry = EngineRegistry(settings)
         self.vad = SileroVad()
         self._schedulers: dict[str, DecodeScheduler] = {}
@@ -83,6 +84,7 @@ class Runtime:
         log.info("model %s ready", engine.name)
 
     async def close(self) -> None:
+        await self.access.close()
         for scheduler in self._schedulers.values():
             await scheduler.close()
         for stepper in self._steppers.values():

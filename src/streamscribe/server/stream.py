@@ -26,7 +26,7 @@ from streamscribe.protocol import (
     WarningFrame,
     parse_client_message,
 )
-from streamscribe.server.auth import presented_key
+from streamscribe.server.quotas import StreamLease
 from streamscribe.server.runtime import Runtime
 from streamscribe.streaming.session import (
     EngineFailure,
@@ -56,17 +56,19 @@ class StreamConnection:
     async def run(self) -> None:
         await self._ws.accept()
         session: LiveSession | None = None
+        lease: StreamLease | None = None
         admitted = False
         try:
-            if not self._runtime.auth.is_valid(presented_key(self._ws)):
-                raise StreamError(ErrorType.AUTH_FAILED, "missing or invalid API key", CloseCode.UNAUTHORIZED)
+            access = self._runtime.access
+            principal = await access.admit(self._ws, self._receive_text)
+            lease = await access.quotas.open_stream(principal.user_id, principal.limits)
             config = await self._receive_config()
             engine, resampler = await self._start(config)
             self._runtime.admit(engine)
             admitted = True
             await self._send(StatusFrame(state="ready", model=engine.name))
             session = self._new_session(config, engine)
-            await self._serve(config, session, resampler)
+            await self._serve(config, session, resampler, lease)
         except StreamError as error:
             await self._fail(error)
         except (_SessionEnded, WebSocketDisconnect):
@@ -79,6 +81,8 @@ class StreamConnection:
         finally:
             if session is not None:
                 await session.close()
+            if lease is not None:
+                await lease.close()
             if admitted:
                 self._runtime.release()
 
@@ -182,14 +186,27 @@ class StreamConnection:
         return self._runtime.new_session(engine, options, emit)
 
     async def _serve(
-        self, config: ConfigMessage, session: LiveSession, resampler: StreamResampler
+        self,
+        config: ConfigMessage,
+        session: LiveSession,
+        resampler: StreamResampler,
+        lease: StreamLease,
     ) -> None:
         max_bytes = self._runtime.settings.streaming.max_frame_bytes
+        idle_timeout = self._runtime.settings.access.idle_timeout_seconds
         while True:
             try:
-                message = parse_client_message(await self._receive_text())
+                try:
+                    async with asyncio.timeout(idle_timeout):
+                        text = await self._receive_text()
+                except TimeoutError:
+                    raise StreamError(
+                        ErrorType.TIMEOUT, f"no message for {idle_timeout:g} s: closing", CloseCode.GOING_AWAY
+                    ) from None
+                message = parse_client_message(text)
                 if isinstance(message, AudioMessage):
                     samples = decode_audio_payload(message.data, config.audio_format, max_bytes)
+                    await lease.charge(len(samples) / config.sample_rate)
                     await session.feed(resampler(samples))
                 elif isinstance(message, CommitMessage):
                     await self._send(FullTranscriptFrame(text=await session.flush()))

@@ -1,0 +1,262 @@
+"""The multi-user database: users and their tier, API keys (hashes only), and minutes used per UTC day.
+
+SQLite by default (a file in the data folder, created on first use); PostgreSQL when ``database_url`` says
+so (needs the ``postgres`` extra: psycopg). Both speak the same SQL; the schema is versioned by the
+migrations below and a one-row ``schema_version`` table. Calls are synchronous and short: the server runs
+them in a worker thread.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from streamscribe.config import Settings
+
+# Each migration is applied once, in order, in one transaction; never edit one that has shipped.
+MIGRATIONS: list[list[str]] = [
+    [
+        """CREATE TABLE users (
+            user_id TEXT PRIMARY KEY,
+            tier TEXT NOT NULL,
+            created_at DOUBLE PRECISION NOT NULL
+        )""",
+        """CREATE TABLE api_keys (
+            key_id TEXT PRIMARY KEY,
+            user_id TEXT NOT NULL REFERENCES users (user_id),
+            key_hash TEXT NOT NULL,
+            scope TEXT NOT NULL,
+            created_at DOUBLE PRECISION NOT NULL,
+            expires_at DOUBLE PRECISION,
+            revoked_at DOUBLE PRECISION
+        )""",
+        "CREATE INDEX api_keys_user ON api_keys (user_id)",
+        """CREATE TABLE usage_daily (
+            user_id TEXT NOT NULL,
+            day TEXT NOT NULL,
+            seconds DOUBLE PRECISION NOT NULL,
+            PRIMARY KEY (user_id, day)
+        )""",
+    ],
+]
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    """One API key as stored: never the key itself, only its hash.
+
+    Attributes:
+        key_id: The public part of the key (it is written into the key), used to find the row.
+        user_id: The user the key belongs to; quotas count per user.
+        tier: The user's tier (free, standard, premium).
+        scope: ``stream`` (stream and read limits) or ``limits`` (read limits only).
+        expires_at: Unix time after which the key is refused, or None.
+        revoked_at: Unix time the key was revoked, or None.
+    """
+
+    key_id: str
+    user_id: str
+    tier: str
+    scope: str
+    key_hash: str
+    created_at: float
+    expires_at: float | None
+    revoked_at: float | None
+
+    def is_usable(self, now: float) -> bool:
+        return self.revoked_at is None and (self.expires_at is None or now < self.expires_at)
+
+
+class _Connection(Protocol):
+    def execute(self, sql: str, params: Sequence[Any] = ...) -> Any: ...
+    def commit(self) -> None: ...
+    def rollback(self) -> None: ...
+    def close(self) -> None: ...
+
+
+class KeyStore:
+    """Users, keys and daily usage in a SQL database. Thread-safe (one connection behind a lock)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._lock = threading.Lock()
+        self._postgres = url.startswith(("postgres://", "postgresql://"))
+        self._connection = self._connect(url)
+        self._migrate()
+
+    def _connect(self, url: str) -> _Connection:
+        if self._postgres:
+            try:
+                import psycopg
+            except ImportError:
+                raise RuntimeError(
+                    "a PostgreSQL database_url needs psycopg: pip install 'streamscribe[postgres]'"
+                ) from None
+            return psycopg.connect(url)
+        if not url.startswith("sqlite:///"):
+            raise ValueError("database_url must start with sqlite:/// or postgresql://")
+        path = Path(url.removeprefix("sqlite:///"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Replicas on one machine may share the file: wait for each other's locks instead of failing.
+        connection = sqlite3.connect(path, timeout=10, check_same_thread=False, isolation_level=None)
+        connection.execute("PRAGMA journal_mode=WAL")
+        connection.execute("PRAGMA foreign_keys=ON")
+        return _SqliteTransactions(connection)
+
+    @contextmanager
+    def _transaction(self, write: bool = False) -> Iterator[_Connection]:
+        with self._lock:
+            if not self._postgres:
+                # A writer takes SQLite's write lock up front, so two writers queue instead of deadlocking.
+                self._connection.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            try:
+                yield self._connection
+            except BaseException:
+                self._connection.rollback()
+                raise
+            self._connection.commit()
+
+    def _sql(self, sql: str) -> str:
+        return sql.replace("?", "%s") if self._postgres else sql
+
+    def _run(self, connection: _Connection, sql: str, params: Sequence[Any] = ()) -> Any:
+        return connection.execute(self._sql(sql), params)
+
+    def _migrate(self) -> None:
+        with self._transaction(write=True) as connection:
+            if self._postgres:
+                # Two replicas starting together must not both migrate.
+                connection.execute("SELECT pg_advisory_xact_lock(5150412)")
+            self._run(connection, "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            row = self._run(connection, "SELECT version FROM schema_version").fetchone()
+            version = row[0] if row else 0
+            if row is None:
+                self._run(connection, "INSERT INTO schema_version (version) VALUES (0)")
+            for number, statements in enumerate(MIGRATIONS[version:], start=version + 1):
+                for statement in statements:
+                    self._run(connection, statement)
+                self._run(connection, "UPDATE schema_version SET version = ?", (number,))
+
+    @property
+    def schema_version(self) -> int:
+        with self._transaction() as connection:
+            return int(self._run(connection, "SELECT version FROM schema_version").fetchone()[0])
+
+    def add_key(
+        self, key_id: str, user_id: str, key_hash: str, tier: str | None, scope: str, expires_at: float | None
+    ) -> KeyRecord:
+        """Store a new key; creates the user (tier ``free`` unless given) or updates its tier when given."""
+        now = time.time()
+        with self._transaction(write=True) as connection:
+            existing = self._run(connection, "SELECT tier FROM users WHERE user_id = ?", (user_id,))
+            if existing.fetchone() is None:
+                self._run(
+                    connection,
+                    "INSERT INTO users (user_id, tier, created_at) VALUES (?, ?, ?)",
+                    (user_id, tier or "free", now),
+                )
+            elif tier is not None:
+                self._run(connection, "UPDATE users SET tier = ? WHERE user_id = ?", (tier, user_id))
+            self._run(
+                connection,
+                "INSERT INTO api_keys (key_id, user_id, key_hash, scope, created_at, expires_at) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (key_id, user_id, key_hash, scope, now, expires_at),
+            )
+        record = self.find_key(key_id)
+        assert record is not None
+        return record
+
+    _KEY_COLUMNS = (
+        "k.key_id, k.user_id, u.tier, k.scope, k.key_hash, k.created_at, k.expires_at, k.revoked_at "
+        "FROM api_keys k JOIN users u ON u.user_id = k.user_id"
+    )
+
+    def find_key(self, key_id: str) -> KeyRecord | None:
+        with self._transaction() as connection:
+            cursor = self._run(connection, f"SELECT {self._KEY_COLUMNS} WHERE k.key_id = ?", (key_id,))
+            row = cursor.fetchone()
+        return KeyRecord(*row) if row else None
+
+    def list_keys(self, user_id: str | None = None) -> list[KeyRecord]:
+        query = f"SELECT {self._KEY_COLUMNS}"
+        params: tuple[str, ...] = ()
+        if user_id is not None:
+            query += " WHERE k.user_id = ?"
+            params = (user_id,)
+        with self._transaction() as connection:
+            rows = self._run(connection, query + " ORDER BY k.created_at", params).fetchall()
+        return [KeyRecord(*row) for row in rows]
+
+    def revoke_key(self, key_id: str) -> bool:
+        with self._transaction(write=True) as connection:
+            cursor = self._run(
+                connection,
+                "UPDATE api_keys SET revoked_at = ? WHERE key_id = ? AND revoked_at IS NULL",
+                (time.time(), key_id),
+            )
+            return bool(cursor.rowcount)
+
+    def set_tier(self, user_id: str, tier: str) -> bool:
+        with self._transaction(write=True) as connection:
+            cursor = self._run(connection, "UPDATE users SET tier = ? WHERE user_id = ?", (tier, user_id))
+            return bool(cursor.rowcount)
+
+    def add_usage(self, seconds_by_user_day: Mapping[tuple[str, str], float]) -> None:
+        """Add seconds of audio to each (user, UTC day)."""
+        with self._transaction(write=True) as connection:
+            for (user_id, day), seconds in seconds_by_user_day.items():
+                self._run(
+                    connection,
+                    "INSERT INTO usage_daily (user_id, day, seconds) VALUES (?, ?, ?) "
+                    "ON CONFLICT (user_id, day) "
+                    "DO UPDATE SET seconds = usage_daily.seconds + excluded.seconds",
+                    (user_id, day, seconds),
+                )
+
+    def usage_seconds(self, user_id: str, day: str) -> float:
+        with self._transaction() as connection:
+            row = self._run(
+                connection, "SELECT seconds FROM usage_daily WHERE user_id = ? AND day = ?", (user_id, day)
+            ).fetchone()
+        return float(row[0]) if row else 0.0
+
+    def close(self) -> None:
+        with self._lock:
+            self._connection.close()
+
+
+class _SqliteTransactions:
+    """sqlite3 in autocommit mode, transactions begun explicitly by KeyStore."""
+
+    def __init__(self, connection: sqlite3.Connection) -> None:
+        self._connection = connection
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Cursor:
+        return self._connection.execute(sql, params)
+
+    def commit(self) -> None:
+        if self._connection.in_transaction:
+            self._connection.execute("COMMIT")
+
+    def rollback(self) -> None:
+        if self._connection.in_transaction:
+            self._connection.execute("ROLLBACK")
+
+    def close(self) -> None:
+        self._connection.close()
+
+
+def database_url(settings: Settings) -> str:
+    """The configured database, or the SQLite file in the data folder."""
+    return settings.database_url or f"sqlite:///{settings.data_dir / 'streamscribe.db'}"
+
+
+def open_store(settings: Settings) -> KeyStore:
+    return KeyStore(database_url(settings))

@@ -1,0 +1,318 @@
+"""Multi-user mode through a real server and socket: keys from a real SQLite file, tiers, quotas, the limits
+endpoint, access rules, and no key in any log line."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from streamscribe.client import StreamResult, stream_audio
+from streamscribe.config import Settings
+from streamscribe.server.auth import KeyHasher, create_key, load_pepper
+from streamscribe.server.store import MIGRATIONS, KeyStore, open_store
+from tests.conftest import RunningServer
+from tests.server.ws_helpers import limits, new_key, open_stream, refused
+
+LIMITS_FIELDS = {
+    "user_id",
+    "tier",
+    "limits",
+    "used_today_minutes",
+    "remaining_minutes",
+    "active_streams",
+    "can_start_stream",
+}
+SILENCE = np.zeros(16000, dtype=np.float32)  # one second; silence keeps the engine idle
+
+
+def multi_user(tmp_path: Path, **overrides: Any) -> dict[str, Any]:
+    """A multi-user server's settings, database under ``tmp_path``; free tier: 1 stream, 0.05 minutes."""
+    settings: dict[str, Any] = {
+        "auth_mode": "multi_user",
+        "data_dir": tmp_path / "data",
+        "tiers": {"free": {"daily_minutes": 0.05, "concurrent_streams": 1}},
+    }
+    return settings | overrides
+
+
+@pytest.fixture
+def mu_server(make_server: Callable[..., RunningServer], tmp_path: Path) -> RunningServer:
+    return make_server(**multi_user(tmp_path))
+
+
+def test_store_keeps_hashes_only_and_migrates_once(tmp_path: Path) -> None:
+    settings = Settings(**multi_user(tmp_path))
+    store = open_store(settings)
+    key = create_key(store, KeyHasher(load_pepper(settings)), "alice", tier="standard").key
+    assert store.schema_version == len(MIGRATIONS)
+    store.close()
+
+    reopened = KeyStore(f"sqlite:///{tmp_path / 'data' / 'streamscribe.db'}")
+    assert reopened.schema_version == len(MIGRATIONS)
+    [record] = reopened.list_keys()
+    assert (record.user_id, record.tier, record.scope) == ("alice", "standard", "stream")
+    reopened.close()
+    secret = key.split("_", 2)[2].encode()
+    database = tmp_path / "data" / "streamscribe.db"
+    assert all(secret not in path.read_bytes() for path in database.parent.iterdir())
+    rows = sqlite3.connect(database).execute("SELECT version FROM schema_version").fetchall()
+    assert rows == [(len(MIGRATIONS),)]
+
+
+def test_wrong_revoked_and_expired_keys_are_refused(mu_server: RunningServer) -> None:
+    good = new_key(mu_server, "alice")
+    expired = new_key(mu_server, "bob", expires_at=time.time() - 1)
+    revoked = new_key(mu_server, "carol")
+    store = open_store(mu_server.settings)
+    [carol_key] = store.list_keys("carol")
+    assert store.revoke_key(carol_key.key_id)
+    store.close()
+    tampered = good[:-4] + ("AAAA" if not good.endswith("AAAA") else "BBBB")
+
+    for key in ("not-a-key", tampered, expired, revoked, mu_server.api_key):
+        result = mu_server.stream(SILENCE, token=key, speed=0)
+        assert result.close_code == 4401, key
+        assert result.error is not None and result.error["error_type"] == "auth_failed"
+    assert mu_server.stream(SILENCE, token=good, speed=0).close_code == 1000
+
+
+def test_key_accepted_as_query_header_bearer_and_auth_message(mu_server: RunningServer) -> None:
+    key = new_key(mu_server, "alice", tier="standard")
+    url = mu_server.ws_url("")
+
+    async def configured(headers: dict[str, str] | None, first: dict[str, Any] | None) -> str:
+        async with connect(url, additional_headers=headers) as ws:
+            if first:
+                await ws.send(json.dumps(first))
+            await ws.send(json.dumps({"type": "config"}))
+            return str(json.loads(await ws.recv())["state"])
+
+    assert mu_server.stream(SILENCE, token=key, speed=0).close_code == 1000
+    assert asyncio.run(configured({"X-API-KEY": key}, None)) == "configured"
+    assert asyncio.run(configured({"Authorization": f"Bearer {key}"}, None)) == "configured"
+    assert asyncio.run(configured(None, {"type": "auth", "token": key})) == "configured"
+
+
+def test_query_token_can_be_disabled(make_server: Callable[..., RunningServer], tmp_path: Path) -> None:
+    running = make_server(**multi_user(tmp_path, access={"allow_query_token": False}))
+    key = new_key(running, "alice")
+    code, error = asyncio.run(refused(running.ws_url(key)))
+    assert code == 4401 and error is not None and "header" in error["message"]
+    by_header = stream_audio(running.ws_url(""), SILENCE, 16000, speed=0, headers={"X-API-KEY": key})
+    assert asyncio.run(by_header).close_code == 1000
+
+
+def test_missing_key_waits_for_the_auth_message_then_closes_4401(
+    make_server: Callable[..., RunningServer], tmp_path: Path
+) -> None:
+    running = make_server(**multi_user(tmp_path, access={"auth_message_timeout_seconds": 0.3}, preload=False))
+
+    async def silent_client() -> int | None:
+        async with connect(running.ws_url("")) as ws:
+            with pytest.raises(ConnectionClosed):
+                while True:
+                    await asyncio.wait_for(ws.recv(), 5)
+        return ws.close_code
+
+    started = time.monotonic()
+    assert asyncio.run(silent_client()) == 4401
+    assert time.monotonic() - started < 3
+
+
+def test_limits_only_key_may_not_stream(mu_server: RunningServer) -> None:
+    key = new_key(mu_server, "dashboard", scope="limits")
+    code, error = asyncio.run(refused(mu_server.ws_url(key)))
+    assert code == 4403 and error is not None and error["error_type"] == "forbidden"
+    report = limits(mu_server, key)
+    assert report["user_id"] == "dashboard" and report["can_start_stream"] is False
+
+
+def test_ip_allowlist(make_server: Callable[..., RunningServer], tmp_path: Path) -> None:
+    outside = make_server(**multi_user(tmp_path, access={"ip_allowlist": ["10.0.0.0/8", "192.168.1.7"]}))
+    key = new_key(outside, "alice")
+    code, error = asyncio.run(refused(outside.ws_url(key)))
+    assert code == 1008 and error is not None and error["error_type"] == "forbidden"
+    response = httpx.get(f"{outside.base_url}/api/v1/audio/stream/limits", headers={"X-API-KEY": key})
+    assert response.status_code == 403
+
+    inside = make_server(**multi_user(tmp_path, access={"ip_allowlist": ["127.0.0.0/8"]}))
+    assert inside.stream(SILENCE, token=key, speed=0).close_code == 1000
+
+
+def test_connection_attempts_are_rate_limited_per_key_and_per_address(
+    make_server: Callable[..., RunningServer], tmp_path: Path
+) -> None:
+    running = make_server(
+        **multi_user(
+            tmp_path,
+            preload=False,
+            access={"connections_per_minute_per_key": 2, "connections_per_minute_per_ip": 5},
+        )
+    )
+    key = new_key(running, "alice", tier="premium")
+    other = new_key(running, "bob", tier="premium")
+    hello = {"type": "reset"}  # any first message: these connections are refused or dropped right away
+    for _ in range(2):
+        asyncio.run(refused(running.ws_url(key), hello))
+    code, error = asyncio.run(refused(running.ws_url(key), hello))
+    assert code == 4429 and error is not None and error["error_type"] == "rate_limited"
+    assert "with this key" in error["message"]
+    # bob's key is fine, until this address has made five attempts in the minute.
+    asyncio.run(refused(running.ws_url(other), hello))
+    asyncio.run(refused(running.ws_url(other), hello))
+    code, error = asyncio.run(refused(running.ws_url(other), hello))
+    assert code == 4429 and error is not None and "from this address" in error["message"]
+
+
+def test_idle_stream_is_closed_1001(make_server: Callable[..., RunningServer], tmp_path: Path) -> None:
+    running = make_server(**multi_user(tmp_path, access={"idle_timeout_seconds": 0.5}))
+    key = new_key(running, "alice")
+
+    async def idle() -> tuple[int | None, list[dict[str, Any]]]:
+        frames = []
+        async with connect(running.ws_url(key)) as ws:
+            await ws.send(json.dumps({"type": "config"}))
+            with pytest.raises(ConnectionClosed):
+                while True:
+                    frames.append(json.loads(await asyncio.wait_for(ws.recv(), 10)))
+        return ws.close_code, frames
+
+    code, frames = asyncio.run(idle())
+    assert code == 1001
+    assert frames[-1]["type"] == "error" and frames[-1]["error_type"] == "timeout"
+
+
+def test_free_tier_allows_one_stream_at_a_time(mu_server: RunningServer) -> None:
+    key = new_key(mu_server, "alice")
+
+    async def scenario() -> None:
+        first = await open_stream(mu_server.ws_url(key))
+        code, error = await refused(mu_server.ws_url(key))
+        assert code == 4003
+        assert error is not None and error["error_type"] == "quota_exceeded"
+        assert error["quota"] == "concurrent_streams"
+        await first.close()
+        await asyncio.sleep(0.2)
+        second = await open_stream(mu_server.ws_url(key))
+        await second.close()
+
+    asyncio.run(scenario())
+
+
+def test_standard_tier_allows_three_streams(mu_server: RunningServer) -> None:
+    key = new_key(mu_server, "alice", tier="standard")
+
+    async def scenario() -> None:
+        streams = [await open_stream(mu_server.ws_url(key)) for _ in range(3)]
+        code, error = await refused(mu_server.ws_url(key))
+        assert code == 4003 and error is not None and error["quota"] == "concurrent_streams"
+        for ws in streams:
+            await ws.close()
+
+    asyncio.run(scenario())
+
+
+def test_daily_minutes_are_charged_and_enforced(mu_server: RunningServer) -> None:
+    key = new_key(mu_server, "alice")  # free tier here: 0.05 minutes = 3 s a day
+    first = mu_server.stream(np.zeros(32000, dtype=np.float32), token=key, speed=0)
+    assert first.close_code == 1000
+    report = limits(mu_server, key)
+    assert report["used_today_minutes"] == pytest.approx(2 / 60, abs=1e-3)
+    assert report["remaining_minutes"] == pytest.approx(0.05 - 2 / 60, abs=1e-3)
+
+    over: StreamResult = mu_server.stream(np.zeros(32000, dtype=np.float32), token=key, speed=0)
+    assert over.close_code == 4003
+    assert over.error is not None and over.error["quota"] == "daily_minutes"
+    assert limits(mu_server, key)["used_today_minutes"] == pytest.approx(3 / 60, abs=2e-3)
+
+    code, error = asyncio.run(refused(mu_server.ws_url(key)))
+    assert code == 4003 and error is not None and error["quota"] == "daily_minutes"
+    assert limits(mu_server, key)["can_start_stream"] is False
+
+
+def test_limits_endpoint_schema_and_values(mu_server: RunningServer) -> None:
+    key = new_key(mu_server, "alice", tier="standard")
+    before = limits(mu_server, key)
+    assert set(before) == LIMITS_FIELDS
+    assert set(before["limits"]) == {"daily_minutes", "concurrent_streams", "max_frame_bytes"}
+    assert before == {
+        "user_id": "alice",
+        "tier": "standard",
+        "limits": {"daily_minutes": 300.0, "concurrent_streams": 3, "max_frame_bytes": 1_048_576},
+        "used_today_minutes": 0.0,
+        "remaining_minutes": 300.0,
+        "active_streams": 0,
+        "can_start_stream": True,
+    }
+    assert mu_server.stream(np.zeros(48000, dtype=np.float32), token=key, speed=0).close_code == 1000
+    after = limits(mu_server, key)
+    assert after["used_today_minutes"] == pytest.approx(0.05, abs=1e-4)
+    assert after["remaining_minutes"] == pytest.approx(299.95, abs=1e-4)
+
+    async def while_streaming() -> dict[str, Any]:
+        ws = await open_stream(mu_server.ws_url(key))
+        report = await asyncio.to_thread(limits, mu_server, key)
+        await ws.close()
+        return report
+
+    assert asyncio.run(while_streaming())["active_streams"] == 1
+    premium = limits(mu_server, new_key(mu_server, "bob", tier="premium"))
+    assert premium["remaining_minutes"] is None and premium["limits"]["daily_minutes"] is None
+    by_query = httpx.get(f"{mu_server.base_url}/api/v1/audio/stream/limits", params={"token": key})
+    assert by_query.status_code == 200
+    unauthorized = httpx.get(f"{mu_server.base_url}/api/v1/audio/stream/limits", params={"token": "nope"})
+    assert unauthorized.status_code == 401 and unauthorized.json()["error_type"] == "auth_failed"
+
+
+def test_minutes_survive_a_restart(make_server: Callable[..., RunningServer], tmp_path: Path) -> None:
+    first = make_server(**multi_user(tmp_path, usage_flush_seconds=3600))
+    key = new_key(first, "alice", tier="standard")
+    assert first.stream(np.zeros(24000, dtype=np.float32), token=key, speed=0).close_code == 1000
+    first.stop()
+    second = make_server(**multi_user(tmp_path, preload=False))
+    assert limits(second, key)["used_today_minutes"] == pytest.approx(1.5 / 60, abs=1e-4)
+
+
+def test_single_user_mode_keeps_its_key_and_reports_unlimited_limits(server: RunningServer) -> None:
+    report = limits(server, server.api_key)
+    assert set(report) == LIMITS_FIELDS
+    assert report["tier"] == "single_user" and report["remaining_minutes"] is None
+    assert report["limits"]["concurrent_streams"] is None
+    assert server.stream(SILENCE, speed=0).close_code == 1000
+    assert server.stream(SILENCE, speed=0, token="wrong").close_code == 4401
+
+
+def test_no_key_in_any_log_line(
+    make_server: Callable[..., RunningServer], tmp_path: Path, captured_logs: list[str]
+) -> None:
+    running = make_server(**multi_user(tmp_path, access={"connections_per_minute_per_key": 3}))
+    key = new_key(running, "alice", tier="standard")
+    revoked = new_key(running, "alice")
+    store = open_store(running.settings)
+    store.revoke_key(store.list_keys("alice")[1].key_id)
+    store.close()
+    running.stream(SILENCE, token=key, speed=0)
+    running.stream(SILENCE, token=revoked, speed=0)
+    running.stream(SILENCE, token=key + "x", speed=0)
+    limits(running, key)
+    # urllib, not httpx: httpx itself logs request URLs (client side), and this is about the server's logs.
+    with urllib.request.urlopen(f"{running.base_url}/api/v1/audio/stream/limits?token={key}") as response:
+        assert response.status == 200
+    for _ in range(3):  # past the per-key rate limit
+        running.stream(SILENCE, token=key, speed=0)
+    running.stop()
+    assert any("/api/v1/audio/stream" in line for line in captured_logs), "no access log captured"
+    for secret in (key, revoked, key.split("_", 2)[2], revoked.split("_", 2)[2]):
+        assert not [line for line in captured_logs if secret in line]
