@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Installs streamscribe into ./.venv (created if missing). Usage: scripts/install.sh [extra,...]
+# Extras: test, nemo, onnx, mlx (e.g. scripts/install.sh test,nemo,onnx,mlx).
 # Works on a fresh machine with only Python 3.11+ and pip.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,6 +12,11 @@ fi
 python -m pip install --quiet --upgrade pip
 # silero-vad declares torch as a dependency, but we only read its ONNX model (run with onnxruntime).
 python -m pip install --quiet --no-deps "silero-vad==6.2.3"
+if [[ ",$extras," == *",nemo,"* ]]; then
+  # torch before NeMo, pinned: left to NeMo's resolver, pip pulls a multi-GB CUDA build. These machines
+  # hold the 2.13.0 CPU wheel; set STREAMSCRIBE_TORCH to choose another (e.g. a CUDA build).
+  python -m pip install --quiet "${STREAMSCRIBE_TORCH:-torch==2.13.0}"
+fi
 if [ -n "$extras" ]; then
   python -m pip install --quiet -e ".[$extras]"
 else

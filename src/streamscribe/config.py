@@ -86,6 +86,55 @@ class StreamingSettings(BaseModel):
     )
 
 
+class NemoSettings(BaseModel):
+    """NVIDIA NeMo models: Parakeet (standard, ONNX, MLX) and Canary. Each needs its weights configured."""
+
+    parakeet_model: str | None = Field(
+        None,
+        description="Parakeet for the standard variant (NeMo, PyTorch): a local .nemo file (TDT, RNNT or "
+        "CTC), or a model name such as nvidia/parakeet-tdt-0.6b-v2 when the machine can reach the model hub.",
+    )
+    parakeet_onnx_dir: Path | None = Field(
+        None,
+        description="Parakeet for the onnx variant: a folder with encoder-model.onnx, "
+        "decoder_joint-model.onnx (CTC: model.onnx) and vocab.txt, as onnx-asr reads it "
+        "(see docs/engines.md).",
+    )
+    parakeet_mlx_dir: Path | None = Field(
+        None, description="Parakeet for the mlx variant: a folder with config.json and model.safetensors."
+    )
+    canary_model: str | None = Field(
+        None,
+        description="Canary (NeMo EncDecMultiTaskModel): a local .nemo file, or a model name such as "
+        "nvidia/canary-1b when the machine can reach the model hub.",
+    )
+    native_streaming: bool = Field(
+        True,
+        description="Stream Parakeet (standard) through NeMo's own streaming pipeline, decoder state carried "
+        "between chunks. If false, it re-decodes the growing utterance like Whisper.",
+    )
+    chunk_seconds: float = Field(
+        0.64, gt=0.0, le=10.0, description="Audio per NeMo streaming step (buffered pipeline)."
+    )
+    left_context_seconds: float = Field(
+        1.6, ge=0.0, le=30.0, description="Audio before each chunk that the buffered pipeline re-encodes."
+    )
+    right_context_seconds: float = Field(
+        0.32, ge=0.0, le=10.0, description="Look-ahead after each chunk (adds this much latency)."
+    )
+    cache_aware_right_context: int | None = Field(
+        None,
+        description="For cache-aware (streaming-trained) models: encoder right context in frames, one of the "
+        "lookaheads the model was trained with (0, 1, 6, 13 for NVIDIA's). Unset: the model's default.",
+    )
+    streams_per_step: int = Field(
+        8, ge=1, le=256, description="Live streams decoded together in one NeMo streaming step (batch size)."
+    )
+    max_streams: int = Field(
+        64, ge=1, description="Live NeMo streams at once (cache slots of cache-aware models)."
+    )
+
+
 class TierLimits(BaseModel):
     """What one tier may use. ``daily_minutes`` null means unlimited."""
 
@@ -282,6 +331,7 @@ class Settings(BaseSettings):
     whisper: WhisperSettings = Field(default_factory=WhisperSettings)  # type: ignore[arg-type]
     vad: VadSettings = Field(default_factory=VadSettings)  # type: ignore[arg-type]
     streaming: StreamingSettings = Field(default_factory=StreamingSettings)  # type: ignore[arg-type]
+    nemo: NemoSettings = Field(default_factory=NemoSettings)  # type: ignore[arg-type]
     access: AccessSettings = Field(default_factory=AccessSettings)  # type: ignore[arg-type]
     tiers: TierSettings = Field(default_factory=TierSettings)
     shared_store: SharedStoreSettings = Field(default_factory=SharedStoreSettings)  # type: ignore[arg-type]

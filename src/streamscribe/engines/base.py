@@ -97,3 +97,55 @@ class Engine(Protocol):
     def transcribe(self, batch: Sequence[AudioWindow]) -> list[Transcript]:
         """Transcribe each window; one result per window, in order."""
         ...
+
+
+@dataclass(frozen=True)
+class StreamChunk:
+    """The next piece of one live stream, for an engine that carries its own state between pieces.
+
+    Attributes:
+        stream_id: Which stream (unique among the streams open on the engine).
+        samples: Mono float32 samples, ``chunk_samples`` long except possibly the last piece.
+        is_first: Opens the stream (its state is created).
+        is_last: Closes the stream (its state is freed; the rest of its text becomes final).
+        language: Source language code.
+    """
+
+    stream_id: int
+    samples: np.ndarray
+    is_first: bool
+    is_last: bool
+    language: str = "en"
+
+
+@dataclass(frozen=True)
+class StreamUpdate:
+    """What one step added to a stream's text.
+
+    Attributes:
+        stream_id: The stream it belongs to.
+        final_text: Text that became final in this step (never revised), stripped; often empty.
+        partial_text: The stream's text after its last final piece; revised by later steps.
+    """
+
+    stream_id: int
+    final_text: str
+    partial_text: str
+
+
+@runtime_checkable
+class StreamingEngine(Engine, Protocol):
+    """An engine that decodes live audio natively, piece by piece, several streams per step.
+
+    Calls to ``stream_step`` are serialised by the caller (one at a time); each stream appears at most
+    once per call.
+    """
+
+    @property
+    def chunk_samples(self) -> int:
+        """Samples per piece (at ``sample_rate``)."""
+        ...
+
+    def stream_step(self, chunks: Sequence[StreamChunk]) -> list[StreamUpdate]:
+        """Advance each stream by its piece; one update per chunk, in order."""
+        ...

@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 
-from streamscribe.config import Settings
+from streamscribe.config import ENV_PREFIX, Settings
 from streamscribe.engines.base import Engine, EngineUnavailable, UnsupportedLanguage
 from streamscribe.engines.bundled import BUNDLED_WHISPER_MODELS
 
@@ -62,10 +63,15 @@ class EngineRegistry:
 
     def get(self, model: str, variant: str, language: str, task: str = "transcribe") -> Engine:
         """The engine for this choice, loading it on first use. Raises EngineUnavailable."""
-        if model != "whisper":
-            status = next(s for s in self.status() if s.model == model and s.variant == variant)
-            raise EngineUnavailable(status.reason or f"{model} ({variant}) is not available")
-        engine = self._whisper(self.whisper_model_for(language, task))
+        if model == "whisper":
+            engine = self._whisper(self.whisper_model_for(language, task))
+        else:
+            status = next((s for s in self.status() if s.model == model and s.variant == variant), None)
+            if status is None:
+                raise EngineUnavailable(f"{model} has no {variant} variant")
+            if not status.available:
+                raise EngineUnavailable(status.reason or f"{model} ({variant}) is not available")
+            engine = self._nemo_family(model, variant)
         if language not in engine.languages:
             raise UnsupportedLanguage(f"{engine.name} does not transcribe language {language!r}")
         if task == "translate" and engine.languages == {"en"}:
@@ -95,21 +101,99 @@ class EngineRegistry:
                 )
             return self._engines[key]
 
+    def _nemo_family(self, model: str, variant: str) -> Engine:
+        """Parakeet (standard, onnx, mlx) or Canary, loaded once."""
+        key = f"{model}:{variant}"
+        with self._lock:
+            if key not in self._engines:
+                self._engines[key] = self._load_nemo_family(model, variant)
+            return self._engines[key]
+
+    def _load_nemo_family(self, model: str, variant: str) -> Engine:
+        nemo = self._settings.nemo
+        device = self._settings.device
+        if model == "canary":
+            from streamscribe.engines.nemo import CanaryEngine
+
+            assert nemo.canary_model is not None
+            return CanaryEngine.load(nemo.canary_model, device)
+        if variant == "onnx":
+            from streamscribe.engines.onnx import OnnxParakeetEngine
+
+            assert nemo.parakeet_onnx_dir is not None
+            return OnnxParakeetEngine(nemo.parakeet_onnx_dir, device, self._settings.cpu_threads)
+        if variant == "mlx":
+            from streamscribe.engines.mlx import MlxParakeetEngine
+
+            assert nemo.parakeet_mlx_dir is not None
+            return MlxParakeetEngine(nemo.parakeet_mlx_dir)
+        from streamscribe.engines.nemo import NemoAsrEngine, NemoStreamingEngine, NemoStreamingOptions
+
+        assert nemo.parakeet_model is not None
+        if not nemo.native_streaming:
+            return NemoAsrEngine.load(nemo.parakeet_model, device)
+        options = NemoStreamingOptions(
+            chunk_seconds=nemo.chunk_seconds,
+            left_context_seconds=nemo.left_context_seconds,
+            right_context_seconds=nemo.right_context_seconds,
+            cache_aware_right_context=nemo.cache_aware_right_context,
+            streams_per_step=nemo.streams_per_step,
+            max_streams=nemo.max_streams,
+        )
+        return NemoStreamingEngine.load_streaming(nemo.parakeet_model, device, options)
+
     def status(self) -> list[EngineStatus]:
         """Every engine, variant and language this server knows, with availability."""
         rows = [self._whisper_status()]
         for model, variants in NEMO_VARIANTS.items():
             for variant in variants:
-                rows.append(
-                    EngineStatus(
-                        model,
-                        variant,
-                        NEMO_LANGUAGES[model],
-                        available=False,
-                        reason=f"the {model} {variant} engine is not part of this build yet",
-                    )
-                )
+                problem = self._nemo_family_problem(model, variant)
+                languages = NEMO_LANGUAGES[model]
+                loaded = self._engines.get(f"{model}:{variant}")
+                if loaded is not None:
+                    languages = tuple(sorted(loaded.languages, key=lambda code: (code != "en", code)))
+                available = problem is None
+                rows.append(EngineStatus(model, variant, languages, available=available, reason=problem))
         return rows
+
+    def _nemo_family_problem(self, model: str, variant: str) -> str | None:
+        """Why a NeMo-family engine cannot load here (package, then weights), or None. Imports nothing."""
+        nemo = self._settings.nemo
+        setting: str | Path | None
+        if variant == "standard":
+            packages, extra = ("nemo_toolkit", "torch"), "nemo"
+            name = "canary_model" if model == "canary" else "parakeet_model"
+            setting = nemo.canary_model if model == "canary" else nemo.parakeet_model
+        elif variant == "onnx":
+            packages, extra = ("onnx-asr", "onnxruntime"), "onnx"
+            name, setting = "parakeet_onnx_dir", nemo.parakeet_onnx_dir
+        else:
+            packages, extra = ("parakeet-mlx", "mlx"), "mlx"
+            name, setting = "parakeet_mlx_dir", nemo.parakeet_mlx_dir
+        for package in packages:
+            try:
+                _require_distribution(package)
+            except EngineUnavailable:
+                return f"package {package} is not installed (pip install 'streamscribe[{extra}]')"
+        variable = f"{ENV_PREFIX}NEMO__{name.upper()}"
+        if setting is None:
+            return f"no weights configured: set {variable}"
+        text = str(setting)
+        path = Path(text).expanduser()
+        if variant == "standard":
+            # Only the file's name: this reason reaches clients, which must not learn server paths.
+            if text.endswith(".nemo") and not path.is_file():
+                return f"{variable} points at a missing file ({path.name})"
+            from streamscribe.engines.nemo import check_model_source
+
+            try:
+                check_model_source(text)
+            except EngineUnavailable as exc:
+                return f"{variable}: {exc}"
+            return None
+        if not path.is_dir():
+            return f"{variable} points at a missing folder ({path.name})"
+        return None
 
     def _whisper_status(self) -> EngineStatus:
         languages: set[str] = set()

@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 
 from streamscribe.config import Settings
-from streamscribe.engines.base import Engine
+from streamscribe.engines.base import Engine, StreamingEngine
 from streamscribe.engines.registry import EngineRegistry
 from streamscribe.protocol import CloseCode, ErrorType, StreamError
 from streamscribe.server.auth import AccessControl
 from streamscribe.server.metrics import ServerMetrics
+from streamscribe.streaming.native import NativeStreamingSession, StreamStepper
 from streamscribe.streaming.scheduler import DecodeScheduler
+from streamscribe.streaming.session import LiveSession, SessionEvent, SessionOptions, StreamingSession
 from streamscribe.streaming.vad import SileroVad
 
 log = logging.getLogger(__name__)
@@ -30,6 +33,7 @@ class Runtime:
         self.draining = asyncio.Event()
         self.models_ready = not settings.preload
         self._schedulers: dict[str, DecodeScheduler] = {}
+        self._steppers: dict[str, StreamStepper] = {}
         self._load_lock = asyncio.Lock()
         self.active_streams = 0  # admitted streams (admission control)
         self._open_streams = 0  # open sockets (graceful shutdown waits for them)
@@ -58,7 +62,7 @@ class Runtime:
             raise StreamError(
                 ErrorType.SERVER_BUSY, f"server is at its limit of {limit} streams", CloseCode.TRY_AGAIN_LATER
             )
-        if self.scheduler(engine).overloaded:
+        if not isinstance(engine, StreamingEngine) and self.scheduler(engine).overloaded:
             raise StreamError(
                 ErrorType.SERVER_BUSY,
                 f"{engine.name} is behind on the streams it has; try again shortly",
@@ -68,6 +72,19 @@ class Runtime:
 
     def release(self) -> None:
         self.active_streams -= 1
+
+    def stepper(self, engine: StreamingEngine) -> StreamStepper:
+        if engine.name not in self._steppers:
+            self._steppers[engine.name] = StreamStepper(engine)
+        return self._steppers[engine.name]
+
+    def new_session(
+        self, engine: Engine, options: SessionOptions, emit: Callable[[SessionEvent], Awaitable[None]]
+    ) -> LiveSession:
+        """A live session for ``engine``: its own streaming when it has one, else re-decoded windows."""
+        if isinstance(engine, StreamingEngine):
+            return NativeStreamingSession(self.stepper(engine), self.vad, options, emit)
+        return StreamingSession(self.scheduler(engine), self.vad, options, emit)
 
     async def preload(self) -> None:
         """Load the default (fallback) English engine before the first client needs it."""
@@ -110,3 +127,5 @@ class Runtime:
         await self.access.close()
         for scheduler in self._schedulers.values():
             await scheduler.close()
+        for stepper in self._steppers.values():
+            await stepper.close()

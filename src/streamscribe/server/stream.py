@@ -38,9 +38,9 @@ from streamscribe.server.runtime import Runtime
 from streamscribe.streaming.session import (
     EngineFailure,
     FinalSegment,
+    LiveSession,
     SessionEvent,
     SessionOptions,
-    StreamingSession,
 )
 from streamscribe.streaming.vad import VadOptions
 
@@ -78,7 +78,7 @@ class StreamConnection:
             await self._ws.close(code=int(CloseCode.GOING_AWAY))
             return
         await self._ws.accept()
-        session: StreamingSession | None = None
+        session: LiveSession | None = None
         watcher: asyncio.Task[None] | None = None
         lease: StreamLease | None = None
         admitted = False
@@ -135,7 +135,7 @@ class StreamConnection:
                 },
             )
 
-    async def _finish_on_shutdown(self, session: StreamingSession) -> None:
+    async def _finish_on_shutdown(self, session: LiveSession) -> None:
         """On server shutdown: let the current utterance end (up to half the grace time), then send its
         final and the full transcript and close with 1001; the other half is for decoding it."""
         await self._runtime.draining.wait()
@@ -214,7 +214,7 @@ class StreamConnection:
         )
         return engine
 
-    def _new_session(self, config: ConfigMessage, engine: Engine) -> StreamingSession:
+    def _new_session(self, config: ConfigMessage, engine: Engine) -> LiveSession:
         settings = self._runtime.settings
         options = SessionOptions(
             language=config.language,
@@ -266,12 +266,12 @@ class StreamConnection:
             with contextlib.suppress(_SessionEnded):  # the client left; the receive loop will see it
                 await self._send(frame)
 
-        return StreamingSession(self._runtime.scheduler(engine), self._runtime.vad, options, emit)
+        return self._runtime.new_session(engine, options, emit)
 
     async def _serve(
         self,
         config: ConfigMessage,
-        session: StreamingSession,
+        session: LiveSession,
         resampler: StreamResampler,
         lease: StreamLease,
     ) -> None:

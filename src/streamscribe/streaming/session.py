@@ -15,7 +15,7 @@ import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Protocol
 
 import numpy as np
 
@@ -73,6 +73,27 @@ class EngineFailure:
 
 
 SessionEvent = PartialText | FinalSegment | EngineFailure
+
+
+class LiveSession(Protocol):
+    """What a connection drives: ``StreamingSession`` here, or ``native.NativeStreamingSession``."""
+
+    @property
+    def full_transcript(self) -> str: ...
+
+    @property
+    def received_seconds(self) -> float: ...
+
+    @property
+    def in_utterance(self) -> bool: ...
+
+    async def feed(self, samples: np.ndarray) -> None: ...
+
+    async def flush(self) -> str: ...
+
+    def reset(self) -> None: ...
+
+    async def close(self) -> None: ...
 
 
 @dataclass
