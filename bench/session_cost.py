@@ -75,7 +75,7 @@ async def run(
         prompt_chars=settings.streaming.prompt_chars,
         vad=VadOptions(**settings.vad.model_dump()),
     )
-    scheduler = DecodeScheduler(engine, workers=settings.decode_workers)  # type: ignore[arg-type]
+    scheduler = DecodeScheduler(engine, workers=settings.decode_worker_count)  # type: ignore[arg-type]
     session = StreamingSession(scheduler, SileroVad(), options, emit)
     started = time.process_time()
     for start in range(0, len(samples), 1600):

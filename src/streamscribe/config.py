@@ -291,7 +291,13 @@ class Settings(BaseSettings):
         0, ge=0, description="Threads per engine call on CPU; 0 means cores divided by decode workers."
     )
     max_streams: int = Field(0, ge=0, description="Concurrent streams this server accepts; 0 means no limit.")
-    decode_workers: int = Field(1, ge=1, le=16, description="Engine calls that may run at the same time.")
+    decode_workers: int = Field(
+        0,
+        ge=0,
+        le=16,
+        description="Engine calls that may run at the same time; 0 means one per core, each single-threaded "
+        "(the cheapest way to spend the cores on many small decodes).",
+    )
     cache_dir: Path = Field(
         Path.home() / ".cache" / "streamscribe",
         description="Where bundled models that ship in parts are assembled (once).",
@@ -335,6 +341,10 @@ class Settings(BaseSettings):
     access: AccessSettings = Field(default_factory=AccessSettings)  # type: ignore[arg-type]
     tiers: TierSettings = Field(default_factory=TierSettings)
     shared_store: SharedStoreSettings = Field(default_factory=SharedStoreSettings)  # type: ignore[arg-type]
+
+    @property
+    def decode_worker_count(self) -> int:
+        return self.decode_workers or os.cpu_count() or 1
 
     @classmethod
     def settings_customise_sources(

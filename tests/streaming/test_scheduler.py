@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 
 import numpy as np
+import pytest
 
 from streamscribe.engines.base import AudioWindow
-from streamscribe.streaming.scheduler import DecodeScheduler, Priority
+from streamscribe.streaming.scheduler import DecodeScheduler, Priority, StaleWork
 from tests.streaming.fakes import ScriptedEngine
 
 
@@ -72,4 +73,24 @@ async def test_when_behind_finals_are_decoded_fast_and_overload_is_reported() ->
     assert not scheduler.overloaded
     # The first final was taken while two more waited: decoded fast; the last one had the engine alone.
     assert [w.fast for w in engine.windows] == [True, True, False]
+    await scheduler.close()
+
+
+async def test_a_partial_that_went_stale_in_the_queue_is_dropped_unstarted() -> None:
+    engine = ScriptedEngine()
+    scheduler = DecodeScheduler(engine)
+    engine.gate.clear()
+    busy = asyncio.create_task(scheduler.decode(window(1, True), Priority.FINAL))
+    await asyncio.sleep(0.05)
+    utterance_open = True
+    partial = asyncio.create_task(
+        scheduler.decode(window(2, False), Priority.PARTIAL, lambda: not utterance_open)
+    )
+    await asyncio.sleep(0.05)
+    utterance_open = False  # the utterance closed while its partial waited
+    engine.gate.set()
+    await busy
+    with pytest.raises(StaleWork):
+        await partial
+    assert [len(w.samples) // 16000 for w in engine.windows] == [1]
     await scheduler.close()

@@ -95,7 +95,7 @@ class EngineRegistry:
                     device=device,
                     compute_type=settings.whisper.compute_type if device == "cpu" else "float16",
                     cpu_threads=settings.cpu_threads,
-                    workers=settings.decode_workers,
+                    workers=settings.decode_worker_count,
                     beam_size=settings.whisper.beam_size,
                     min_encoder_seconds=settings.whisper.min_encoder_seconds,
                 )

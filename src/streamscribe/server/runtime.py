@@ -49,7 +49,7 @@ class Runtime:
         if engine.name not in self._schedulers:
             self._schedulers[engine.name] = DecodeScheduler(
                 engine,
-                workers=self.settings.decode_workers,
+                workers=self.settings.decode_worker_count,
                 overload_seconds=self.settings.streaming.overload_seconds,
                 observer=self.metrics,
             )

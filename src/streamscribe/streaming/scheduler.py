@@ -13,12 +13,17 @@ import dataclasses
 import heapq
 import itertools
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Protocol
 
 from streamscribe.engines.base import AudioWindow, Engine, Transcript
+
+
+class StaleWork(Exception):
+    """A queued job was dropped because its result stopped mattering before its turn came."""
 
 
 class Priority(IntEnum):
@@ -38,6 +43,7 @@ class _Job:
     order: int
     window: AudioWindow = field(compare=False)
     result: asyncio.Future[Transcript] = field(compare=False)
+    stale: Callable[[], bool] | None = field(compare=False, default=None)
     queued_at: float = field(compare=False, default_factory=time.monotonic)
 
 
@@ -77,13 +83,19 @@ class DecodeScheduler:
             if not job.result.done()
         )
 
-    async def decode(self, window: AudioWindow, priority: Priority) -> Transcript:
-        """Queue one window and wait for its transcript (engine errors are raised here)."""
+    async def decode(
+        self, window: AudioWindow, priority: Priority, stale: Callable[[], bool] | None = None
+    ) -> Transcript:
+        """Queue one window and wait for its transcript (engine errors are raised here).
+
+        ``stale`` is asked when the job's turn comes: if it says the result is no longer wanted (the
+        utterance closed while a partial waited), the job is dropped and ``StaleWork`` raised instead.
+        """
         if self._ready is None:
             self._ready = asyncio.Event()
             self._tasks = [asyncio.create_task(self._work()) for _ in range(self._workers)]
         future: asyncio.Future[Transcript] = asyncio.get_running_loop().create_future()
-        heapq.heappush(self._queue, _Job(priority, next(self._order), window, future))
+        heapq.heappush(self._queue, _Job(priority, next(self._order), window, future, stale))
         self._ready.set()
         return await future
 
@@ -120,6 +132,9 @@ class DecodeScheduler:
         while self._queue and len(batch) < self._max_batch:
             job = heapq.heappop(self._queue)
             if job.result.cancelled():
+                continue
+            if job.stale is not None and job.stale():
+                job.result.set_exception(StaleWork())
                 continue
             if batch and job.priority != batch[0].priority:
                 heapq.heappush(self._queue, job)

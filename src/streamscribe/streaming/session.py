@@ -22,7 +22,7 @@ import numpy as np
 from streamscribe.audio import AudioBuffer
 from streamscribe.engines.base import AudioWindow, Word
 from streamscribe.streaming.policy import LocalAgreement
-from streamscribe.streaming.scheduler import DecodeScheduler, Priority
+from streamscribe.streaming.scheduler import DecodeScheduler, Priority, StaleWork
 from streamscribe.streaming.vad import SileroVad, SpeechEnd, SpeechStart, VadOptions, VadStream
 
 log = logging.getLogger(__name__)
@@ -320,9 +320,18 @@ class StreamingSession:
         samples = self._buffer.slice(start, end)
         # Stable words are forced as the decode's prefix: they cannot flicker, and are not decoded again.
         prefix = " ".join(self._agreement.stable) or None
-        transcript = await self._scheduler.decode(self._window(samples, False, prefix), Priority.PARTIAL)
-        if generation != self._generation or self._segment_start != start:
-            return  # the utterance closed or the stream was reset while decoding: stale
+
+        def stale() -> bool:  # the utterance closed or the stream was reset
+            return generation != self._generation or self._segment_start != start
+
+        try:
+            transcript = await self._scheduler.decode(
+                self._window(samples, False, prefix), Priority.PARTIAL, stale
+            )
+        except StaleWork:
+            return  # dropped unstarted: the stream's final goes next instead of waiting behind it
+        if stale():
+            return
         text = self._agreement.update(transcript.text)
         if text and text != self._last_partial:
             self._last_partial = text
