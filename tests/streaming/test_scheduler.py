@@ -94,3 +94,16 @@ async def test_a_partial_that_went_stale_in_the_queue_is_dropped_unstarted() -> 
         await partial
     assert [len(w.samples) // 16000 for w in engine.windows] == [1]
     await scheduler.close()
+
+
+async def test_pressure_counts_queued_jobs_per_worker() -> None:
+    engine = ScriptedEngine()
+    scheduler = DecodeScheduler(engine, workers=2)
+    assert scheduler.pressure == 1.0
+    engine.gate.clear()
+    jobs = [asyncio.create_task(scheduler.decode(window(1, False), Priority.PARTIAL)) for _ in range(8)]
+    await asyncio.sleep(0.1)
+    assert scheduler.pressure == 3.0  # two running, six waiting for two workers
+    engine.gate.set()
+    await asyncio.gather(*jobs)
+    await scheduler.close()

@@ -74,6 +74,11 @@ class DecodeScheduler:
         return len(self._queue)
 
     @property
+    def pressure(self) -> float:
+        """Queued jobs per worker, at least 1: how much longer than usual a new job will wait."""
+        return max(1.0, len(self._queue) / self._workers)
+
+    @property
     def overloaded(self) -> bool:
         """True when a final has waited longer than ``overload_seconds``: new streams would not keep up."""
         now = time.monotonic()

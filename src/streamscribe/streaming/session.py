@@ -244,7 +244,8 @@ class StreamingSession:
             return False  # hypotheses of under a second of speech mostly get rewritten: wait
         if self._vad.last_voiced <= self._partial_decoded_to:
             return False  # only silence since the last partial: its text cannot have changed
-        return self._buffer.end - self._partial_decoded_to >= self._partial_step
+        # Under load partials come less often (never finals): the engine's time goes to finals first.
+        return self._buffer.end - self._partial_decoded_to >= self._partial_step * self._scheduler.pressure
 
     def _window(self, samples: np.ndarray, final: bool, prefix: str | None = None) -> AudioWindow:
         previous = self.full_transcript[-self._options.prompt_chars :] if self._options.prompt_chars else ""
