@@ -16,7 +16,12 @@ from typing import Any
 request_id: ContextVar[str | None] = ContextVar("request_id", default=None)
 
 # Attributes every LogRecord has; anything else was passed with ``extra=`` and is part of the event.
-_STANDARD_ATTRIBUTES = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
+# uvicorn adds "color_message" (the message with terminal colour codes) to its records: noise in JSON.
+_STANDARD_ATTRIBUTES = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
+    "message",
+    "asctime",
+    "color_message",
+}
 
 
 def new_request_id(prefix: str) -> str:
