@@ -46,6 +46,13 @@ class WhisperSettings(BaseModel):
         description="Encode short windows as this many seconds instead of Whisper's 30 s (saves ~5x encoder "
         "time; below 15 s accuracy drops).",
     )
+    partial_encoder_seconds: float = Field(
+        10.0,
+        ge=5.0,
+        le=30.0,
+        description="The same for partials of short utterances: tentative text, re-decoded often, where "
+        "speed matters more (finals keep min_encoder_seconds).",
+    )
 
 
 class VadSettings(BaseModel):

@@ -76,3 +76,25 @@ def test_registry_reports_unavailable_engines_with_reasons(tmp_path: Path) -> No
         Settings(cache_dir=tmp_path, whisper={"english_model": "/no/such/model"})
     ).status()
     assert "neither a bundled model" in (next(r for r in broken if r.model == "whisper").reason or "")
+
+
+def test_partials_and_finals_encode_their_own_window_sizes(
+    tmp_path: Path, clip: Callable[[str], np.ndarray], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from faster_whisper import WhisperModel
+
+    engine = WhisperEngine("tiny.en", tmp_path, min_encoder_seconds=15, partial_encoder_seconds=10)
+    frames: list[int] = []
+    padded_encode = WhisperModel.encode
+
+    def record(self: WhisperModel, features: np.ndarray) -> object:
+        frames.append(features.shape[-1])
+        return padded_encode(self, features)
+
+    monkeypatch.setattr(WhisperModel, "encode", record)
+    speech = clip("short.wav")
+    partial, final = engine.transcribe([AudioWindow(speech, "en", final=False), AudioWindow(speech, "en")])
+    long_partial = engine.transcribe([AudioWindow(np.tile(speech, 4), "en", final=False)])
+    assert frames == [1000, 1500, 1500]  # 3 s: 10 s and 15 s windows; 12 s: too long for 10 s
+    assert "quarterly report" in partial.text.lower() and "quarterly report" in final.text.lower()
+    assert long_partial[0].text

@@ -98,6 +98,7 @@ class EngineRegistry:
                     workers=settings.decode_worker_count,
                     beam_size=settings.whisper.beam_size,
                     min_encoder_seconds=settings.whisper.min_encoder_seconds,
+                    partial_encoder_seconds=settings.whisper.partial_encoder_seconds,
                 )
             return self._engines[key]
 

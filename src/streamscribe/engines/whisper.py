@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -41,20 +42,22 @@ def _load_whisper_class() -> type:
         raise EngineUnavailable(f"faster-whisper is not installed: {exc}") from exc
 
     class SizedEncoderWhisperModel(WhisperModel):
-        """Encodes a short window as ``min_frames`` instead of Whisper's fixed 3000 frames.
+        """Encodes a short window in the smallest of a few sizes instead of Whisper's fixed 3000 frames.
 
         faster-whisper zero-pads every window to 30 s; the encoder's cost grows faster than linearly with
-        its input, so a 3 s utterance encoded as 15 s costs about a fifth of the padded 30 s.
+        its input, so a 3 s utterance encoded as 15 s costs about a fifth of the padded 30 s. The size for
+        the current call is per thread (``sizes.frames``): decode workers run calls side by side.
         """
 
-        min_frames = 3000
+        sizes = threading.local()
 
         def encode(self, features: np.ndarray) -> Any:
-            if features.ndim == 2 and features.shape[-1] > self.min_frames:
+            floor = getattr(self.sizes, "frames", 3000)
+            if features.ndim == 2 and features.shape[-1] > floor:
                 used = np.flatnonzero(np.any(features != 0, axis=0))
                 content = int(used[-1]) + 1 if len(used) else 0
-                if content <= self.min_frames:
-                    features = features[:, : self.min_frames]
+                size = next((s for s in (floor, 1500) if content <= s), features.shape[-1])
+                features = features[:, :size]
             return super().encode(features)
 
     return SizedEncoderWhisperModel
@@ -73,6 +76,7 @@ class WhisperEngine:
         workers: int = 1,
         beam_size: int = 5,
         min_encoder_seconds: float = 15.0,
+        partial_encoder_seconds: float = 10.0,
     ) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         # faster-whisper's mel filterbank is a NumPy matmul: a second OpenBLAS thread would spin beside
@@ -89,7 +93,8 @@ class WhisperEngine:
             num_workers=workers,
             local_files_only=True,
         )
-        self._model.min_frames = int(min_encoder_seconds * _FRAMES_PER_SECOND)
+        self._final_frames = int(min_encoder_seconds * _FRAMES_PER_SECOND)
+        self._partial_frames = int(partial_encoder_seconds * _FRAMES_PER_SECOND)
         self._name = f"whisper-{short_name}"
         self._beam_size = beam_size
         multilingual = bool(self._model.model.is_multilingual)
@@ -121,6 +126,8 @@ class WhisperEngine:
         if window.task == "translate" and self._languages == {"en"}:
             raise EngineUnavailable(f"{self._name} is English-only and cannot translate")
         thorough = window.final and not window.fast
+        # Set before the (lazy) segments are iterated below, in this thread: encode() reads it.
+        self._model.sizes.frames = self._final_frames if window.final else self._partial_frames
         segments, info = self._model.transcribe(
             window.samples,
             # Translation too is told the spoken language: with "en" (the protocol's default) Whisper still
