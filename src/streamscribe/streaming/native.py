@@ -20,16 +20,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from streamscribe.audio import AudioBuffer
 from streamscribe.engines.base import StreamChunk, StreamingEngine, StreamUpdate
 from streamscribe.streaming.session import (
-    EngineFailure,
     FinalSegment,
     PartialText,
+    SessionCore,
     SessionEvent,
     SessionOptions,
 )
-from streamscribe.streaming.vad import SileroVad, SpeechEnd, SpeechStart, VadStream
+from streamscribe.streaming.vad import SileroVad, SpeechEnd, SpeechStart
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +120,7 @@ class _Piece:
     is_last: bool
 
 
-class NativeStreamingSession:
+class NativeStreamingSession(SessionCore):
     """Same surface and events as ``StreamingSession``, for a ``StreamingEngine``."""
 
     def __init__(
@@ -131,53 +130,28 @@ class NativeStreamingSession:
         options: SessionOptions,
         emit: Callable[[SessionEvent], Awaitable[None]],
     ) -> None:
+        super().__init__(stepper.engine.sample_rate, vad, options, emit)
         self._stepper = stepper
-        self._options = options
-        self._emit = emit
-        engine = stepper.engine
-        self._rate = engine.sample_rate
-        self._chunk = engine.chunk_samples
-        self._vad = VadStream(vad, options.vad)
-        self._pad = options.vad.speech_pad_ms * self._rate // 1000
-        self._min_speech = options.vad.min_speech_ms * self._rate // 1000
-        self._max_segment = int(options.max_segment_seconds * self._rate)
-        self._partial_step = int(options.partial_interval * self._rate)
-        self._buffer = AudioBuffer()
+        self._chunk = stepper.engine.chunk_samples
         self._open: _Utterance | None = None
         self._pieces: deque[_Piece] = deque()
         self._engine_streams: set[int] = set()  # opened in the engine and not closed yet
-        self._finals: list[str] = []
-        self._generation = 0
-        self._next_segment_id = 0
         self._last_partial_at = 0
-        self._last_partial = ""
-        self._wake = asyncio.Event()
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self._drained = asyncio.Event()
-        self._worker = asyncio.create_task(self._decode_loop())
-
-    @property
-    def received_seconds(self) -> float:
-        return self._buffer.end / self._rate
 
     @property
     def in_utterance(self) -> bool:
         """True while speech has started and not yet ended (an utterance is open)."""
         return self._open is not None
 
-    @property
-    def full_transcript(self) -> str:
-        return " ".join(self._finals)
-
     def backlog_seconds(self) -> float:
         return sum(len(piece.samples) for piece in self._pieces) / self._rate
 
+    def _has_queued_work(self) -> bool:
+        return bool(self._pieces)
+
     async def feed(self, samples: np.ndarray) -> None:
         """Add audio; waits (backpressure) while too much audio is waiting for the engine."""
-        while self.backlog_seconds() > self._options.max_backlog_seconds and self._pieces:
-            self._drained.clear()
-            await self._drained.wait()
+        await self._wait_for_room()
         self._buffer.append(samples)
         for event in self._vad.process(samples):
             if isinstance(event, SpeechStart) and self._open is None:
@@ -236,8 +210,7 @@ class NativeStreamingSession:
 
     async def close(self) -> None:
         """Stop decoding, and close the streams the engine still holds for this session."""
-        self._worker.cancel()
-        await asyncio.gather(self._worker, return_exceptions=True)
+        await super().close()
         for stream_id in list(self._engine_streams):
             with contextlib.suppress(Exception):
                 await self._stepper.step(StreamChunk(stream_id, np.zeros(1, np.float32), False, True))
@@ -281,22 +254,15 @@ class NativeStreamingSession:
             self._queue_piece(utterance, utterance.fed_to + self._chunk, is_last=False)
         self._queue_piece(utterance, end, is_last=True)
 
-    async def _decode_loop(self) -> None:
-        try:
-            while True:
-                await self._wake.wait()
-                self._wake.clear()
-                while self._pieces:
-                    piece = self._pieces.popleft()
-                    self._drained.set()
-                    await self._decode_piece(piece)
-                self._idle.set()
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            log.exception("engine failure in stream")
+    async def _decode_forever(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._pieces:
+                piece = self._pieces.popleft()
+                self._drained.set()
+                await self._decode_piece(piece)
             self._idle.set()
-            await self._emit(EngineFailure(f"{type(exc).__name__}: {exc}"))
 
     async def _decode_piece(self, piece: _Piece) -> None:
         utterance = piece.utterance

@@ -10,6 +10,7 @@ backpressure on ``feed``.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import logging
 from collections import deque
@@ -104,7 +105,80 @@ class _Utterance:
     samples: np.ndarray
 
 
-class StreamingSession:
+class SessionCore(abc.ABC):
+    """What both kinds of live session share: the VAD and audio buffer of one stream, its finals, and a
+    decode task woken by new audio. Subclasses decide how utterances reach the engine."""
+
+    def __init__(
+        self,
+        rate: int,
+        vad: SileroVad,
+        options: SessionOptions,
+        emit: Callable[[SessionEvent], Awaitable[None]],
+    ) -> None:
+        self._options = options
+        self._emit = emit
+        self._rate = rate
+        self._vad = VadStream(vad, options.vad)
+        self._pad = options.vad.speech_pad_ms * rate // 1000
+        self._min_speech = options.vad.min_speech_ms * rate // 1000
+        self._max_segment = int(options.max_segment_seconds * rate)
+        self._partial_step = int(options.partial_interval * rate)
+        self._buffer = AudioBuffer()
+        self._finals: list[str] = []
+        self._generation = 0
+        self._next_segment_id = 0
+        self._last_partial = ""
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._drained = asyncio.Event()
+        # Starts running at the next await, after the subclass's __init__ has finished.
+        self._worker = asyncio.create_task(self._decode_loop())
+
+    @property
+    def received_seconds(self) -> float:
+        return self._buffer.end / self._rate
+
+    @property
+    def full_transcript(self) -> str:
+        return " ".join(self._finals)
+
+    @abc.abstractmethod
+    def backlog_seconds(self) -> float:
+        """Seconds of audio received but not yet decoded."""
+
+    @abc.abstractmethod
+    def _has_queued_work(self) -> bool:
+        """True while finished audio waits for the engine (so waiting for room will end)."""
+
+    @abc.abstractmethod
+    async def _decode_forever(self) -> None:
+        """The decode task's loop: wait for ``_wake``, send work to the engine, emit events."""
+
+    async def close(self) -> None:
+        """Stop the decode task; work it had not finished is dropped."""
+        self._worker.cancel()
+        await asyncio.gather(self._worker, return_exceptions=True)
+
+    async def _wait_for_room(self) -> None:
+        """Backpressure: hold the caller while too much audio waits for the engine."""
+        while self.backlog_seconds() > self._options.max_backlog_seconds and self._has_queued_work():
+            self._drained.clear()
+            await self._drained.wait()
+
+    async def _decode_loop(self) -> None:
+        try:
+            await self._decode_forever()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("engine failure in stream")
+            self._idle.set()
+            await self._emit(EngineFailure(f"{type(exc).__name__}: {exc}"))
+
+
+class StreamingSession(SessionCore):
     """Turns a live stream of 16 kHz samples into partial and final text events."""
 
     def __init__(
@@ -114,43 +188,18 @@ class StreamingSession:
         options: SessionOptions,
         emit: Callable[[SessionEvent], Awaitable[None]],
     ) -> None:
+        super().__init__(scheduler.engine.sample_rate, vad, options, emit)
         self._scheduler = scheduler
-        self._options = options
-        self._emit = emit
-        self._rate = scheduler.engine.sample_rate
-        self._vad = VadStream(vad, options.vad)
-        self._pad = options.vad.speech_pad_ms * self._rate // 1000
-        self._min_speech = options.vad.min_speech_ms * self._rate // 1000
-        self._max_segment = int(options.max_segment_seconds * self._rate)
-        self._partial_step = int(options.partial_interval * self._rate)
         self._first_partial = self._rate + self._pad
-        self._buffer = AudioBuffer()
         self._closed: deque[_Utterance] = deque()
         self._agreement = LocalAgreement()
-        self._finals: list[str] = []
-        self._wake = asyncio.Event()
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self._drained = asyncio.Event()
-        self._generation = 0
         self._segment_start: int | None = None
-        self._next_segment_id = 0
         self._partial_decoded_to = 0
-        self._last_partial = ""
-        self._worker = asyncio.create_task(self._decode_loop())
-
-    @property
-    def received_seconds(self) -> float:
-        return self._buffer.end / self._rate
 
     @property
     def in_utterance(self) -> bool:
         """True while speech has started and not yet ended (an utterance is open)."""
         return self._segment_start is not None
-
-    @property
-    def full_transcript(self) -> str:
-        return " ".join(self._finals)
 
     def backlog_seconds(self) -> float:
         waiting = sum(len(u.samples) for u in self._closed)
@@ -158,11 +207,12 @@ class StreamingSession:
             waiting += self._buffer.end - self._segment_start
         return waiting / self._rate
 
+    def _has_queued_work(self) -> bool:
+        return bool(self._closed)
+
     async def feed(self, samples: np.ndarray) -> None:
         """Add audio; waits (backpressure) while too much audio is waiting for the engine."""
-        while self.backlog_seconds() > self._options.max_backlog_seconds and self._closed:
-            self._drained.clear()
-            await self._drained.wait()
+        await self._wait_for_room()
         self._buffer.append(samples)
         for event in self._vad.process(samples):
             if isinstance(event, SpeechStart) and self._segment_start is None:
@@ -202,10 +252,6 @@ class StreamingSession:
         self._next_segment_id = 0
         self._idle.set()
         self._drained.set()
-
-    async def close(self) -> None:
-        self._worker.cancel()
-        await asyncio.gather(self._worker, return_exceptions=True)
 
     def _close_segment(self, end: int) -> None:
         assert self._segment_start is not None
@@ -262,21 +308,14 @@ class StreamingSession:
             hotwords=self._options.hotwords,
         )
 
-    async def _decode_loop(self) -> None:
-        try:
-            while True:
-                await self._wake.wait()
-                self._wake.clear()
-                await self._decode_finals()
-                if self._wants_partial():
-                    await self._decode_partial()
-                    self._wake.set()
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            log.exception("engine failure in stream")
-            self._idle.set()
-            await self._emit(EngineFailure(f"{type(exc).__name__}: {exc}"))
+    async def _decode_forever(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            await self._decode_finals()
+            if self._wants_partial():
+                await self._decode_partial()
+                self._wake.set()
 
     async def _decode_finals(self) -> None:
         while self._closed:
