@@ -305,6 +305,13 @@ class Settings(BaseSettings):
         description="Engine calls that may run at the same time; 0 means one per core, each single-threaded "
         "(the cheapest way to spend the cores on many small decodes).",
     )
+    decode_batch: int = Field(
+        4,
+        ge=1,
+        le=16,
+        description="Most waiting decodes one engine call takes together (partials, and finals while the "
+        "server is behind); Whisper decodes them as one CTranslate2 batch. 1 turns batching off.",
+    )
     cache_dir: Path = Field(
         Path.home() / ".cache" / "streamscribe",
         description="Where bundled models that ship in parts are assembled (once).",

@@ -98,3 +98,46 @@ def test_partials_and_finals_encode_their_own_window_sizes(
     assert frames == [1000, 1500, 1500]  # 3 s: 10 s and 15 s windows; 12 s: too long for 10 s
     assert "quarterly report" in partial.text.lower() and "quarterly report" in final.text.lower()
     assert long_partial[0].text
+
+
+def test_greedy_windows_decoded_together_give_the_same_text_as_one_by_one(
+    tmp_path: Path, clip: Callable[[str], np.ndarray], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from faster_whisper import WhisperModel
+
+    engine = WhisperEngine("tiny.en", tmp_path)
+    speech = clip("long.wav")
+    windows = [
+        AudioWindow(speech[16000 * start : 16000 * (start + seconds)], "en", final=False, **extra)
+        for start, seconds, extra in [
+            (0, 3, {}),
+            (4, 5, {"prompt": "Please send the quarterly report."}),
+            (10, 6, {"prefix": "The"}),
+            (17, 4, {}),
+            (22, 8, {"prompt": "Check the tire pressure."}),
+        ]
+    ]
+    alone = [engine.transcribe([window])[0].text for window in windows]
+    encoded: list[tuple[int, ...]] = []
+    padded_encode = WhisperModel.encode
+
+    def record(self: WhisperModel, features: np.ndarray) -> object:
+        encoded.append(features.shape)
+        return padded_encode(self, features)
+
+    monkeypatch.setattr(WhisperModel, "encode", record)
+    together = [transcript.text for transcript in engine.transcribe(windows)]
+    assert encoded == [(3, 80, 1000), (2, 80, 1000)]  # windows without context, then with it
+    assert together == alone and all(together)
+    assert together[2].startswith("The")
+
+
+def test_prompts_decoded_together_keep_the_same_number_of_context_tokens() -> None:
+    from streamscribe.engines.whisper import _aligned_prompts
+
+    prev, sot = 7, 9
+    assert _aligned_prompts([[prev, 1, 2, 3, sot, 5], [prev, 4, sot, 6]], sot) == [
+        [prev, 3, sot, 5],
+        [prev, 4, sot, 6],
+    ]
+    assert _aligned_prompts([[prev, 1, sot, 5], [sot, 6]], sot) == [[sot, 5], [sot, 6]]

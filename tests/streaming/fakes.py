@@ -17,12 +17,14 @@ class ScriptedEngine:
 
     def __init__(self) -> None:
         self.windows: list[AudioWindow] = []
+        self.batch_sizes: list[int] = []
         self.gate = threading.Event()
         self.gate.set()
 
     def transcribe(self, batch: Sequence[AudioWindow]) -> list[Transcript]:
         self.gate.wait(timeout=30)
         self.windows.extend(batch)
+        self.batch_sizes.append(len(batch))
         results = []
         for window in batch:
             seconds = len(window.samples) / self.sample_rate

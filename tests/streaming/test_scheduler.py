@@ -107,3 +107,42 @@ async def test_pressure_counts_queued_jobs_per_worker() -> None:
     engine.gate.set()
     await asyncio.gather(*jobs)
     await scheduler.close()
+
+
+async def test_waiting_partials_share_an_engine_call() -> None:
+    engine = ScriptedEngine()
+    scheduler = DecodeScheduler(engine, workers=1, max_batch=4)
+    engine.gate.clear()
+    busy = asyncio.create_task(scheduler.decode(window(1, True), Priority.FINAL))
+    await asyncio.sleep(0.05)
+    partials = [asyncio.create_task(scheduler.decode(window(2, False), Priority.PARTIAL)) for _ in range(5)]
+    await asyncio.sleep(0.05)
+    engine.gate.set()
+    await asyncio.gather(busy, *partials)
+    assert engine.batch_sizes == [1, 4, 1]
+    await scheduler.close()
+
+
+async def test_finals_share_a_call_only_when_the_queue_is_behind() -> None:
+    engine = ScriptedEngine()
+    scheduler = DecodeScheduler(engine, workers=2, max_batch=4)
+
+    async def queue_finals_behind_two_busy_workers(count: int) -> None:
+        engine.gate.clear()
+        busy = [asyncio.create_task(scheduler.decode(window(1, True), Priority.FINAL)) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        finals = [
+            asyncio.create_task(scheduler.decode(window(3, True), Priority.FINAL)) for _ in range(count)
+        ]
+        await asyncio.sleep(0.05)
+        engine.gate.set()
+        await asyncio.gather(*busy, *finals)
+
+    await queue_finals_behind_two_busy_workers(2)
+    assert engine.batch_sizes == [1, 1, 1, 1]  # two finals for two workers: each its own beam search
+    assert not any(w.fast for w in engine.windows)
+
+    await queue_finals_behind_two_busy_workers(5)
+    assert engine.batch_sizes[4:6] == [1, 1] and sorted(engine.batch_sizes[6:]) == [1, 4]
+    assert sorted(w.fast for w in engine.windows[6:]) == [False, True, True, True, True]
+    await scheduler.close()

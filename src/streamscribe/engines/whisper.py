@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from faster_whisper.tokenizer import _LANGUAGE_CODES
+from faster_whisper.tokenizer import _LANGUAGE_CODES, Tokenizer
+from faster_whisper.transcribe import get_suppressed_tokens
 from threadpoolctl import threadpool_limits
 
 from streamscribe.engines.base import AudioWindow, EngineUnavailable, Transcript, Word
@@ -20,6 +21,7 @@ log = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16000
 _FRAMES_PER_SECOND = 100  # Whisper's mel hop is 10 ms
+_MAX_TOKENS_PER_SECOND = 8  # fast speech is about 4 words, 5-6 tokens, a second
 
 
 def resolve_model_dir(model: str, cache_dir: Path) -> tuple[str, Path]:
@@ -63,6 +65,11 @@ def _load_whisper_class() -> type:
     return SizedEncoderWhisperModel
 
 
+def _max_new_tokens(window: AudioWindow) -> int:
+    """A bound no real speech reaches: a hallucination loop otherwise runs to 448 tokens (about 0.7 s)."""
+    return int(_MAX_TOKENS_PER_SECOND * len(window.samples) / SAMPLE_RATE) + 8
+
+
 class WhisperEngine:
     """One loaded CTranslate2 Whisper model, shared by every session that uses it."""
 
@@ -99,6 +106,7 @@ class WhisperEngine:
         self._beam_size = beam_size
         multilingual = bool(self._model.model.is_multilingual)
         self._languages = frozenset(_LANGUAGE_CODES) if multilingual else frozenset({"en"})
+        self._tokenizers: dict[tuple[str, str], Tokenizer] = {}
 
     @property
     def name(self) -> str:
@@ -113,7 +121,85 @@ class WhisperEngine:
         return self._languages
 
     def transcribe(self, batch: Sequence[AudioWindow]) -> list[Transcript]:
-        return [self._transcribe_one(window) for window in batch]
+        """Greedy windows of one encoder size are decoded together; the rest (beam search with fallback,
+        word timing) one by one.
+
+        One CTranslate2 call for several windows turns each generated token's matrix-vector products into
+        one matrix product: measured on 2 cores, 4 partials together cost 0.076 CPU s each instead of 0.107.
+        """
+        # Windows decoded together share an encoder size, and context or none (see _aligned_prompts).
+        groups: dict[tuple[int, bool] | None, list[int]] = {}
+        for index, window in enumerate(batch):
+            frames = self._encoder_frames(window) if self._is_plain_greedy(window) else None
+            key = (frames, bool(window.prompt or window.hotwords)) if frames else None
+            groups.setdefault(key, []).append(index)
+        results: dict[int, Transcript] = {}
+        for key, indexes in groups.items():
+            if key is None or len(indexes) == 1:
+                results.update((index, self._transcribe_one(batch[index])) for index in indexes)
+            else:
+                transcripts = self._transcribe_together([batch[index] for index in indexes], key[0])
+                results.update(zip(indexes, transcripts, strict=True))
+        return [results[index] for index in range(len(batch))]
+
+    def _encoder_frames(self, window: AudioWindow) -> int | None:
+        """The encoder size ``SizedEncoderWhisperModel`` would use; None past 15 s (Whisper's 30 s)."""
+        content = len(window.samples) // (SAMPLE_RATE // _FRAMES_PER_SECOND)
+        floor = self._final_frames if window.final else self._partial_frames
+        return next((size for size in (floor, 1500) if content <= size), None)
+
+    @staticmethod
+    def _is_plain_greedy(window: AudioWindow) -> bool:
+        return (
+            (not window.final or window.fast)
+            and not window.word_timestamps
+            and not window.temperature
+            and window.task == "transcribe"
+        )
+
+    def _tokenizer(self, window: AudioWindow) -> Tokenizer:
+        language = window.language if self._languages != {"en"} else "en"
+        key = (window.task, language)
+        if key not in self._tokenizers:
+            multilingual = self._languages != {"en"}
+            self._tokenizers[key] = Tokenizer(self._model.hf_tokenizer, multilingual, window.task, language)
+        return self._tokenizers[key]
+
+    def _transcribe_together(self, windows: Sequence[AudioWindow], frames: int) -> list[Transcript]:
+        """One greedy decode of several windows, built from faster-whisper's own pieces, as its
+        ``BatchedInferencePipeline`` does for the chunks of one file (which shares one prompt)."""
+        # As in WhisperModel.transcribe: the extractor's last frame (from its own padding) is left out.
+        mels = [self._model.feature_extractor(window.samples)[:, :-1][:, :frames] for window in windows]
+        features = np.zeros((len(mels), mels[0].shape[0], frames), dtype=np.float32)  # zero = padding
+        for row, mel in zip(features, mels, strict=True):
+            row[:, : mel.shape[1]] = mel
+        tokenizers = [self._tokenizer(window) for window in windows]
+        prompts = [
+            self._model.get_prompt(
+                tokenizer,
+                tokenizer.encode(" " + window.prompt.strip()) if window.prompt else [],
+                without_timestamps=True,
+                prefix=window.prefix,
+                hotwords=window.hotwords,
+            )
+            for window, tokenizer in zip(windows, tokenizers, strict=True)
+        ]
+        prompts = _aligned_prompts(prompts, tokenizers[0].sot)
+        max_length = max(
+            len(prompt) + _max_new_tokens(window) for prompt, window in zip(prompts, windows, strict=True)
+        )
+        results = self._model.model.generate(
+            self._model.encode(features),
+            prompts,
+            beam_size=1,
+            max_length=min(max_length, self._model.max_length),
+            suppress_blank=True,
+            suppress_tokens=get_suppressed_tokens(tokenizers[0], [-1]),
+        )
+        return [
+            _transcript(tokenizer.decode(result.sequences_ids[0]), tokenizer.language_code, ())
+            for result, tokenizer in zip(results, tokenizers, strict=True)
+        ]
 
     @staticmethod
     def _temperature(window: AudioWindow, thorough: bool) -> float | tuple[float, ...]:
@@ -142,6 +228,7 @@ class WhisperEngine:
             prefix=window.prefix or None,
             hotwords=window.hotwords or None,
             condition_on_previous_text=False,
+            max_new_tokens=_max_new_tokens(window),
             word_timestamps=window.word_timestamps,
             without_timestamps=not window.word_timestamps,
             vad_filter=False,
@@ -153,7 +240,20 @@ class WhisperEngine:
             words.extend(
                 Word(w.word, float(w.start), float(w.end), float(w.probability)) for w in segment.words or ()
             )
-        text = "".join(texts).strip()
-        if not any(character.isalnum() for character in text):
-            text, words = "", []  # a lone "." or "..." is Whisper's way of hearing nothing
-        return Transcript(text=text, language=info.language, words=tuple(words))
+        return _transcript("".join(texts), info.language, tuple(words))
+
+
+def _aligned_prompts(prompts: list[list[int]], sot: int) -> list[list[int]]:
+    """CTranslate2 needs <|startoftranscript|> at one position across a batch: each prompt keeps as many
+    of its most recent context tokens (after <|startofprev|>) as the shortest context has."""
+    context = min(prompt.index(sot) for prompt in prompts)
+    return [
+        (prompt[:1] if context else []) + prompt[prompt.index(sot) - max(context - 1, 0) :] for prompt in prompts
+    ]
+
+
+def _transcript(text: str, language: str, words: tuple[Word, ...]) -> Transcript:
+    text = text.strip()
+    if not any(character.isalnum() for character in text):
+        text, words = "", ()  # a lone "." or "..." is Whisper's way of hearing nothing
+    return Transcript(text=text, language=language, words=words)

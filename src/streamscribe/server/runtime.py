@@ -50,6 +50,7 @@ class Runtime:
             self._schedulers[engine.name] = DecodeScheduler(
                 engine,
                 workers=self.settings.decode_worker_count,
+                max_batch=self.settings.decode_batch,
                 overload_seconds=self.settings.streaming.overload_seconds,
                 observer=self.metrics,
             )

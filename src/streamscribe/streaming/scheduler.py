@@ -133,8 +133,14 @@ class DecodeScheduler:
                     job.result.set_result(transcript)
 
     def _take_batch(self) -> list[_Job]:
+        """The next job, and more of its priority while they are cheap to share one engine call.
+
+        Partials always share. A final is decoded alone (beam search, its own call) unless the queue is
+        behind: then finals are decoded greedily (``fast``), so all streams advance, and share too.
+        """
+        behind = len(self._queue) > self._workers
         batch: list[_Job] = []
-        while self._queue and len(batch) < self._max_batch:
+        while self._queue:
             job = heapq.heappop(self._queue)
             if job.result.cancelled():
                 continue
@@ -145,7 +151,10 @@ class DecodeScheduler:
                 heapq.heappush(self._queue, job)
                 break
             batch.append(job)
-        if len(self._queue) >= self._workers:  # behind: spend less on each final so all streams advance
+            shared = job.priority == Priority.PARTIAL or behind
+            if len(batch) >= (self._max_batch if shared else 1):
+                break
+        if behind:
             for job in batch:
                 job.window = dataclasses.replace(job.window, fast=True)
         return batch
