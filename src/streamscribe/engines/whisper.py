@@ -82,7 +82,7 @@ class WhisperEngine:
         cpu_threads: int = 0,
         workers: int = 1,
         beam_size: int = 5,
-        min_encoder_seconds: float = 15.0,
+        min_encoder_seconds: float = 13.0,
         partial_encoder_seconds: float = 10.0,
     ) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -247,9 +247,8 @@ def _aligned_prompts(prompts: list[list[int]], sot: int) -> list[list[int]]:
     """CTranslate2 needs <|startoftranscript|> at one position across a batch: each prompt keeps as many
     of its most recent context tokens (after <|startofprev|>) as the shortest context has."""
     context = min(prompt.index(sot) for prompt in prompts)
-    return [
-        (prompt[:1] if context else []) + prompt[prompt.index(sot) - max(context - 1, 0) :] for prompt in prompts
-    ]
+    kept = max(context - 1, 0)  # context tokens after <|startofprev|>
+    return [(prompt[:1] if context else []) + prompt[prompt.index(sot) - kept :] for prompt in prompts]
 
 
 def _transcript(text: str, language: str, words: tuple[Word, ...]) -> Transcript:
