@@ -143,6 +143,7 @@ async def test_finals_share_a_call_only_when_the_queue_is_behind() -> None:
     assert not any(w.fast for w in engine.windows)
 
     await queue_finals_behind_two_busy_workers(5)
-    assert engine.batch_sizes[4:6] == [1, 1] and sorted(engine.batch_sizes[6:]) == [1, 4]
-    assert sorted(w.fast for w in engine.windows[6:]) == [False, True, True, True, True]
+    assert sorted(engine.batch_sizes[4:]) == [1, 1, 1, 4]  # the worker threads finish in any order
+    queued = [w for w in engine.windows[4:] if len(w.samples) == 3 * 16000]
+    assert sorted(w.fast for w in queued) == [False, True, True, True, True]
     await scheduler.close()
