@@ -26,6 +26,10 @@ SAMPLE_RATE = 16000
 class MlxParakeetEngine:
     """A Parakeet TDT/RNNT/CTC model on MLX; decodes whole windows (MLX runs one at a time)."""
 
+    name = "parakeet-mlx"
+    sample_rate = SAMPLE_RATE
+    languages = frozenset({"en"})
+
     def __init__(self, folder: Path) -> None:
         folder = Path(folder).expanduser()
         for name in ("config.json", "model.safetensors"):
@@ -53,18 +57,6 @@ class MlxParakeetEngine:
             ) from None
         self._mx = mx
         self._get_logmel = get_logmel
-
-    @property
-    def name(self) -> str:
-        return "parakeet-mlx"
-
-    @property
-    def sample_rate(self) -> int:
-        return SAMPLE_RATE
-
-    @property
-    def languages(self) -> frozenset[str]:
-        return frozenset({"en"})
 
     def transcribe(self, batch: Sequence[AudioWindow]) -> list[Transcript]:
         return self._thread.submit(self._transcribe_here, batch).result()

@@ -136,26 +136,17 @@ class NemoAsrEngine:
     decoding state while it runs.
     """
 
+    sample_rate = SAMPLE_RATE
+    languages = frozenset({"en"})
+
     def __init__(self, model: Any, name: str = "parakeet-standard") -> None:
         self._model = model
-        self._name = name
+        self.name = name
         self._lock = threading.Lock()
 
     @classmethod
     def load(cls, model: str, device: str) -> NemoAsrEngine:
         return cls(load_nemo_model(model, torch_device(device)))
-
-    @property
-    def name(self) -> str:
-        return self._name
-
-    @property
-    def sample_rate(self) -> int:
-        return SAMPLE_RATE
-
-    @property
-    def languages(self) -> frozenset[str]:
-        return frozenset({"en"})
 
     def transcribe(self, batch: Sequence[AudioWindow]) -> list[Transcript]:
         if not batch:
@@ -360,12 +351,14 @@ class CanaryEngine:
     """Canary (``EncDecMultiTaskModel``): en/es/de/fr speech to text in that language, or translated to
     English, with punctuation and capitals. NeMo has no true streaming for it: sessions re-decode windows."""
 
+    sample_rate = SAMPLE_RATE
+
     def __init__(self, model: Any, name: str = "canary-1b") -> None:
         self._model = model
-        self._name = name
+        self.name = name
         self._lock = threading.Lock()
         tokenizer_languages = set(getattr(model.tokenizer, "langs", ()) or ())
-        self._languages = frozenset(CANARY_LANGUAGES & tokenizer_languages) or frozenset({"en"})
+        self.languages = frozenset(CANARY_LANGUAGES & tokenizer_languages) or frozenset({"en"})
 
     @classmethod
     def load(cls, model: str, device: str) -> CanaryEngine:
@@ -375,18 +368,6 @@ class CanaryEngine:
                 f"{shown_name(model)!r} is a {type(loaded).__name__}, not a Canary EncDecMultiTaskModel"
             )
         return cls(loaded)
-
-    @property
-    def name(self) -> str:
-        return self._name
-
-    @property
-    def sample_rate(self) -> int:
-        return SAMPLE_RATE
-
-    @property
-    def languages(self) -> frozenset[str]:
-        return self._languages
 
     def transcribe(self, batch: Sequence[AudioWindow]) -> list[Transcript]:
         results: list[Transcript] = []

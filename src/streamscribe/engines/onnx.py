@@ -56,6 +56,10 @@ def onnx_providers(device: str) -> list[str]:
 class OnnxParakeetEngine:
     """A Parakeet TDT/RNNT/CTC model exported to ONNX; decodes whole windows."""
 
+    name = "parakeet-onnx"
+    sample_rate = SAMPLE_RATE
+    languages = frozenset({"en"})
+
     def __init__(self, folder: Path, device: str = "cpu", cpu_threads: int = 0) -> None:
         folder = Path(folder).expanduser()
         if not folder.is_dir():
@@ -85,18 +89,6 @@ class OnnxParakeetEngine:
             ) from None
         self.model_type = model_type
         self._lock = threading.Lock()
-
-    @property
-    def name(self) -> str:
-        return "parakeet-onnx"
-
-    @property
-    def sample_rate(self) -> int:
-        return SAMPLE_RATE
-
-    @property
-    def languages(self) -> frozenset[str]:
-        return frozenset({"en"})
 
     def transcribe(self, batch: Sequence[AudioWindow]) -> list[Transcript]:
         if not batch:

@@ -79,6 +79,8 @@ def _max_new_tokens(window: AudioWindow) -> int:
 class WhisperEngine:
     """One loaded CTranslate2 Whisper model, shared by every session that uses it."""
 
+    sample_rate = SAMPLE_RATE
+
     def __init__(
         self,
         model: str,
@@ -108,23 +110,11 @@ class WhisperEngine:
         )
         self._final_frames = int(min_encoder_seconds * _FRAMES_PER_SECOND)
         self._partial_frames = int(partial_encoder_seconds * _FRAMES_PER_SECOND)
-        self._name = f"whisper-{short_name}"
+        self.name = f"whisper-{short_name}"
         self._beam_size = beam_size
         multilingual = bool(self._model.model.is_multilingual)
-        self._languages = frozenset(_LANGUAGE_CODES) if multilingual else frozenset({"en"})
+        self.languages = frozenset(_LANGUAGE_CODES) if multilingual else frozenset({"en"})
         self._tokenizers: dict[tuple[str, str], Tokenizer] = {}
-
-    @property
-    def name(self) -> str:
-        return self._name
-
-    @property
-    def sample_rate(self) -> int:
-        return SAMPLE_RATE
-
-    @property
-    def languages(self) -> frozenset[str]:
-        return self._languages
 
     def transcribe(self, batch: Sequence[AudioWindow]) -> list[Transcript]:
         """Greedy windows of one encoder size are decoded together; the rest (beam search with fallback,
@@ -163,10 +153,10 @@ class WhisperEngine:
         )
 
     def _tokenizer(self, window: AudioWindow) -> Tokenizer:
-        language = window.language if self._languages != {"en"} else "en"
+        language = window.language if self.languages != {"en"} else "en"
         key = (window.task, language)
         if key not in self._tokenizers:
-            multilingual = self._languages != {"en"}
+            multilingual = self.languages != {"en"}
             self._tokenizers[key] = Tokenizer(self._model.hf_tokenizer, multilingual, window.task, language)
         return self._tokenizers[key]
 
@@ -214,8 +204,8 @@ class WhisperEngine:
         return (0.0, 0.2, 0.4, 0.6) if thorough else 0.0
 
     def _transcribe_one(self, window: AudioWindow) -> Transcript:
-        if window.task == "translate" and self._languages == {"en"}:
-            raise EngineUnavailable(f"{self._name} is English-only and cannot translate")
+        if window.task == "translate" and self.languages == {"en"}:
+            raise EngineUnavailable(f"{self.name} is English-only and cannot translate")
         thorough = window.final and not window.fast
         # Set before the (lazy) segments are iterated below, in this thread: encode() reads it.
         self._model.sizes.frames = self._final_frames if window.final else self._partial_frames
@@ -224,7 +214,7 @@ class WhisperEngine:
             # Translation too is told the spoken language: with "en" (the protocol's default) Whisper still
             # writes English for foreign speech, and its own per-window detection is unreliable on short
             # utterances (base calls German "yi" and Spanish "it" on the test clips).
-            language=window.language if self._languages != {"en"} else "en",
+            language=window.language if self.languages != {"en"} else "en",
             task=window.task,
             beam_size=self._beam_size if thorough else 1,
             best_of=self._beam_size if thorough else 1,
