@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import itertools
+from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO, Literal
 
+import av
 import numpy as np
 import soxr
 
@@ -53,13 +56,68 @@ class StreamResampler:
         return self._stream.resample_chunk(samples, last=last)
 
 
-def load_audio_file(path: str | Path | BinaryIO, sample_rate: int = 16000) -> np.ndarray:
-    """Decode any file PyAV reads (wav, flac, mp3, ogg, m4a, webm), by path or as an open binary file,
-    to mono float32 at ``sample_rate``."""
-    from faster_whisper.audio import decode_audio
+AudioSource = str | Path | BinaryIO
 
-    source = str(path) if isinstance(path, str | Path) else path
-    return decode_audio(source, sampling_rate=sample_rate)
+
+def _open(source: AudioSource) -> av.container.InputContainer:
+    if not isinstance(source, str | Path):
+        source.seek(0)
+    return av.open(str(source) if isinstance(source, str | Path) else source, "r", metadata_errors="ignore")
+
+
+def _decoded_frames(container: av.container.InputContainer) -> Iterator[av.AudioFrame]:
+    """The first audio stream's frames; a damaged frame is skipped, a damaged tail ends the audio."""
+    frames = container.decode(audio=0)
+    while True:
+        try:
+            yield next(frames)
+        except StopIteration:
+            return
+        except av.error.InvalidDataError:
+            continue
+        except av.error.FFmpegError:
+            return
+
+
+def audio_file_seconds(source: AudioSource) -> float:
+    """The length of a file's audio, found by decoding it (headers may lie about it), without keeping it.
+    Raises ValueError when the file holds no decodable audio stream."""
+    with _open(source) as container:
+        if not container.streams.audio:
+            raise ValueError("the file has no audio stream")
+        return sum(frame.samples / frame.sample_rate for frame in _decoded_frames(container))
+
+
+def iter_audio_file(
+    source: AudioSource, sample_rate: int = 16000, chunk_seconds: float = 10.0
+) -> Iterator[np.ndarray]:
+    """Decode any file PyAV reads (wav, flac, mp3, ogg, m4a, webm; any rate, any channels) piece by piece,
+    by path or as an open binary file, as mono float32 chunks at ``sample_rate``: a long recording is
+    never held whole."""
+    resampler = av.audio.resampler.AudioResampler(format="flt", layout="mono", rate=sample_rate)
+    chunk = int(chunk_seconds * sample_rate)
+    pending: list[np.ndarray] = []
+    held = 0
+    with _open(source) as container:
+        if not container.streams.audio:
+            raise ValueError("the file has no audio stream")
+        for frame in itertools.chain(_decoded_frames(container), [None]):
+            if frame is not None:
+                frame.pts = None  # resample by sample count: broken timestamps do not matter
+            for resampled in resampler.resample(frame):
+                pending.append(resampled.to_ndarray().reshape(-1))
+                held += resampled.samples
+                if held >= chunk:
+                    yield np.clip(np.concatenate(pending), -1.0, 1.0)
+                    pending, held = [], 0
+    if held:
+        yield np.clip(np.concatenate(pending), -1.0, 1.0)
+
+
+def load_audio_file(source: AudioSource, sample_rate: int = 16000) -> np.ndarray:
+    """A whole file as one mono float32 array at ``sample_rate`` (for clients that send it as a stream)."""
+    chunks = list(iter_audio_file(source, sample_rate))
+    return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32)
 
 
 class AudioBuffer:

@@ -160,26 +160,39 @@ def _stream(args: argparse.Namespace) -> int:
 def _transcribe(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from streamscribe.audio import load_audio_file
+    from streamscribe.audio import audio_file_seconds, iter_audio_file
     from streamscribe.config import Settings
     from streamscribe.engines.base import EngineUnavailable
     from streamscribe.engines.registry import EngineRegistry
-    from streamscribe.offline import FileOptions, render, transcribe_samples
+    from streamscribe.offline import FileOptions, render, speech_windows, transcribe_file
+    from streamscribe.streaming.segmenter import Segmenter
     from streamscribe.streaming.vad import SileroVad, VadOptions
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     settings = Settings.load(args.config)
     try:
-        samples = load_audio_file(args.file)
+        duration = audio_file_seconds(args.file)
     except Exception as exc:
-        print(f"error: cannot read {args.file}: {exc}", file=sys.stderr)
+        print(f"error: cannot read {args.file} as audio: {exc}", file=sys.stderr)
         return 2
     try:
         engine = EngineRegistry(settings).get(args.model, args.variant, args.language, args.task)
     except EngineUnavailable as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    duration = len(samples) / engine.sample_rate
+    segmenter = Segmenter(
+        SileroVad(),
+        VadOptions(**settings.vad.model_dump()),
+        settings.streaming.max_segment_seconds,
+        engine.sample_rate,
+    )
+    options = FileOptions(
+        language=args.language,
+        task=args.task,
+        prompt=args.prompt,
+        word_timestamps=args.word_timestamps,
+        prompt_chars=settings.streaming.prompt_chars,
+    )
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -189,20 +202,11 @@ def _transcribe(args: argparse.Namespace) -> int:
         disable=not sys.stderr.isatty(),
     ) as progress:
         task = progress.add_task(f"{engine.name}", total=duration)
-        pieces = transcribe_samples(
-            samples,
-            engine,
-            SileroVad(),
-            args.language,
-            VadOptions(**settings.vad.model_dump()),
-            progress=lambda done: progress.update(task, completed=done),
-            options=FileOptions(
-                language=args.language,
-                task=args.task,
-                prompt=args.prompt,
-                word_timestamps=args.word_timestamps,
-            ),
+        windows = speech_windows(iter_audio_file(args.file, engine.sample_rate), segmenter)
+        pieces = transcribe_file(
+            windows, engine, options, progress=lambda done: progress.update(task, completed=done)
         )
+        progress.update(task, completed=duration)
     text = render(pieces, args.format)
     if args.output:
         Path(args.output).write_text(text)

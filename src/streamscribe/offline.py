@@ -1,16 +1,19 @@
-"""Whole-file transcription: VAD cuts the file into utterances, grouped into windows the engine decodes."""
+"""Whole-file transcription: the live streams' segmenter cuts the file into utterances as it is decoded,
+grouped into windows the engine decodes."""
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import json
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 import numpy as np
 
 from streamscribe.engines.base import AudioWindow, Engine, Transcript, Word
-from streamscribe.streaming.vad import SileroVad, SpeechEnd, SpeechStart, VadOptions, VadStream
+from streamscribe.streaming.segmenter import Segmenter, Utterance
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,7 @@ class FileOptions:
         prompt: Text that conditions the first window (vocabulary, spelling, style).
         word_timestamps: Whether pieces carry their words' timing.
         temperature: A fixed sampling temperature; None for the engine's default fallback schedule.
+        prompt_chars: Characters of the text so far given to each window as context.
     """
 
     language: str = "en"
@@ -41,41 +45,55 @@ class FileOptions:
     prompt: str | None = None
     word_timestamps: bool = False
     temperature: float | None = None
+    prompt_chars: int = 200
+
+
+@dataclass(frozen=True)
+class SpeechWindow:
+    """Neighbouring utterances of a file decoded together (the silence between them zeroed).
+
+    Attributes:
+        start: Index of its first sample in the file.
+        samples: Its audio.
+    """
+
+    start: int
+    samples: np.ndarray
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.samples)
+
+
+def _joined(utterances: list[Utterance]) -> SpeechWindow:
+    start = utterances[0].start
+    samples = np.zeros(utterances[-1].end - start, dtype=np.float32)
+    for utterance in utterances:
+        samples[utterance.start - start : utterance.end - start] = utterance.samples
+    return SpeechWindow(start, samples)
 
 
 def speech_windows(
-    samples: np.ndarray, vad: SileroVad, options: VadOptions, max_seconds: float = 25.0, rate: int = 16000
-) -> Iterator[tuple[int, int]]:
-    """(start, end) sample ranges of speech, neighbours merged up to ``max_seconds`` per window."""
-    stream = VadStream(vad, options)
-    pad = options.speech_pad_ms * rate // 1000
-    min_speech = options.min_speech_ms * rate // 1000
-    spans: list[tuple[int, int]] = []
-    start: int | None = None
-    for event in stream.process(samples):
-        if isinstance(event, SpeechStart):
-            start = event.sample
-        elif isinstance(event, SpeechEnd) and start is not None:
-            if event.duration >= min_speech:
-                spans.append((max(0, start - pad), min(len(samples), event.sample + pad)))
-            start = None
-    if start is not None:
-        spans.append((max(0, start - pad), len(samples)))
-    limit = int(max_seconds * rate)
-    window: tuple[int, int] | None = None
-    for span in spans:
-        if window and span[1] - window[0] <= limit:
-            window = (window[0], span[1])
-            continue
-        if window:
-            yield window
-        window = span
-    if window:
-        yield window
+    chunks: Iterable[np.ndarray], segmenter: Segmenter, max_seconds: float = 25.0
+) -> Iterator[SpeechWindow]:
+    """The file's utterances, cut by the same rules as a live stream's, with neighbours merged up to
+    ``max_seconds`` per window: Whisper decodes better and faster with more context per window. Only
+    the open utterance and the window being built are held, however long the file."""
+    limit = int(max_seconds * segmenter.rate)
+    pending: list[Utterance] = []
+    for chunk in itertools.chain(chunks, [None]):
+        utterances = segmenter.feed(chunk) if chunk is not None else segmenter.flush()
+        for utterance in utterances:
+            if pending and utterance.end - pending[0].start > limit:
+                yield _joined(pending)
+                pending = []
+            pending.append(utterance)
+    if pending:
+        yield _joined(pending)
 
 
 def _window(samples: np.ndarray, pieces: list[TimedText], options: FileOptions) -> AudioWindow:
-    previous = " ".join(p.text for p in pieces)[-200:]
+    previous = " ".join(p.text for p in pieces)[-options.prompt_chars :] if options.prompt_chars else ""
     prompt = " ".join(part for part in (options.prompt, previous) if part) or None
     return AudioWindow(
         samples,
@@ -88,50 +106,43 @@ def _window(samples: np.ndarray, pieces: list[TimedText], options: FileOptions) 
     )
 
 
-def _piece(start: int, end: int, rate: int, transcript: Transcript) -> TimedText:
-    offset = start / rate
+def _piece(window: SpeechWindow, rate: int, transcript: Transcript) -> TimedText:
+    offset = window.start / rate
     words = tuple(Word(w.text, w.start + offset, w.end + offset, w.probability) for w in transcript.words)
-    return TimedText(offset, end / rate, transcript.text, words)
+    return TimedText(offset, window.end / rate, transcript.text, words)
 
 
-def transcribe_samples(
-    samples: np.ndarray,
+def transcribe_file(
+    windows: Iterator[SpeechWindow],
     engine: Engine,
-    vad: SileroVad,
-    language: str,
-    vad_options: VadOptions | None = None,
+    options: FileOptions,
     progress: Callable[[float], None] | None = None,
-    options: FileOptions | None = None,
 ) -> list[TimedText]:
     """Transcribe a whole recording; ``progress`` receives the seconds of audio done so far."""
-    options = options or FileOptions(language=language)
-    rate = engine.sample_rate
     pieces: list[TimedText] = []
-    for start, end in speech_windows(samples, vad, vad_options or VadOptions(), rate=rate):
-        (transcript,) = engine.transcribe([_window(samples[start:end], pieces, options)])
+    for window in windows:
+        (transcript,) = engine.transcribe([_window(window.samples, pieces, options)])
         if transcript.text:
-            pieces.append(_piece(start, end, rate, transcript))
+            pieces.append(_piece(window, engine.sample_rate, transcript))
         if progress:
-            progress(end / rate)
-    if progress:
-        progress(len(samples) / rate)
+            progress(window.end / engine.sample_rate)
     return pieces
 
 
-async def transcribe_samples_async(
-    samples: np.ndarray,
+async def transcribe_file_async(
+    windows: Iterator[SpeechWindow],
     decode: Callable[[AudioWindow], Awaitable[Transcript]],
-    windows: list[tuple[int, int]],
     options: FileOptions,
     rate: int = 16000,
 ) -> list[TimedText]:
-    """Like ``transcribe_samples`` for a server: each window goes through ``decode`` (the shared decode
-    queue), so a long file takes turns with live streams instead of holding the engine."""
+    """Like ``transcribe_file`` for a server: the file is read and cut off the event loop, window by
+    window, and each window goes through ``decode`` (the shared decode queue), so a long file takes
+    turns with live streams instead of holding the engine."""
     pieces: list[TimedText] = []
-    for start, end in windows:
-        transcript = await decode(_window(samples[start:end], pieces, options))
+    while (window := await asyncio.to_thread(next, windows, None)) is not None:
+        transcript = await decode(_window(window.samples, pieces, options))
         if transcript.text:
-            pieces.append(_piece(start, end, rate, transcript))
+            pieces.append(_piece(window, rate, transcript))
     return pieces
 
 

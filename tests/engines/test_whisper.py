@@ -94,7 +94,7 @@ def test_partials_and_finals_encode_their_own_window_sizes(
     monkeypatch.setattr(WhisperModel, "encode", record)
     speech = clip("short.wav")
     partial, final = engine.transcribe([AudioWindow(speech, "en", final=False), AudioWindow(speech, "en")])
-    long_partial = engine.transcribe([AudioWindow(np.tile(speech, 4), "en", final=False)])
+    long_partial = engine.transcribe([AudioWindow(clip("long.wav")[: 12 * 16000], "en", final=False)])
     assert frames == [1000, 1500, 1500]  # 3 s: 10 s and 15 s windows; 12 s: too long for 10 s
     assert "quarterly report" in partial.text.lower() and "quarterly report" in final.text.lower()
     assert long_partial[0].text

@@ -6,6 +6,7 @@ import logging
 import os
 import threading
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +17,16 @@ from threadpoolctl import threadpool_limits
 
 from streamscribe.engines.base import AudioWindow, EngineUnavailable, Transcript, Word
 from streamscribe.engines.bundled import BUNDLED_WHISPER_MODELS
+from streamscribe.engines.repetition import SpokenWord, find_repeated_run, is_spoken_twice, spoken_words
 
 log = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16000
 _FRAMES_PER_SECOND = 100  # Whisper's mel hop is 10 ms
 _MAX_TOKENS_PER_SECOND = 8  # fast speech is about 4 words, 5-6 tokens, a second
+# Silence the encoder sees after the speech: without it Whisper does not hear the audio end and writes
+# the last sentence again (measured on 12-15 s windows: repeats in 1 of 7 filled windows, 1 of 30 with it).
+_TAIL_FRAMES = 100
 
 
 def resolve_model_dir(model: str, cache_dir: Path) -> tuple[str, Path]:
@@ -67,8 +72,8 @@ def _load_whisper_class() -> type:
 
 def _encoder_size(content: int, floor: int) -> int | None:
     """The encoder input, in frames, for ``content`` frames of audio: ``floor`` or 15 s, whichever holds
-    it; None for longer windows, which keep Whisper's own 30 s."""
-    return next((size for size in (floor, 1500) if content <= size), None)
+    it with a second of silence after it; None for longer windows, which keep Whisper's own 30 s."""
+    return next((size for size in (floor, 1500) if content + _TAIL_FRAMES <= size), None)
 
 
 def _max_new_tokens(window: AudioWindow) -> int:
@@ -118,7 +123,7 @@ class WhisperEngine:
 
     def transcribe(self, batch: Sequence[AudioWindow]) -> list[Transcript]:
         """Greedy windows of one encoder size are decoded together; the rest (beam search with fallback,
-        word timing) one by one.
+        word timing) one by one. A text that repeats itself is decoded again (see ``_without_repeats``).
 
         One CTranslate2 call for several windows turns each generated token's matrix-vector products into
         one matrix product: measured here, 5 s partials cost 0.098 CPU s each alone, 0.081 two together.
@@ -136,7 +141,34 @@ class WhisperEngine:
             else:
                 transcripts = self._transcribe_together([batch[index] for index in indexes], key[0])
                 results.update(zip(indexes, transcripts, strict=True))
-        return [results[index] for index in range(len(batch))]
+        return [self._without_repeats(window, results[index]) for index, window in enumerate(batch)]
+
+    def _without_repeats(self, window: AudioWindow, transcript: Transcript) -> Transcript:
+        """Never a decoder's loop in the text: a phrase written again right after itself is checked
+        against word timing; a loop (its copies squeezed where the audio ends) is decoded again with beam
+        search that may not repeat a 3-word phrase, and a loop that survives even that is cut after its
+        first copy."""
+        if find_repeated_run(spoken_words(transcript.text)) is None:
+            return transcript
+        timed = transcript if window.word_timestamps else self._transcribe_one(window, timed=True)
+        words = _timed_words(timed)
+        run = find_repeated_run(words)
+        if run is None or is_spoken_twice(words, run):
+            return timed if window.word_timestamps else replace(timed, words=())
+        log.info("repeated text in %s (%d words x%d): decoding again", self.name, run.length, run.times)
+        transcript = self._transcribe_one(window, no_repeats=True)
+        words = spoken_words(transcript.text)
+        run = find_repeated_run(words)
+        if run is None:
+            return transcript
+        keep = words[run.start + run.length - 1].text_end
+        kept_words, written = [], 0
+        for word in transcript.words:
+            written += len(word.text)
+            if written > keep + 1:
+                break
+            kept_words.append(word)
+        return _transcript(transcript.text[:keep], transcript.language, tuple(kept_words))
 
     def _encoder_frames(self, window: AudioWindow) -> int | None:
         content = len(window.samples) // (SAMPLE_RATE // _FRAMES_PER_SECOND)
@@ -160,6 +192,29 @@ class WhisperEngine:
             self._tokenizers[key] = Tokenizer(self._model.hf_tokenizer, multilingual, window.task, language)
         return self._tokenizers[key]
 
+    def _context_and_bound(self, window: AudioWindow, tokenizer: Tokenizer) -> tuple[list[int], int]:
+        """The prompt's context tokens and the number of tokens to generate, bounded by the window's length
+        and together within Whisper's 448-token ceiling (older context goes first)."""
+        wanted = _max_new_tokens(window)
+        context = tokenizer.encode(" " + window.prompt.strip()) if window.prompt else []
+        context = context[-(self._model.max_length // 2 - 1) :]  # as much as faster-whisper itself keeps
+        while True:
+            prompt = self._prompt(window, tokenizer, context)
+            room = self._model.max_length - len(prompt)
+            if room >= wanted or not context:
+                return context, max(1, min(wanted, room))
+            context = context[wanted - room :]
+
+    def _prompt(self, window: AudioWindow, tokenizer: Tokenizer, context: list[int]) -> list[int]:
+        prompt: list[int] = self._model.get_prompt(
+            tokenizer,
+            context,
+            without_timestamps=not window.word_timestamps,
+            prefix=window.prefix,
+            hotwords=window.hotwords,
+        )
+        return prompt
+
     def _transcribe_together(self, windows: Sequence[AudioWindow], frames: int) -> list[Transcript]:
         """One greedy decode of several windows, built from faster-whisper's own pieces, as its
         ``BatchedInferencePipeline`` does for the chunks of one file (which shares one prompt)."""
@@ -169,20 +224,13 @@ class WhisperEngine:
         for row, mel in zip(features, mels, strict=True):
             row[:, : mel.shape[1]] = mel
         tokenizers = [self._tokenizer(window) for window in windows]
+        bounds = [self._context_and_bound(w, t) for w, t in zip(windows, tokenizers, strict=True)]
         prompts = [
-            self._model.get_prompt(
-                tokenizer,
-                tokenizer.encode(" " + window.prompt.strip()) if window.prompt else [],
-                without_timestamps=True,
-                prefix=window.prefix,
-                hotwords=window.hotwords,
-            )
-            for window, tokenizer in zip(windows, tokenizers, strict=True)
+            self._prompt(window, tokenizer, context)
+            for window, tokenizer, (context, _) in zip(windows, tokenizers, bounds, strict=True)
         ]
         prompts = _aligned_prompts(prompts, tokenizers[0].sot)
-        max_length = max(
-            len(prompt) + _max_new_tokens(window) for prompt, window in zip(prompts, windows, strict=True)
-        )
+        max_length = max(len(prompt) + bound for prompt, (_, bound) in zip(prompts, bounds, strict=True))
         results = self._model.model.generate(
             self._model.encode(features),
             prompts,
@@ -203,10 +251,15 @@ class WhisperEngine:
         # Finals fall back to sampling when the greedy/beam text looks wrong (repetitions, low confidence).
         return (0.0, 0.2, 0.4, 0.6) if thorough else 0.0
 
-    def _transcribe_one(self, window: AudioWindow) -> Transcript:
+    def _transcribe_one(
+        self, window: AudioWindow, no_repeats: bool = False, timed: bool = False
+    ) -> Transcript:
+        """``no_repeats``: beam search that may not repeat a 3-word phrase; ``timed``: with word timing,
+        the text decoded as it would be without."""
         if window.task == "translate" and self.languages == {"en"}:
             raise EngineUnavailable(f"{self.name} is English-only and cannot translate")
-        thorough = window.final and not window.fast
+        thorough = (window.final and not window.fast) or no_repeats
+        context, bound = self._context_and_bound(window, self._tokenizer(window))
         # Set before the (lazy) segments are iterated below, in this thread: encode() reads it.
         self._model.sizes.frames = self._final_frames if window.final else self._partial_frames
         segments, info = self._model.transcribe(
@@ -218,13 +271,14 @@ class WhisperEngine:
             task=window.task,
             beam_size=self._beam_size if thorough else 1,
             best_of=self._beam_size if thorough else 1,
-            temperature=self._temperature(window, thorough),
-            initial_prompt=window.prompt or None,
+            temperature=self._temperature(window, thorough and not no_repeats),
+            initial_prompt=context or None,
             prefix=window.prefix or None,
             hotwords=window.hotwords or None,
             condition_on_previous_text=False,
-            max_new_tokens=_max_new_tokens(window),
-            word_timestamps=window.word_timestamps,
+            max_new_tokens=bound,
+            no_repeat_ngram_size=3 if no_repeats else 0,
+            word_timestamps=window.word_timestamps or timed,
             without_timestamps=not window.word_timestamps,
             vad_filter=False,
         )
@@ -244,6 +298,10 @@ def _aligned_prompts(prompts: list[list[int]], sot: int) -> list[list[int]]:
     context = min(prompt.index(sot) for prompt in prompts)
     kept = max(context - 1, 0)  # context tokens after <|startofprev|>
     return [(prompt[:1] if context else []) + prompt[prompt.index(sot) - kept :] for prompt in prompts]
+
+
+def _timed_words(transcript: Transcript) -> list[SpokenWord]:
+    return [part for word in transcript.words for part in spoken_words(word.text, word.start, word.end)]
 
 
 def _transcript(text: str, language: str, words: tuple[Word, ...]) -> Transcript:

@@ -11,20 +11,21 @@ import asyncio
 import logging
 from typing import Annotated, Any, Literal
 
-import numpy as np
+import av
 from fastapi import APIRouter, Depends, File, Form, HTTPException, Request, UploadFile
 from fastapi.exception_handlers import http_exception_handler, request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
-from streamscribe.audio import load_audio_file
+from streamscribe.audio import audio_file_seconds, iter_audio_file
 from streamscribe.engines.base import AudioWindow, Engine, EngineUnavailable, Transcript
-from streamscribe.offline import FileOptions, TimedText, render, speech_windows, transcribe_samples_async
+from streamscribe.offline import FileOptions, TimedText, render, speech_windows, transcribe_file_async
 from streamscribe.protocol import MODEL_ALIASES, ErrorType, StreamError
 from streamscribe.server.auth import Principal, require_principal
 from streamscribe.server.quotas import StreamLease
 from streamscribe.server.runtime import Runtime
 from streamscribe.streaming.scheduler import Priority
+from streamscribe.streaming.segmenter import Segmenter
 from streamscribe.streaming.vad import VadOptions
 
 log = logging.getLogger(__name__)
@@ -96,22 +97,24 @@ async def _engine(runtime: Runtime, model: str, language: str, task: str) -> Eng
         raise ApiError(400, f"no engine for this request: {exc}", "model_unavailable") from None
 
 
-async def _decode_upload(upload: UploadFile, limit: int) -> np.ndarray:
+def _undecodable(exc: Exception) -> ApiError:
+    log.info("undecodable upload", extra={"event": "bad_file", "reason": type(exc).__name__})
+    return ApiError(
+        400, f"could not decode the file as audio (supported: {SUPPORTED_FORMATS})", "invalid_audio", "file"
+    )
+
+
+async def _upload_seconds(upload: UploadFile, limit: int) -> float:
+    """The upload's audio length, decoded once without keeping it (a header's length may lie)."""
     if upload.size is not None and upload.size > limit:
         raise ApiError(413, f"the file is larger than the limit of {limit} bytes", "file_too_large", "file")
     try:
-        samples = await asyncio.to_thread(load_audio_file, upload.file)
+        seconds = await asyncio.to_thread(audio_file_seconds, upload.file)
     except Exception as exc:
-        log.info("undecodable upload", extra={"event": "bad_file", "reason": type(exc).__name__})
-        raise ApiError(
-            400,
-            f"could not decode the file as audio (supported: {SUPPORTED_FORMATS})",
-            "invalid_audio",
-            "file",
-        ) from None
-    if len(samples) == 0:
+        raise _undecodable(exc) from None
+    if seconds <= 0:
         raise ApiError(400, "the file contains no audio", "invalid_audio", "file")
-    return samples
+    return seconds
 
 
 async def _charged_lease(runtime: Runtime, principal: Principal, seconds: float) -> StreamLease:
@@ -141,13 +144,15 @@ async def _transcribe_upload(
     granularities: list[str],
 ) -> Response:
     runtime: Runtime = request.app.state.runtime
-    samples = await _decode_upload(upload, runtime.settings.max_upload_bytes)
+    duration = await _upload_seconds(upload, runtime.settings.max_upload_bytes)
     engine = await _engine(runtime, model, options.language, options.task)
-    duration = len(samples) / engine.sample_rate
-    vad_options = VadOptions(**runtime.settings.vad.model_dump())
-    windows = await asyncio.to_thread(
-        lambda: list(speech_windows(samples, runtime.vad, vad_options, rate=engine.sample_rate))
+    segmenter = Segmenter(
+        runtime.vad,
+        VadOptions(**runtime.settings.vad.model_dump()),
+        runtime.settings.streaming.max_segment_seconds,
+        engine.sample_rate,
     )
+    windows = speech_windows(iter_audio_file(upload.file, engine.sample_rate), segmenter)
     scheduler = runtime.scheduler(engine)
     languages: list[str] = []
     lease = await _charged_lease(runtime, principal, duration)
@@ -162,7 +167,9 @@ async def _transcribe_upload(
         return transcript
 
     try:
-        pieces = await transcribe_samples_async(samples, decode, windows, options, rate=engine.sample_rate)
+        pieces = await transcribe_file_async(windows, decode, options, rate=engine.sample_rate)
+    except (ValueError, OSError, av.error.FFmpegError) as exc:
+        raise _undecodable(exc) from None
     finally:
         await lease.close()
     runtime.metrics.audio_seconds.labels("file").inc(duration)

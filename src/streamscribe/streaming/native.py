@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from streamscribe.audio import AudioBuffer
 from streamscribe.engines.base import StreamChunk, StreamingEngine, StreamUpdate
 from streamscribe.streaming.session import (
     FinalSegment,
@@ -28,7 +29,7 @@ from streamscribe.streaming.session import (
     SessionEvent,
     SessionOptions,
 )
-from streamscribe.streaming.vad import SileroVad, SpeechEnd, SpeechStart
+from streamscribe.streaming.vad import SileroVad, SpeechEnd, SpeechStart, VadStream
 
 log = logging.getLogger(__name__)
 
@@ -130,13 +131,23 @@ class NativeStreamingSession(SessionCore):
         options: SessionOptions,
         emit: Callable[[SessionEvent], Awaitable[None]],
     ) -> None:
-        super().__init__(stepper.engine.sample_rate, vad, options, emit)
+        rate = stepper.engine.sample_rate
+        super().__init__(rate, options, emit)
+        self._vad = VadStream(vad, options.vad)
+        self._pad = options.vad.speech_pad_ms * rate // 1000
+        self._min_speech = options.vad.min_speech_ms * rate // 1000
+        self._max_segment = int(options.max_segment_seconds * rate)
+        self._buffer = AudioBuffer()
         self._stepper = stepper
         self._chunk = stepper.engine.chunk_samples
         self._open: _Utterance | None = None
         self._pieces: deque[_Piece] = deque()
         self._engine_streams: set[int] = set()  # opened in the engine and not closed yet
         self._last_partial_at = 0
+
+    @property
+    def received_seconds(self) -> float:
+        return self._buffer.end / self._rate
 
     @property
     def in_utterance(self) -> bool:

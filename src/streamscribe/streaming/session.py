@@ -4,8 +4,8 @@ Audio flows in through ``feed`` (already at the engine's rate). A decoder task p
 the shared scheduler: every closed utterance once, as a final (in order, never revised), and the open
 utterance every ``partial_interval`` of new audio, stabilised by LocalAgreement. Finals never overlap, so
 no word is repeated at a border. Memory is bounded: silence is dropped, an utterance is cut at its
-quietest moment once it reaches ``max_segment_seconds``, and audio waiting for decoding is capped by
-backpressure on ``feed``.
+quietest moment once it reaches ``max_segment_seconds`` (``segmenter.py`` decides where utterances start,
+end and are cut, for files too), and audio waiting for decoding is capped by backpressure on ``feed``.
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ from typing import Literal, Protocol
 
 import numpy as np
 
-from streamscribe.audio import AudioBuffer
 from streamscribe.engines.base import AudioWindow, Word
 from streamscribe.streaming.policy import LocalAgreement
 from streamscribe.streaming.scheduler import DecodeScheduler, Priority, StaleWork
-from streamscribe.streaming.vad import SileroVad, SpeechEnd, SpeechStart, VadOptions, VadStream
+from streamscribe.streaming.segmenter import Segmenter, Utterance
+from streamscribe.streaming.vad import SileroVad, VadOptions
 
 log = logging.getLogger(__name__)
 
@@ -97,34 +97,26 @@ class LiveSession(Protocol):
     async def close(self) -> None: ...
 
 
-@dataclass
-class _Utterance:
+@dataclass(frozen=True)
+class _ClosedUtterance:
     segment_id: int
-    start: int
-    end: int
-    samples: np.ndarray
+    utterance: Utterance
 
 
 class SessionCore(abc.ABC):
-    """What both kinds of live session share: the VAD and audio buffer of one stream, its finals, and a
-    decode task woken by new audio. Subclasses decide how utterances reach the engine."""
+    """What both kinds of live session share: one stream's finals, backpressure, and a decode task woken
+    by new audio. Subclasses decide how utterances reach the engine."""
 
     def __init__(
         self,
         rate: int,
-        vad: SileroVad,
         options: SessionOptions,
         emit: Callable[[SessionEvent], Awaitable[None]],
     ) -> None:
         self._options = options
         self._emit = emit
         self._rate = rate
-        self._vad = VadStream(vad, options.vad)
-        self._pad = options.vad.speech_pad_ms * rate // 1000
-        self._min_speech = options.vad.min_speech_ms * rate // 1000
-        self._max_segment = int(options.max_segment_seconds * rate)
         self._partial_step = int(options.partial_interval * rate)
-        self._buffer = AudioBuffer()
         self._finals: list[str] = []
         self._generation = 0
         self._next_segment_id = 0
@@ -135,10 +127,6 @@ class SessionCore(abc.ABC):
         self._drained = asyncio.Event()
         # Starts running at the next await, after the subclass's __init__ has finished.
         self._worker = asyncio.create_task(self._decode_loop())
-
-    @property
-    def received_seconds(self) -> float:
-        return self._buffer.end / self._rate
 
     @property
     def full_transcript(self) -> str:
@@ -188,23 +176,28 @@ class StreamingSession(SessionCore):
         options: SessionOptions,
         emit: Callable[[SessionEvent], Awaitable[None]],
     ) -> None:
-        super().__init__(scheduler.engine.sample_rate, vad, options, emit)
+        rate = scheduler.engine.sample_rate
+        super().__init__(rate, options, emit)
         self._scheduler = scheduler
-        self._first_partial = self._rate + self._pad
-        self._closed: deque[_Utterance] = deque()
+        self._segmenter = Segmenter(vad, options.vad, options.max_segment_seconds, rate)
+        self._first_partial = rate + options.vad.speech_pad_ms * rate // 1000
+        self._closed: deque[_ClosedUtterance] = deque()
         self._agreement = LocalAgreement()
-        self._segment_start: int | None = None
         self._partial_decoded_to = 0
+
+    @property
+    def received_seconds(self) -> float:
+        return self._segmenter.end / self._rate
 
     @property
     def in_utterance(self) -> bool:
         """True while speech has started and not yet ended (an utterance is open)."""
-        return self._segment_start is not None
+        return self._segmenter.open_start is not None
 
     def backlog_seconds(self) -> float:
-        waiting = sum(len(u.samples) for u in self._closed)
-        if self._segment_start is not None:
-            waiting += self._buffer.end - self._segment_start
+        waiting = sum(len(closed.utterance.samples) for closed in self._closed)
+        if self._segmenter.open_start is not None:
+            waiting += self._segmenter.end - self._segmenter.open_start
         return waiting / self._rate
 
     def _has_queued_work(self) -> bool:
@@ -213,25 +206,16 @@ class StreamingSession(SessionCore):
     async def feed(self, samples: np.ndarray) -> None:
         """Add audio; waits (backpressure) while too much audio is waiting for the engine."""
         await self._wait_for_room()
-        self._buffer.append(samples)
-        for event in self._vad.process(samples):
-            if isinstance(event, SpeechStart) and self._segment_start is None:
-                self._segment_start = max(self._buffer.start, event.sample - self._pad)
-            elif isinstance(event, SpeechEnd) and self._segment_start is not None:
-                if event.duration < self._min_speech:
-                    self._drop_open_segment(event.sample)
-                else:
-                    self._close_segment(min(event.sample + self._pad, self._buffer.end))
-        if self._segment_start is None:
-            self._buffer.trim_before(self._buffer.end - self._pad)
-        elif self._buffer.end - self._segment_start >= self._max_segment:
-            self._cut_long_segment()
+        ended = self._segmenter.ended
+        self._queue(self._segmenter.feed(samples))
+        if self._segmenter.ended != ended:
+            self._start_new_utterance()
         self._wake.set()
 
     async def flush(self) -> str:
         """Finish everything received so far: emit its finals, then return the full transcript."""
-        if self._segment_start is not None and self._buffer.end - self._segment_start >= self._min_speech:
-            self._close_segment(self._buffer.end)
+        self._queue(self._segmenter.flush())
+        self._start_new_utterance()
         if self._closed:
             self._idle.clear()
             self._wake.set()
@@ -241,42 +225,19 @@ class StreamingSession(SessionCore):
     def reset(self) -> None:
         """Drop buffered audio, pending work and the transcript; the stream's clock keeps running."""
         self._generation += 1
-        position = self._buffer.end
-        self._buffer.clear(position)
-        self._vad.reset(position)
+        self._segmenter.reset()
         self._closed.clear()
-        self._segment_start = None
-        self._agreement.reset()
+        self._start_new_utterance()
         self._finals.clear()
-        self._last_partial = ""
         self._next_segment_id = 0
         self._idle.set()
         self._drained.set()
 
-    def _close_segment(self, end: int) -> None:
-        assert self._segment_start is not None
-        samples = self._buffer.slice(self._segment_start, end)
-        self._closed.append(_Utterance(self._next_segment_id, self._segment_start, end, samples))
-        self._idle.clear()
-        self._next_segment_id += 1
-        self._buffer.trim_before(end)
-        self._vad.forget_before(end)
-        self._segment_start = None
-        self._start_new_utterance()
-
-    def _drop_open_segment(self, end: int) -> None:
-        self._buffer.trim_before(end)
-        self._segment_start = None
-        self._start_new_utterance()
-
-    def _cut_long_segment(self) -> None:
-        """Close a long utterance at its quietest moment in the last half, and keep streaming the rest."""
-        assert self._segment_start is not None
-        lo = self._segment_start + self._max_segment // 2
-        hi = self._buffer.end - self._rate // 2
-        cut = self._vad.quietest_sample(lo, hi) or self._buffer.end
-        self._close_segment(cut)
-        self._segment_start = cut
+    def _queue(self, utterances: list[Utterance]) -> None:
+        for utterance in utterances:
+            self._closed.append(_ClosedUtterance(self._next_segment_id, utterance))
+            self._next_segment_id += 1
+            self._idle.clear()
 
     def _start_new_utterance(self) -> None:
         self._agreement.reset()
@@ -284,14 +245,16 @@ class StreamingSession(SessionCore):
         self._last_partial = ""
 
     def _wants_partial(self) -> bool:
-        if not self._options.enable_partial or self._segment_start is None or self._closed:
+        start = self._segmenter.open_start
+        if not self._options.enable_partial or start is None or self._closed:
             return False
-        if self._buffer.end - self._segment_start < self._first_partial:
+        if self._segmenter.end - start < self._first_partial:
             return False  # hypotheses of under a second of speech mostly get rewritten: wait
-        if self._vad.last_voiced <= self._partial_decoded_to:
+        if self._segmenter.last_voiced <= self._partial_decoded_to:
             return False  # only silence since the last partial: its text cannot have changed
         # Under load partials come less often (never finals): the engine's time goes to finals first.
-        return self._buffer.end - self._partial_decoded_to >= self._partial_step * self._scheduler.pressure
+        step = self._partial_step * self._scheduler.pressure
+        return self._segmenter.end - self._partial_decoded_to >= step
 
     def _window(self, samples: np.ndarray, final: bool, prefix: str | None = None) -> AudioWindow:
         previous = self.full_transcript[-self._options.prompt_chars :] if self._options.prompt_chars else ""
@@ -320,7 +283,7 @@ class StreamingSession(SessionCore):
     async def _decode_finals(self) -> None:
         while self._closed:
             generation = self._generation
-            utterance = self._closed[0]
+            segment_id, utterance = self._closed[0].segment_id, self._closed[0].utterance
             transcript = await self._scheduler.decode(
                 self._window(utterance.samples, final=True), Priority.FINAL
             )
@@ -343,7 +306,7 @@ class StreamingSession(SessionCore):
                 )
                 await self._emit(
                     FinalSegment(
-                        utterance.segment_id,
+                        segment_id,
                         transcript.text,
                         offset,
                         end,
@@ -354,15 +317,16 @@ class StreamingSession(SessionCore):
         self._idle.set()
 
     async def _decode_partial(self) -> None:
-        assert self._segment_start is not None
-        generation, start, end = self._generation, self._segment_start, self._buffer.end
+        segmenter = self._segmenter
+        assert segmenter.open_start is not None
+        generation, ended, start, end = self._generation, segmenter.ended, segmenter.open_start, segmenter.end
         self._partial_decoded_to = end
-        samples = self._buffer.slice(start, end)
+        samples = segmenter.open_samples()
         # Stable words are forced as the decode's prefix: they cannot flicker, and are not decoded again.
         prefix = " ".join(self._agreement.stable) or None
 
         def stale() -> bool:  # the utterance closed or the stream was reset
-            return generation != self._generation or self._segment_start != start
+            return generation != self._generation or segmenter.ended != ended
 
         try:
             transcript = await self._scheduler.decode(
