@@ -103,6 +103,16 @@ def test_transcribe_json_and_missing_file(tmp_path: Path) -> None:
     assert missing.returncode == 2 and "cannot read" in missing.stderr
 
 
+def test_transcribe_command_handles_a_minute_of_speech_without_pauses() -> None:
+    # It once died with faster-whisper's "max_new_tokens ... exceeds the max_length" on this file.
+    result = run_cli("transcribe", str(DATA / "continuous.wav"), "--format", "json", timeout=300)
+    assert result.returncode == 0, result.stderr
+    segments = json.loads(result.stdout)["segments"]
+    assert len(segments) >= 3 and segments[-1]["end"] >= 55
+    assert "the store will refund the jacket" in normalize_text(segments[-1]["text"])
+    assert "Traceback" not in result.stderr
+
+
 def test_models_command_lists_every_engine() -> None:
     done = run_cli("models")
     assert done.returncode == 0, done.stderr

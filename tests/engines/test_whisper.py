@@ -14,6 +14,7 @@ from streamscribe.engines.base import AudioWindow, Engine, EngineUnavailable
 from streamscribe.engines.bundled import BUNDLED_WHISPER_MODELS
 from streamscribe.engines.registry import EngineRegistry
 from streamscribe.engines.whisper import WhisperEngine
+from tests.conftest import normalize_text
 
 
 def test_engine_transcribes_a_batch_in_order(tmp_path: Path, clip: Callable[[str], np.ndarray]) -> None:
@@ -141,3 +142,58 @@ def test_prompts_decoded_together_keep_the_same_number_of_context_tokens() -> No
         [prev, 4, sot, 6],
     ]
     assert _aligned_prompts([[prev, 1, sot, 5], [sot, 6]], sot) == [[sot, 5], [sot, 6]]
+
+
+@pytest.fixture(scope="module")
+def tiny_en(tmp_path_factory: pytest.TempPathFactory) -> WhisperEngine:
+    return WhisperEngine("tiny.en", tmp_path_factory.mktemp("cache"))
+
+
+# Windows of 12-15 s that once came back with text written again, when the speech filled the encoder's
+# window up to its end: "...without complain. Slowly and without complain.", "...at four, the meeting was
+# moved to Tuesday afternoon at four, ...", "...taken taken taken ...".
+_FILLED_WINDOWS = [
+    ("long_sentence.wav", 0.0, 13.0),
+    ("long_sentence.wav", 0.0, 15.0),
+    ("long_sentence.wav", 1.7, 14.0),
+    ("long.wav", 8.5, 13.0),
+    ("long.wav", 8.5, 15.0),
+    ("long.wav", 3.4, 13.0),
+]
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["beam", "greedy"])
+def test_finals_of_long_utterances_never_write_text_twice(
+    tiny_en: WhisperEngine, clip: Callable[[str], np.ndarray], fast: bool
+) -> None:
+    from streamscribe.engines.repetition import find_repeated_run, spoken_words
+
+    windows = [
+        AudioWindow(clip(name)[int(start * 16000) : int((start + length) * 16000)], "en", fast=fast)
+        for name, start, length in _FILLED_WINDOWS
+    ]
+    for transcript in tiny_en.transcribe(windows):
+        assert transcript.text
+        assert find_repeated_run(spoken_words(transcript.text)) is None, transcript.text
+
+
+def test_speech_that_really_repeats_itself_keeps_every_copy(
+    tiny_en: WhisperEngine, clip: Callable[[str], np.ndarray]
+) -> None:
+    (transcript,) = tiny_en.transcribe([AudioWindow(np.tile(clip("short.wav"), 4), "en", final=False)])
+    assert normalize_text(transcript.text).count("quarterly report") == 4, transcript.text
+
+
+def test_a_long_window_with_a_long_prompt_and_prefix_stays_within_whisper_s_token_limit(
+    tiny_en: WhisperEngine, clip: Callable[[str], np.ndarray]
+) -> None:
+    # 56 s with no pause once asked for 450 new tokens, past Whisper's ceiling of 448 with any prompt.
+    speech = clip("continuous.wav")
+    prompt = " ".join(["The quarterly report went to the finance team on Friday."] * 20)[:1000]
+    windows = [
+        AudioWindow(speech, "en", prompt=prompt),
+        AudioWindow(speech[: 25 * 16000], "en", fast=True, prompt=prompt, prefix="Please send the"),
+        AudioWindow(speech[: 12 * 16000], "en", final=False, prompt=prompt, prefix="Please send the"),
+    ]
+    for transcript in tiny_en.transcribe(windows):
+        assert "quarterly report" in normalize_text(transcript.text)

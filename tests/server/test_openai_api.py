@@ -11,6 +11,7 @@ from typing import Any
 
 import av
 import httpx
+import jiwer
 import numpy as np
 import openai
 import pytest
@@ -193,3 +194,17 @@ def test_files_use_the_keys_quota_like_streams(
     assert "quota_exceeded" in json.dumps(caught.value.body)
     with pytest.raises(openai.AuthenticationError):
         client_for(server, "ssk_000000000000_" + "x" * 43).models.list()
+
+
+def test_a_minute_of_speech_without_pauses_is_transcribed_whole(
+    server: RunningServer, manifest: dict[str, Any]
+) -> None:
+    # One VAD span of 56 s once went to Whisper as one window and failed with a 500.
+    with (DATA / "continuous.wav").open("rb") as audio:
+        result = client_for(server).audio.transcriptions.create(
+            model="whisper-1", file=audio, response_format="verbose_json"
+        )
+    reference = normalize_text(manifest["continuous.wav"]["reference"])
+    assert jiwer.wer(reference, normalize_text(result.text)) <= 0.12
+    segments = result.segments or []
+    assert len(segments) >= 3 and segments[-1].end >= 55

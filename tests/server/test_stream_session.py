@@ -146,3 +146,25 @@ def test_spanish_uses_the_multilingual_model(
     assert finals and all(f["language"] == "es" and f["model"] == "whisper-base" for f in finals)
     text = normalize_text(result.full_transcript or "")
     assert "tren" in text and "hospital" in text
+
+
+def test_ten_minutes_without_a_pause_keep_giving_finals_with_nothing_lost_or_repeated(
+    server: RunningServer, clip: Callable[[str], np.ndarray], manifest: dict[str, Any]
+) -> None:
+    from streamscribe.engines.repetition import find_repeated_run, spoken_words
+
+    passes = 11  # 56 s of speech with no pause the VAD ends an utterance on, 11 times: over 10 minutes
+    speech = np.tile(clip("continuous.wav"), passes)
+    result = server.stream(speech, speed=0, frame_seconds=0.5, config={"enable_partial": False}, timeout=600)
+
+    assert result.close_code == 1000
+    finals = result.of_type("final")
+    assert len(finals) >= 4 * passes
+    for final in finals:
+        assert final["end"] - final["start"] <= 15.0
+        assert find_repeated_run(spoken_words(final["text"])) is None, final["text"]
+    # Cut where the speech is quietest, each cut utterance ends where the next begins: none is lost.
+    covered = sum(final["end"] - final["start"] for final in finals)
+    assert covered >= 0.97 * len(speech) / 16000
+    reference = " ".join([normalize_text(manifest["continuous.wav"]["reference"])] * passes)
+    assert jiwer.wer(reference, normalize_text(result.full_transcript or "")) <= 0.12

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from streamscribe.audio import AudioBuffer
-from streamscribe.streaming.vad import SileroVad, SpeechEnd, SpeechStart, VadOptions, VadStream
+from streamscribe.streaming.vad import CHUNK, SileroVad, SpeechEnd, SpeechStart, VadOptions, VadStream
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,7 @@ class Segmenter:
         self._max_length = int(max_seconds * rate)
         self.buffer = AudioBuffer()
         self.open_start: int | None = None  # where the open utterance starts, None between utterances
+        self._speech_start = 0  # where the VAD heard its speech begin (after the padding)
         self.ended = 0  # utterances closed or dropped so far: a change tells a caller its open one is gone
 
     @property
@@ -67,13 +68,15 @@ class Segmenter:
         for event in self._vad.process(samples):
             if isinstance(event, SpeechStart) and self.open_start is None:
                 self.open_start = max(self.buffer.start, event.sample - self._pad)
+                self._speech_start = event.sample
             elif isinstance(event, SpeechEnd) and self.open_start is not None:
                 if event.duration < self._min_speech:
                     self._drop(event.sample)
                 else:
                     closed.append(self._close(min(event.sample + self._pad, self.buffer.end)))
         if self.open_start is None:
-            self.buffer.trim_before(self.buffer.end - self._pad)
+            # Keep the padding before audio the VAD has yet to judge (up to a step of it waits for more).
+            self.buffer.trim_before(self.buffer.end - self._pad - CHUNK)
         elif self.buffer.end - self.open_start >= self._max_length:
             closed.append(self._cut())
         return closed
@@ -82,7 +85,7 @@ class Segmenter:
         """Close the open utterance where the audio ends (dropped when shorter than ``min_speech_ms``)."""
         if self.open_start is None:
             return []
-        if self.buffer.end - self.open_start < self._min_speech:
+        if self.buffer.end - self._speech_start < self._min_speech:
             self._drop(self.buffer.end)
             return []
         return [self._close(self.buffer.end)]
@@ -117,5 +120,5 @@ class Segmenter:
         hi = self.buffer.end - self.rate // 2
         cut = self._vad.quietest_sample(lo, hi) or self.buffer.end
         utterance = self._close(cut)
-        self.open_start = cut
+        self.open_start = self._speech_start = cut
         return utterance
