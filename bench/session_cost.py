@@ -21,6 +21,7 @@ from pathlib import Path
 
 import jiwer
 import numpy as np
+from machine import machine_factor
 
 from streamscribe.config import Settings
 from streamscribe.engines.base import AudioWindow, Engine, Transcript
@@ -101,6 +102,10 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from streamscribe.audio import load_audio_file
 
+    # First the machine factor: the cost below reads as a ratio to this machine's offline cost.
+    factor = machine_factor(args.clip)
+    print(json.dumps(factor))
+    offline = factor["machine_factor"]["offline_cpu_s_per_audio_s"]
     samples = load_audio_file(args.clip)
     items = json.loads((args.clip.parent / "manifest.json").read_text())["items"]
     reference = next(i["reference"] for i in items if i["path"] == args.clip.name)
@@ -118,6 +123,7 @@ def main() -> None:
                 "final_decodes": engine.counts["final"],
                 "partial_audio_s": round(engine.seconds["partial"], 1),
                 "cpu_s_per_audio_s": round(cpu / duration, 4),
+                "cpu_times_offline": round(cpu / duration / offline, 2),
                 "partial_cpu_s": round(engine.cpu["partial"], 2),
                 "final_cpu_s": round(engine.cpu["final"], 2),
                 "wer": round(jiwer.wer(words(reference), words(" ".join(finals))), 4),

@@ -3,13 +3,14 @@
     python bench/stream_bench.py --clients 1 4 8            # starts its own server on a free port
     python bench/stream_bench.py --url ws://host:8000 --token KEY --server-pid PID --clients 4
 
-Per N it prints one JSON object: WER (mean and worst stream), time to first partial (from the first
-word's start in the audio), per-sentence emission delay (from a sentence's end in the audio to when all
-its words are on the client's screen, as finals or partial; median and p90 over every sentence of every
-stream), final lag (from the stop message, sent 0.1 s after the last word, to the full transcript),
-server CPU seconds per audio second, the server's peak RSS, how many streams kept up (final lag under 2 s
-and no sentence later than 5 s), and sentences lost (sentences of the clip whose audio no final covers:
-audio dropped somewhere; must be 0).
+It prints the machine factor first (bench/machine.py: offline CPU seconds per audio second of the same
+model on the same clip, measured in this run), then per N one JSON object: WER (mean and worst stream),
+time to first partial (from the first word's start in the audio), per-sentence emission delay (from a
+sentence's end in the audio to when all its words are on the client's screen, as finals or partial;
+median and p90 over every sentence of every stream), final lag (from the stop message, sent 0.1 s after
+the last word, to the full transcript), server CPU seconds per audio second, the server's peak RSS, how
+many streams kept up (final lag under 2 s and no sentence later than 5 s), and sentences lost (sentences
+of the clip whose audio no final covers: audio dropped somewhere; must be 0).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from typing import Any
 
 import jiwer
 import numpy as np
+from machine import machine_factor
 
 from streamscribe.client import ReceivedFrame, StreamResult, stream_audio, stream_url
 
@@ -117,7 +119,7 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def start_server(token: str) -> tuple[subprocess.Popen[bytes], str]:
+def start_server(token: str, stderr: Any = None) -> tuple[subprocess.Popen[bytes], str]:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -126,6 +128,7 @@ def start_server(token: str) -> tuple[subprocess.Popen[bytes], str]:
         [sys.executable, "-m", "streamscribe.cli", "serve", "--log-level", "warning"],
         env=env,
         stdout=subprocess.DEVNULL,
+        stderr=stderr,
     )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -226,6 +229,8 @@ def main() -> int:
     if args.model:
         config["model"] = args.model
 
+    # First the machine factor: every figure below reads as a ratio to this machine's offline cost.
+    print(json.dumps(machine_factor(args.clip)), flush=True)
     process = None
     if args.url:
         url, pid = args.url, args.server_pid

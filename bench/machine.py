@@ -1,0 +1,62 @@
+"""The machine factor every benchmark prints first: what offline transcription costs on this machine.
+
+Machines differ (the same code ran 1.9 times slower on one than on another), so a figure from a
+benchmark means little alone. Each run measures the offline cost of the same model on a clip, in CPU
+seconds per audio second, in the same process and run; other figures are read as ratios to it.
+
+    python bench/machine.py                   # tiny.en on tests/data/long.wav
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def machine_factor(
+    clip: Path = ROOT / "tests" / "data" / "long.wav", model: str = "whisper"
+) -> dict[str, Any]:
+    """Offline cost of ``model`` on ``clip`` with the server's settings (one decode worker, the file
+    path of the CLI): CPU seconds per audio second, and wall seconds per audio second."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from streamscribe.audio import audio_file_seconds, iter_audio_file
+    from streamscribe.config import Settings
+    from streamscribe.engines.registry import EngineRegistry
+    from streamscribe.offline import FileOptions, speech_windows, transcribe_file
+    from streamscribe.streaming.segmenter import Segmenter
+    from streamscribe.streaming.vad import SileroVad, VadOptions
+
+    settings = Settings()
+    engine = EngineRegistry(settings).get(model, "standard", "en")
+    seconds = audio_file_seconds(clip)
+    segmenter = Segmenter(
+        SileroVad(), VadOptions(**settings.vad.model_dump()), settings.streaming.max_segment_seconds, 16000
+    )
+    cpu, wall = time.process_time(), time.perf_counter()
+    transcribe_file(speech_windows(iter_audio_file(clip), segmenter), engine, FileOptions())
+    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    return {
+        "machine_factor": {
+            "engine": engine.name,
+            "clip": clip.name,
+            "offline_cpu_s_per_audio_s": round(cpu / seconds, 4),
+            "offline_wall_s_per_audio_s": round(wall / seconds, 4),
+            "cores": os.cpu_count(),
+        }
+    }
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--clip", type=Path, default=ROOT / "tests" / "data" / "long.wav")
+    parser.add_argument("--model", default="whisper")
+    args = parser.parse_args()
+    print(json.dumps(machine_factor(args.clip, args.model)))
