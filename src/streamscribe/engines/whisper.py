@@ -25,7 +25,7 @@ SAMPLE_RATE = 16000
 _FRAMES_PER_SECOND = 100  # Whisper's mel hop is 10 ms
 _MAX_TOKENS_PER_SECOND = 8  # fast speech is about 4 words, 5-6 tokens, a second
 # Silence the encoder sees after the speech: without it Whisper does not hear the audio end and writes
-# the last sentence again (measured on 11.5-16 s windows of the dev clips: 28 of 288 decodes, 5 of 144 with it).
+# the last sentence again (11.5-16 s windows of the dev clips: 28 of 288 decodes; 5 of 144 with it).
 _TAIL_FRAMES = 100
 
 
