@@ -66,17 +66,21 @@ def _open(source: AudioSource) -> av.container.InputContainer:
 
 
 def _decoded_frames(container: av.container.InputContainer) -> Iterator[av.AudioFrame]:
-    """The first audio stream's frames; a damaged frame is skipped, a damaged tail ends the audio."""
-    frames = container.decode(audio=0)
+    """The first audio stream's frames, packet by packet: a damaged packet is skipped (the rest of the
+    file still decodes), a damaged container ends the audio where it breaks."""
+    stream = container.streams.audio[0]
+    packets = container.demux(stream)
     while True:
         try:
-            yield next(frames)
+            packet = next(packets)
         except StopIteration:
             return
-        except av.error.InvalidDataError:
-            continue
         except av.error.FFmpegError:
             return
+        try:
+            yield from packet.decode()
+        except av.error.InvalidDataError:
+            continue
 
 
 def audio_file_seconds(source: AudioSource) -> float:
