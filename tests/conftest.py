@@ -63,6 +63,13 @@ def normalize_text(text: str) -> str:
     return " ".join(_NUMBERS.get(w, w) for w in _WORD.findall(text.lower()))
 
 
+def word_error_rate(reference: str, text: str) -> float:
+    """WER of ``text`` against ``reference``, both normalised; an empty text is every word missed."""
+    import jiwer
+
+    return float(jiwer.wer(normalize_text(reference), normalize_text(text) or "-"))
+
+
 @dataclass
 class RunningServer:
     """A real streamscribe server in this process, on a loopback port."""

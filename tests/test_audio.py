@@ -67,3 +67,14 @@ def test_buffer_keeps_absolute_positions_when_trimmed() -> None:
     assert (buffer.start, buffer.end, len(buffer)) == (6, 13, 7)
     assert buffer.slice(5, 9).tolist() == [6, 7, 8]
     assert buffer.slice(0, 3).tolist() == []
+
+
+@pytest.mark.parametrize("rate", [8000, 44100, 48000])
+def test_flushing_the_resampler_returns_every_sample_and_starts_afresh(rate: int) -> None:
+    resample = StreamResampler(rate, 16000)
+    second = np.ones(rate, dtype=np.float32)
+    for _ in range(2):  # a commit, then more audio and another commit
+        out = np.concatenate([resample(chunk) for chunk in np.array_split(second, 10)] + [resample.flush()])
+        assert abs(len(out) - 16000) <= 2
+    assert len(resample.flush()) == 0
+    assert len(StreamResampler(16000, 16000).flush()) == 0

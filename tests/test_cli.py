@@ -8,7 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import DATA, RunningServer, normalize_text
+import numpy as np
+import pytest
+
+from tests.audio_files import encode, file_name, wav_bytes, with_data_size
+from tests.conftest import DATA, RunningServer, normalize_text, read_wav, word_error_rate
 
 
 def run_cli(
@@ -175,3 +179,52 @@ def test_stream_command_translates(server: RunningServer) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert "hospital" in normalize_text(done.stdout.strip().splitlines()[-1])
+
+
+# One container per line at 44.1 or 48 kHz, in stereo (the file API test covers every pair).
+CLI_FORMATS = [
+    ("wav", "pcm_s16le", 48000),
+    ("flac", "flac", 44100),
+    ("mp3", "libmp3lame", 48000),
+    ("ogg", "libopus", 48000),
+    ("ipod", "aac", 44100),
+    ("webm", "vorbis", 44100),
+]
+
+
+@pytest.mark.parametrize(("container", "codec", "rate"), CLI_FORMATS, ids=[c for c, _, _ in CLI_FORMATS])
+def test_transcribe_reads_stereo_files_in_every_container(
+    tmp_path: Path, container: str, codec: str, rate: int
+) -> None:
+    path = tmp_path / file_name(container)
+    path.write_bytes(encode(read_wav(DATA / "short.wav")[0], container, codec, rate, channels=2))
+    done = run_cli("transcribe", str(path))
+    assert done.returncode == 0, done.stderr
+    reference = "Please send the quarterly report to the finance team by Friday."
+    assert word_error_rate(reference, done.stdout) <= 0.1, done.stdout
+
+
+def test_transcribe_of_empty_10_ms_and_lying_files(tmp_path: Path) -> None:
+    speech = read_wav(DATA / "short.wav")[0]
+    files = {
+        "empty.wav": wav_bytes(np.zeros(0, np.float32)),
+        "10ms.wav": wav_bytes(speech[16000:16160], channels=1),
+        "claims-4GiB.wav": with_data_size(wav_bytes(speech), 0xFFFFFFFF),
+    }
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    for name in ("empty.wav", "10ms.wav"):  # an empty transcript, not an error
+        done = run_cli("transcribe", str(tmp_path / name))
+        assert (done.returncode, done.stdout.strip(), done.stderr) == (0, "", ""), name
+    done = run_cli("transcribe", str(tmp_path / "claims-4GiB.wav"))
+    assert done.returncode == 0 and "finance team" in normalize_text(done.stdout)
+
+
+def test_transcribe_of_a_file_that_is_not_audio_says_so(tmp_path: Path) -> None:
+    for name, data in (("nothing.wav", b""), ("notes.mp3", b"not audio" * 100)):
+        path = tmp_path / name
+        path.write_bytes(data)
+        done = run_cli("transcribe", str(path))
+        assert done.returncode == 2
+        assert done.stderr.startswith(f"error: cannot read {path}: ") and done.stderr.count("\n") == 1
+        assert "Errno" not in done.stderr and done.stderr.count(str(path)) == 1, done.stderr

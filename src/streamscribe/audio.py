@@ -46,14 +46,26 @@ class StreamResampler:
     """Resamples a live stream chunk by chunk, keeping filter state across chunk borders."""
 
     def __init__(self, in_rate: int, out_rate: int) -> None:
-        self._stream = (
-            None if in_rate == out_rate else soxr.ResampleStream(in_rate, out_rate, 1, dtype="float32")
-        )
+        self._rates = (in_rate, out_rate)
+        self._stream = self._new_stream()
+
+    def _new_stream(self) -> soxr.ResampleStream | None:
+        in_rate, out_rate = self._rates
+        return None if in_rate == out_rate else soxr.ResampleStream(in_rate, out_rate, 1, dtype="float32")
 
     def __call__(self, samples: np.ndarray, last: bool = False) -> np.ndarray:
         if self._stream is None:
             return samples
         return self._stream.resample_chunk(samples, last=last)
+
+    def flush(self) -> np.ndarray:
+        """The samples still held in the filter (tens of ms; about 95 ms from 8 kHz), so a commit ends on
+        the last sample sent. The next chunk starts a fresh stream."""
+        if self._stream is None:
+            return np.zeros(0, dtype=np.float32)
+        tail = self._stream.resample_chunk(np.zeros(0, dtype=np.float32), last=True)
+        self._stream = self._new_stream()
+        return tail
 
 
 AudioSource = str | Path | BinaryIO

@@ -84,6 +84,11 @@ def _synthetic_audio(seconds: float, rate: int) -> np.ndarray:
     return (0.1 * np.sin(2 * np.pi * (200 + 100 * t) * t)).astype(np.float32)
 
 
+def _read_error(exc: Exception) -> str:
+    """Why a file could not be read, without the errno and the path that OSError and FFmpeg errors add."""
+    return getattr(exc, "strerror", None) or str(exc)
+
+
 def _stream(args: argparse.Namespace) -> int:
     from streamscribe.audio import load_audio_file
     from streamscribe.client import ReceivedFrame, stream_audio, stream_url
@@ -94,7 +99,7 @@ def _stream(args: argparse.Namespace) -> int:
         try:
             samples = load_audio_file(args.audio, args.sample_rate)
         except Exception as exc:
-            print(f"error: cannot read {args.audio}: {exc}", file=sys.stderr)
+            print(f"error: cannot read {args.audio}: {_read_error(exc)}", file=sys.stderr)
             return 2
     else:
         samples = _synthetic_audio(args.duration, args.sample_rate)
@@ -173,7 +178,7 @@ def _transcribe(args: argparse.Namespace) -> int:
     try:
         duration = audio_file_seconds(args.file)
     except Exception as exc:
-        print(f"error: cannot read {args.file} as audio: {exc}", file=sys.stderr)
+        print(f"error: cannot read {args.file}: {_read_error(exc)}", file=sys.stderr)
         return 2
     try:
         engine = EngineRegistry(settings).get(args.model, args.variant, args.language, args.task)

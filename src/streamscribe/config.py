@@ -62,6 +62,13 @@ class VadSettings(BaseModel):
     min_silence_ms: int = Field(500, ge=100, le=5000, description="Silence that ends an utterance (a final).")
     speech_pad_ms: int = Field(200, ge=0, le=1000, description="Audio kept before and after speech.")
     min_speech_ms: int = Field(250, ge=0, le=2000, description="Shorter bursts are ignored as noise.")
+    max_gain_db: float = Field(
+        40.0,
+        ge=0.0,
+        le=60.0,
+        description="Quiet audio is raised by up to this much for the VAD only (the engine hears it as "
+        "sent), so speech at -60 dBFS is still found; 0 turns this off.",
+    )
 
 
 class StreamingSettings(BaseModel):

@@ -297,13 +297,16 @@ class StreamConnection:
                     self._runtime.metrics.audio_seconds.labels("stream").inc(seconds)
                     self._received_at.append((session.received_seconds, time.monotonic()))
                 elif isinstance(message, CommitMessage):
+                    await session.feed(resampler.flush())
                     await self._send(FullTranscriptFrame(text=await session.flush()))
                 elif isinstance(message, ResetMessage):
+                    resampler.flush()  # audio from before the reset is dropped, the filter's too
                     session.reset()
                     await self._send(StatusFrame(state="reset"))
                 elif isinstance(message, PingMessage):
                     await self._send(PongFrame())
                 elif isinstance(message, StopMessage):
+                    await session.feed(resampler.flush())
                     await self._send(FullTranscriptFrame(text=await session.flush()))
                     await self._close(CloseCode.NORMAL)
                     return

@@ -1,4 +1,8 @@
-"""Silero VAD through onnxruntime (no torch): where speech starts and ends in a live stream."""
+"""Silero VAD through onnxruntime (no torch): where speech starts and ends in a live stream.
+
+The VAD hears conditioned audio (``VadInputConditioner``: DC offset removed, quiet audio raised); the
+engine always gets the original samples.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +17,9 @@ from streamscribe.engines.bundled import package_dir
 SAMPLE_RATE = 16000
 CHUNK = 512  # samples per model step at 16 kHz (32 ms)
 _CONTEXT = 64  # samples of the previous chunk the model sees with each step
+_TARGET_RMS = 0.05  # about -26 dBFS: a speaking level, far from clipping
+_LEVEL_HALF_LIFE_S = 4.0  # how fast the remembered level falls in a pause or silence
+_DC_WEIGHT = 0.064  # each chunk's mean in the running DC estimate: a time constant of about 0.5 s
 
 
 def silero_model_path() -> Path:
@@ -48,12 +55,42 @@ class SileroVad:
 
 @dataclass(frozen=True)
 class VadOptions:
-    """Attributes: threshold to enter speech; silence that ends it; padding; shortest speech kept (ms)."""
+    """Attributes: threshold to enter speech; silence that ends it; padding; shortest speech kept (ms);
+    the most that quiet audio is raised for the VAD (dB; 0: not at all)."""
 
     threshold: float = 0.5
     min_silence_ms: int = 500
     speech_pad_ms: int = 200
     min_speech_ms: int = 250
+    max_gain_db: float = 40.0
+
+
+class VadInputConditioner:
+    """What the VAD hears of one stream: the DC offset removed and quiet audio raised to a speaking level.
+
+    Silero depends on level where Whisper (whose log-mel input is normalised) does not: at -40 dBFS peak
+    it holds speech 100 ms or more into each pause, so sentences merge into one utterance, and at -60 dBFS
+    it misses whole sentences that Whisper transcribes word for word. The gain follows the loudest recent
+    chunk (at once when it gets louder, with a 4 s half-life when it gets quieter), never attenuates, and
+    stops at ``max_gain_db`` so a quiet room is not raised to the level of speech. The level is measured
+    without DC, which is a running mean of chunk means, ramped across each chunk so it adds no steps.
+    """
+
+    def __init__(self, max_gain_db: float) -> None:
+        self._max_gain = 10 ** (max_gain_db / 20)
+        self._decay = 0.5 ** (CHUNK / SAMPLE_RATE / _LEVEL_HALF_LIFE_S)
+        self._dc: float | None = None
+        self._level = 0.0
+
+    def __call__(self, chunk: np.ndarray) -> np.ndarray:
+        """One CHUNK of samples as the VAD should hear it (a new array)."""
+        mean = float(chunk.mean())
+        previous = mean if self._dc is None else self._dc
+        self._dc = previous + _DC_WEIGHT * (mean - previous)
+        centred = chunk - np.linspace(previous, self._dc, len(chunk), endpoint=False, dtype=np.float32)
+        self._level = max(self._level * self._decay, float(np.sqrt(np.mean(centred * centred))))
+        gain = min(self._max_gain, max(1.0, _TARGET_RMS / self._level)) if self._level > 0 else 1.0
+        return centred * np.float32(gain)
 
 
 @dataclass(frozen=True)
@@ -88,6 +125,7 @@ class VadStream:
     def reset(self, position: int) -> None:
         """Forget all state; the next sample fed has absolute index ``position``."""
         self._state = np.zeros((2, 1, 128), dtype=np.float32)
+        self._conditioner = VadInputConditioner(self._options.max_gain_db)
         self._context = np.zeros(_CONTEXT, dtype=np.float32)
         self._pending = np.zeros(0, dtype=np.float32)
         self._position = position  # absolute index of the first sample in _pending
@@ -98,12 +136,12 @@ class VadStream:
         self.probabilities: list[tuple[int, float]] = []  # (chunk start, prob) while in speech
 
     def process(self, samples: np.ndarray) -> list[VadEvent]:
-        """Consume samples (16 kHz float32); return the speech boundaries they revealed."""
+        """Consume samples (16 kHz float32, left unchanged); return the speech boundaries they revealed."""
         self._pending = np.concatenate([self._pending, samples]) if len(self._pending) else samples
         events: list[VadEvent] = []
         steps = len(self._pending) // CHUNK
         for i in range(steps):
-            chunk = self._pending[i * CHUNK : (i + 1) * CHUNK]
+            chunk = self._conditioner(self._pending[i * CHUNK : (i + 1) * CHUNK])
             window = np.concatenate([self._context, chunk])[None, :]
             probs, self._state = self._model.step(window, self._state)
             self._context = chunk[-_CONTEXT:]
