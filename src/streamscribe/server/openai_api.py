@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from streamscribe.audio import audio_file_seconds, iter_audio_file
 from streamscribe.engines.base import AudioWindow, Engine, EngineUnavailable, Transcript
-from streamscribe.offline import FileOptions, TimedText, render, speech_windows, transcribe_file_async
+from streamscribe.offline import FileOptions, TimedText, file_utterances, render, transcribe_file_async
 from streamscribe.protocol import MODEL_ALIASES, ErrorType, StreamError
 from streamscribe.server.auth import Principal, require_principal
 from streamscribe.server.quotas import StreamLease
@@ -152,7 +152,7 @@ async def _transcribe_upload(
         runtime.settings.streaming.max_segment_seconds,
         engine.sample_rate,
     )
-    windows = speech_windows(iter_audio_file(upload.file, engine.sample_rate), segmenter)
+    utterances = file_utterances(iter_audio_file(upload.file, engine.sample_rate), segmenter)
     scheduler = runtime.scheduler(engine)
     languages: list[str] = []
     lease = await _charged_lease(runtime, principal, duration)
@@ -167,7 +167,7 @@ async def _transcribe_upload(
         return transcript
 
     try:
-        pieces = await transcribe_file_async(windows, decode, options, rate=engine.sample_rate)
+        pieces = await transcribe_file_async(utterances, decode, options, rate=engine.sample_rate)
     except (ValueError, OSError, av.error.FFmpegError) as exc:
         raise _undecodable(exc) from None
     finally:
