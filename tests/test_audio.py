@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import base64
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from streamscribe.audio import AudioBuffer, StreamResampler, decode_audio_payload
+from streamscribe.audio import (
+    AudioBuffer,
+    StreamResampler,
+    audio_file_seconds,
+    decode_audio_payload,
+    iter_audio_file,
+)
 from streamscribe.protocol import ErrorType, StreamError
+from tests.audio_files import encode
 
 
 def b64(data: bytes) -> str:
@@ -78,3 +87,19 @@ def test_flushing_the_resampler_returns_every_sample_and_starts_afresh(rate: int
         assert abs(len(out) - 16000) <= 2
     assert len(resample.flush()) == 0
     assert len(StreamResampler(16000, 16000).flush()) == 0
+
+
+def test_a_long_file_is_decoded_in_bounded_pieces(tmp_path: Path, clip: Callable[[str], np.ndarray]) -> None:
+    # Ten minutes of 48 kHz stereo FLAC: pieces of 10 s at 16 kHz mono, never the whole recording at once.
+    speech = np.tile(clip("long.wav"), 8)
+    path = tmp_path / "lecture.flac"
+    path.write_bytes(encode(speech, "flac", "flac", 48000))
+    pieces = list(iter_audio_file(path, 16000, chunk_seconds=10.0))
+    assert len(pieces) >= 60
+    assert max(len(piece) for piece in pieces) <= 16000 * 10.2
+    assert abs(sum(len(piece) for piece in pieces) - len(speech)) <= 16000 * 0.05
+    assert abs(audio_file_seconds(path) - len(speech) / 16000) <= 0.05
+    # The downmix is the speech (the right channel is the left at 80 %), resampled twice.
+    middle = slice(16000 * 100, 16000 * 101)
+    decoded = np.concatenate(pieces)
+    assert np.corrcoef(decoded[middle], speech[middle])[0, 1] > 0.95
