@@ -22,6 +22,7 @@ from typing import Any
 
 import httpx
 import jiwer
+import numpy as np
 from machine import ROOT, machine_factor
 from stream_bench import start_server, words
 
@@ -61,6 +62,41 @@ async def live(url: str, path: Path, rate: int, language: str, speed: float) -> 
     }
 
 
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+async def unbroken(url: str, path: Path, reference: str, minutes: float, pid: int) -> dict[str, Any]:
+    """``minutes`` of speech that never pauses, sent as fast as the server takes it: the server's memory
+    at each final, and whether every pass of the clip came back."""
+    clip = load_audio_file(path)
+    passes = max(1, round(minutes * 60 * 16000 / len(clip)))
+    memory: list[float] = []
+
+    def on_frame(received: Any) -> None:
+        if received.frame.get("type") == "final":
+            memory.append(rss_mb(pid))
+
+    result = await stream_audio(
+        url, np.tile(clip, passes), 16000, speed=0, frame_seconds=0.5, on_frame=on_frame, timeout=1200
+    )
+    finals = result.of_type("final")
+    return {
+        "clip": f"{path.name} x{passes} ({passes * len(clip) / 16000 / 60:.1f} min, no pause)",
+        "live_close": result.close_code,
+        "live_wer": wer(" ".join([reference] * passes), result.full_transcript or ""),
+        "finals": len(finals),
+        "longest_final_s": round(max((f["end"] - f["start"] for f in finals), default=0.0), 2),
+        "finals_with_repeats": sum(bool(find_repeated_run(spoken_words(f["text"]))) for f in finals),
+        "rss_mb_first_tenth_last": [round(memory[i], 1) for i in (0, len(memory) // 10, -1)]
+        if memory
+        else [],
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -69,6 +105,7 @@ def main() -> int:
     parser.add_argument("--speed", type=float, default=1.0, help="times real time for the live streams")
     parser.add_argument("--parallel", type=int, default=3, help="live streams at once")
     parser.add_argument("--token", default="bench-" + "k" * 40)
+    parser.add_argument("--unbroken-minutes", type=float, default=10.0, help="0: skip that stream")
     args = parser.parse_args()
 
     print(json.dumps(machine_factor()), flush=True)
@@ -122,6 +159,18 @@ def main() -> int:
             }
             rows.append(row)
             print(json.dumps(row), flush=True)
+        continuous = next((i for i in items if i["path"] == "continuous.wav"), None)
+        if continuous and args.unbroken_minutes:
+            long_run = asyncio.run(
+                unbroken(
+                    stream_url(ws_base, args.token),
+                    args.audio / "continuous.wav",
+                    continuous["reference"],
+                    args.unbroken_minutes,
+                    process.pid,
+                )
+            )
+            print(json.dumps(long_run), flush=True)
     finally:
         process.terminate()
         process.wait(timeout=30)
