@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -19,16 +18,10 @@ from typing import Any
 import httpx
 import jiwer
 
-from tests.conftest import DATA, normalize_text
+from tests.conftest import DATA, free_port, normalize_text
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "packaging-test-key-" + "p" * 32
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _run(command: list[str | Path], timeout: float, **kwargs: Any) -> subprocess.CompletedProcess[str]:
@@ -69,7 +62,7 @@ def test_wheel_installed_without_extras_serves_a_stream(tmp_path: Path, manifest
     located = _run([python, "-c", "import streamscribe; print(streamscribe.__file__)"], 60, cwd=tmp_path)
     assert Path(located.stdout.strip()).is_relative_to(env_dir), "imported a streamscribe outside the venv"
 
-    port = _free_port()
+    port = free_port()
     env = _clean_env(
         HF_HUB_OFFLINE="1",
         STREAMSCRIBE_API_KEY=KEY,
