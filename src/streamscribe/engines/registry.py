@@ -249,10 +249,10 @@ def warm_up_clip(rate: int) -> np.ndarray:
 
 def warm_up(engine: Engine) -> Engine:
     """Decode real speech once, at load time, so that the first stream does not pay the engine's one-time
-    costs: MLX compiles its CPU kernels on first use (seconds on a new machine), and the others allocate
-    and tune on their first decode. Silence would not do: the VAD keeps it from ever reaching an engine,
-    and an engine given no speech skips the decoder. Returns the engine; raises EngineUnavailable when it
-    cannot decode.
+    costs: MLX compiles its CPU kernels on first use (seconds on a new machine); the others have smaller
+    first-call costs. Real speech, not silence: a stream's silence never reaches the engine (the VAD
+    drops it), and speech runs the decoder as live streams will. Returns the engine; raises
+    EngineUnavailable when it cannot decode.
     """
     started = time.monotonic()
     samples = warm_up_clip(engine.sample_rate)
