@@ -14,9 +14,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY src ./src
-# silero-vad declares torch, but only its ONNX file is used (run with onnxruntime): no torch in the image.
-RUN pip install --no-deps "silero-vad==6.2.3" \
- && pip install . \
+RUN pip install . \
  && useradd --system --uid 10001 --home-dir /nonexistent streamscribe \
  && mkdir -p "$STREAMSCRIBE_CACHE_DIR" \
  && python -c "from pathlib import Path; from streamscribe.engines.bundled import BUNDLED_WHISPER_MODELS as m; \

@@ -10,8 +10,6 @@ if [ ! -x .venv/bin/python ]; then
 fi
 . .venv/bin/activate
 python -m pip install --quiet --upgrade pip
-# silero-vad declares torch as a dependency, but we only read its ONNX model (run with onnxruntime).
-python -m pip install --quiet --no-deps "silero-vad==6.2.3"
 if [[ ",$extras," == *",nemo,"* ]]; then
   # torch before NeMo, pinned: left to NeMo's resolver, pip pulls a multi-GB CUDA build. These machines
   # hold the 2.13.0 CPU wheel; set STREAMSCRIBE_TORCH to choose another (e.g. a CUDA build).

@@ -8,6 +8,8 @@ import logging
 import os
 import re
 import socket
+import subprocess
+import sys
 import threading
 import time
 import wave
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 
@@ -138,6 +141,70 @@ def make_server(tmp_path: Path) -> Iterator[Callable[..., RunningServer]]:
     yield make
     for running in started:
         running.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class ServerProcess:
+    """A ``streamscribe serve`` process; its standard error is in ``log``."""
+
+    process: subprocess.Popen[bytes]
+    port: int
+    log: Path
+
+    def log_lines(self) -> list[str]:
+        return [line for line in self.log.read_text().splitlines() if line.strip()]
+
+
+def start_process(tmp_path: Path, **env: str) -> ServerProcess:
+    """``streamscribe serve`` in a process of its own on a loopback port, ready when this returns."""
+    port = free_port()
+    log = tmp_path / "server.log"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "streamscribe.cli", "serve", "--port", str(port)],
+        env={
+            **os.environ,
+            "HF_HUB_OFFLINE": "1",
+            "STREAMSCRIBE_API_KEY": TEST_KEY,
+            "STREAMSCRIBE_CACHE_DIR": str(tmp_path / "cache"),
+            **env,
+        },
+        stdout=subprocess.DEVNULL,
+        stderr=log.open("wb"),
+    )
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited: {log.read_text()[-2000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                return ServerProcess(process, port, log)
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    process.kill()
+    raise RuntimeError("server did not become ready")
+
+
+@pytest.fixture
+def server_process(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
+    """Starts server processes with extra environment variables; kills them after the test."""
+    started: list[ServerProcess] = []
+
+    def start(**env: str) -> ServerProcess:
+        started.append(start_process(tmp_path, **env))
+        return started[-1]
+
+    yield start
+    for running in started:
+        if running.process.poll() is None:
+            running.process.kill()
+            running.process.wait()
 
 
 @pytest.fixture

@@ -16,10 +16,11 @@ import httpx
 import numpy as np
 import pytest
 
-from streamscribe.client import StreamResult, stream_audio
+from streamscribe.client import StreamResult, stream_audio, stream_url
 from streamscribe.config import Settings
 from streamscribe.engines.base import AudioWindow
 from streamscribe.engines.registry import EngineRegistry
+from tests.conftest import TEST_KEY, ServerProcess
 from tests.engines.tiny_nemo import SAMPLE_RATE, require
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
@@ -79,11 +80,9 @@ def test_backend_completes_a_streaming_session(
     if variant in EXTRA_PACKAGES:
         require(*EXTRA_PACKAGES[variant])
     running = nemo_server(make_server, **settings(tiny_nemo))
-    # Load the engine first: audio sent while it loads arrives all at once, too late for partials.
-    warm_up = running.stream(
-        np.zeros(SAMPLE_RATE // 2, np.float32), config={"model": model, "variant": variant}
-    )
-    assert warm_up.close_code == 1000, warm_up.error
+    # Load the engine (which warms it up) before streaming: a stream's config would load it, and the audio
+    # sent meanwhile would arrive all at once, too late for partials.
+    running.app.state.runtime.registry.get(model, variant, "en")
 
     result = running.stream(
         speech,
@@ -105,6 +104,44 @@ def test_backend_completes_a_streaming_session(
     assert all(p["segment_id"] <= finals[-1]["segment_id"] for p in partials)
     assert 0 <= finals[0]["start"] < finals[0]["end"] <= len(speech) / SAMPLE_RATE + 0.01
     assert result.full_transcript == " ".join(texts(result, "final"))
+
+
+def test_first_mlx_stream_on_a_new_machine_has_partials(
+    tiny_nemo: dict[str, Path],
+    server_process: Callable[..., ServerProcess],
+    speech: np.ndarray,
+    tmp_path: Path,
+) -> None:
+    """MLX compiles its CPU kernels on first use (seconds on a cold cache); the engine's load-time warm-up
+    pays for that, not the first stream's partials. MLX caches them in the temporary folder
+    (``TMPDIR/mlx/<version>/cpu``), so a server with a new TMPDIR sees what a new machine sees."""
+    require("parakeet_mlx", "mlx")
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    server = server_process(
+        TMPDIR=str(temporary),
+        STREAMSCRIBE_PRELOAD="false",
+        STREAMSCRIBE_ALLOW_FALLBACK="false",
+        STREAMSCRIBE_NEMO__PARAKEET_MLX_DIR=str(tiny_nemo["mlx_tdt"]),
+    )
+    url = stream_url(f"ws://127.0.0.1:{server.port}", TEST_KEY)
+    config = {"model": "parakeet", "variant": "mlx"}
+    # A stream's config loads the engine; audio sent while it loads would arrive too late for partials.
+    loading = asyncio.run(
+        stream_audio(url, np.zeros(SAMPLE_RATE // 2, np.float32), SAMPLE_RATE, config=config)
+    )
+    assert loading.close_code == 1000, loading.error
+
+    result = asyncio.run(
+        stream_audio(
+            url, speech, SAMPLE_RATE, config={**config, "partial_interval": 0.3}, speed=3.0, finish="commit"
+        )
+    )
+
+    assert result.error is None, result.error
+    assert {f["model"] for f in result.of_type("final")} == {"parakeet-mlx"}
+    assert result.of_type("partial"), "no partial transcript"
+    assert list(temporary.glob("mlx/*/cpu/*.so")), "MLX did not use the new cache: the test proves nothing"
 
 
 def test_onnx_mlx_and_nemo_give_the_same_text(

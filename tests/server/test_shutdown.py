@@ -4,15 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
-import socket
-import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -22,67 +16,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from streamscribe.client import encode_samples
-from tests.conftest import TEST_KEY, normalize_text
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@dataclass
-class ServerProcess:
-    process: subprocess.Popen[bytes]
-    port: int
-    log: Path
-
-    def log_lines(self) -> list[str]:
-        return [line for line in self.log.read_text().splitlines() if line.strip()]
-
-
-def start_process(tmp_path: Path, **env: str) -> ServerProcess:
-    port = free_port()
-    log = tmp_path / "server.log"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "streamscribe.cli", "serve", "--port", str(port)],
-        env={
-            **os.environ,
-            "HF_HUB_OFFLINE": "1",
-            "STREAMSCRIBE_API_KEY": TEST_KEY,
-            "STREAMSCRIBE_CACHE_DIR": str(tmp_path / "cache"),
-            **env,
-        },
-        stdout=subprocess.DEVNULL,
-        stderr=log.open("wb"),
-    )
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited: {log.read_text()[-2000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                return ServerProcess(process, port, log)
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    process.kill()
-    raise RuntimeError("server did not become ready")
-
-
-@pytest.fixture
-def server_process(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
-    started: list[ServerProcess] = []
-
-    def start(**env: str) -> ServerProcess:
-        started.append(start_process(tmp_path, **env))
-        return started[-1]
-
-    yield start
-    for running in started:
-        if running.process.poll() is None:
-            running.process.kill()
-            running.process.wait()
+from tests.conftest import TEST_KEY, ServerProcess, normalize_text
 
 
 def test_sigterm_lets_the_current_utterance_finish_then_closes_1001(

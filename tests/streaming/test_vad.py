@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 
 import numpy as np
 import pytest
 
-from streamscribe.streaming.vad import SileroVad, SpeechEnd, SpeechStart, VadOptions, VadStream
+from streamscribe.streaming.vad import (
+    SILERO_SHA256,
+    SileroVad,
+    SpeechEnd,
+    SpeechStart,
+    VadOptions,
+    VadStream,
+    silero_model_path,
+)
 
 
 def events_of(samples: np.ndarray, chunk: int = 1600) -> list[SpeechStart | SpeechEnd]:
@@ -16,6 +25,11 @@ def events_of(samples: np.ndarray, chunk: int = 1600) -> list[SpeechStart | Spee
     for start in range(0, len(samples), chunk):
         events += stream.process(samples[start : start + chunk])
     return events
+
+
+def test_the_shipped_model_is_silero_vad_6_2_3s() -> None:
+    """The speech timings the defaults were tuned on are this model's: a swapped file must fail here."""
+    assert hashlib.sha256(silero_model_path().read_bytes()).hexdigest() == SILERO_SHA256
 
 
 def test_one_sentence_is_one_speech_run(clip: Callable[[str], np.ndarray]) -> None:

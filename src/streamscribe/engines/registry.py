@@ -4,14 +4,29 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+import wave
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from streamscribe.config import ENV_PREFIX, Settings
-from streamscribe.engines.base import Engine, EngineUnavailable, UnsupportedLanguage
+from streamscribe.engines.base import (
+    AudioWindow,
+    Engine,
+    EngineUnavailable,
+    StreamChunk,
+    StreamingEngine,
+    UnsupportedLanguage,
+)
 from streamscribe.engines.bundled import BUNDLED_WHISPER_MODELS
 
 log = logging.getLogger(__name__)
+
+# 1.7 s of English speech (the start of tests/data/short.wav), 16 kHz 16-bit mono.
+WARM_UP_CLIP = Path(__file__).with_name("warm_up.wav")
+_WARM_UP_STREAM_ID = -1  # never a live stream's: StreamStepper numbers them from 0
 
 NEMO_LANGUAGES = {"parakeet": ("en",), "canary": ("en", "es", "de", "fr")}
 NEMO_VARIANTS = {"parakeet": ("standard", "onnx", "mlx"), "canary": ("standard",)}
@@ -89,7 +104,7 @@ class EngineRegistry:
 
                 settings = self._settings
                 device = resolve_device(settings.device)
-                self._engines[key] = WhisperEngine(
+                engine = WhisperEngine(
                     model,
                     cache_dir=settings.cache_dir,
                     device=device,
@@ -100,6 +115,7 @@ class EngineRegistry:
                     min_encoder_seconds=settings.whisper.min_encoder_seconds,
                     partial_encoder_seconds=settings.whisper.partial_encoder_seconds,
                 )
+                self._engines[key] = warm_up(engine)
             return self._engines[key]
 
     def _nemo_family(self, model: str, variant: str) -> Engine:
@@ -107,7 +123,7 @@ class EngineRegistry:
         key = f"{model}:{variant}"
         with self._lock:
             if key not in self._engines:
-                self._engines[key] = self._load_nemo_family(model, variant)
+                self._engines[key] = warm_up(self._load_nemo_family(model, variant))
             return self._engines[key]
 
     def _load_nemo_family(self, model: str, variant: str) -> Engine:
@@ -217,6 +233,53 @@ class EngineRegistry:
         return EngineStatus(
             "whisper", "standard", shown, available=not problems, reason="; ".join(problems) or None
         )
+
+
+def warm_up_clip(rate: int) -> np.ndarray:
+    """The shipped speech clip as float32 samples at ``rate``."""
+    with wave.open(str(WARM_UP_CLIP)) as clip:
+        samples = np.frombuffer(clip.readframes(clip.getnframes()), dtype="<i2").astype(np.float32) / 32768
+        clip_rate = clip.getframerate()
+    if rate != clip_rate:
+        import soxr
+
+        samples = soxr.resample(samples, clip_rate, rate).astype(np.float32)
+    return samples
+
+
+def warm_up(engine: Engine) -> Engine:
+    """Decode real speech once, at load time, so that the first stream does not pay the engine's one-time
+    costs: MLX compiles its CPU kernels on first use (seconds on a new machine); the others have smaller
+    first-call costs. Real speech, not silence: a stream's silence never reaches the engine (the VAD
+    drops it), and speech runs the decoder as live streams will. Returns the engine; raises
+    EngineUnavailable when it cannot decode.
+    """
+    started = time.monotonic()
+    samples = warm_up_clip(engine.sample_rate)
+    language = "en" if "en" in engine.languages else min(engine.languages)
+    try:
+        # A partial (greedy) and a final (beam search): the two ways sessions decode windows.
+        engine.transcribe([AudioWindow(samples, language, final=False), AudioWindow(samples, language)])
+        if isinstance(engine, StreamingEngine):
+            size = engine.chunk_samples
+            starts = range(0, len(samples), size)
+            for start in starts:
+                chunk = samples[start : start + size]
+                first, last = start == 0, start == starts[-1]
+                engine.stream_step([StreamChunk(_WARM_UP_STREAM_ID, chunk, first, last, language)])
+    except Exception as exc:
+        log.error("warming up %s failed: %s: %s", engine.name, type(exc).__name__, exc)
+        raise EngineUnavailable(
+            f"{engine.name} failed to decode its warm-up clip: {type(exc).__name__} (see the server log)"
+        ) from None
+    seconds = time.monotonic() - started
+    log.info(
+        "warmed up %s in %.2f s",
+        engine.name,
+        seconds,
+        extra={"event": "engine_warm_up", "engine": engine.name, "seconds": round(seconds, 3)},
+    )
+    return engine
 
 
 def _require_distribution(name: str) -> None:

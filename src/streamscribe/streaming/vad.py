@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 
 from streamscribe.engines.base import EngineUnavailable
-from streamscribe.engines.bundled import package_dir
 
 SAMPLE_RATE = 16000
 CHUNK = 512  # samples per model step at 16 kHz (32 ms)
@@ -20,16 +19,20 @@ _CONTEXT = 64  # samples of the previous chunk the model sees with each step
 _TARGET_RMS = 0.05  # about -26 dBFS: a speaking level, far from clipping
 _LEVEL_HALF_LIFE_S = 4.0  # how fast the remembered level falls in a pause or silence
 _DC_WEIGHT = 0.064  # each chunk's mean in the running DC estimate: a time constant of about 0.5 s
+# The shipped silero_vad.onnx: byte for byte silero_vad/data/silero_vad.onnx of the silero-vad 6.2.3 wheel.
+SILERO_SHA256 = "1a153a22f4509e292a94e67d6f9b85e8deb25b4988682b7e174c65279d8788e3"
 
 
 def silero_model_path() -> Path:
-    """The ONNX file shipped in the silero-vad wheel (found without importing its torch-based module)."""
-    try:
-        path = package_dir("silero_vad") / "data" / "silero_vad.onnx"
-    except EngineUnavailable:
-        raise EngineUnavailable("silero-vad is not installed: pip install --no-deps silero-vad") from None
+    """Silero VAD 6.2.3's ONNX model, shipped inside this package (MIT, see ``silero_vad.LICENSE``).
+
+    Shipped rather than depended on: the silero-vad wheel declares torch (a multi-GB install) for code we
+    never run. faster-whisper's bundled ``silero_vad_v6.onnx`` is a different model that finds speech far
+    less accurately on our clips, so it is no substitute.
+    """
+    path = Path(__file__).with_name("silero_vad.onnx")
     if not path.is_file():
-        raise EngineUnavailable(f"silero-vad is installed but {path.name} is missing")
+        raise EngineUnavailable(f"the package's {path.name} is missing: reinstall streamscribe")
     return path
 
 
