@@ -49,7 +49,7 @@ def test_speech_without_pauses_is_cut_at_quiet_moments_and_nothing_is_lost(
 def test_pieces_of_any_size_give_the_same_utterances(
     vad: SileroVad, clip: Callable[[str], np.ndarray]
 ) -> None:
-    speech = clip("long.wav")[: 16000 * 30]
+    speech = np.concatenate([clip("long.wav")[: 16000 * 30], clip("continuous.wav")[: 16000 * 40]])
     bounds = [
         [(u.start, u.end) for u in segment(vad, speech, piece=piece)] for piece in (160, 1600, 16000 * 7)
     ]

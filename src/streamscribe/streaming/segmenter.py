@@ -15,6 +15,10 @@ import numpy as np
 from streamscribe.audio import AudioBuffer
 from streamscribe.streaming.vad import CHUNK, SileroVad, SpeechEnd, SpeechStart, VadOptions, VadStream
 
+# A long utterance may be cut only where the stream reaches a multiple of this, so where it is cut does
+# not depend on how the audio arrived.
+_CUT_STEP = 16 * CHUNK  # 0.512 s at 16 kHz
+
 
 @dataclass(frozen=True)
 class Utterance:
@@ -62,7 +66,16 @@ class Segmenter:
         return self.buffer.slice(self.open_start, self.buffer.end)
 
     def feed(self, samples: np.ndarray) -> list[Utterance]:
-        """Add audio; return the utterances it closed."""
+        """Add audio; return the utterances it closed. The same audio gives the same utterances however
+        it is split: a live stream's 0.1 s frames and a file's 10 s pieces are cut alike."""
+        closed: list[Utterance] = []
+        while len(samples):
+            room = _CUT_STEP - self.buffer.end % _CUT_STEP
+            closed += self._feed_piece(samples[:room], at_step=len(samples) >= room)
+            samples = samples[room:]
+        return closed
+
+    def _feed_piece(self, samples: np.ndarray, at_step: bool) -> list[Utterance]:
         closed: list[Utterance] = []
         self.buffer.append(samples)
         for event in self._vad.process(samples):
@@ -77,8 +90,8 @@ class Segmenter:
         if self.open_start is None:
             # Keep the padding before audio the VAD has yet to judge (up to a step of it waits for more).
             self.buffer.trim_before(self.buffer.end - self._pad - CHUNK)
-        elif self.buffer.end - self.open_start >= self._max_length:
-            closed.append(self._cut())
+        elif at_step and self.buffer.end + _CUT_STEP - self.open_start > self._max_length:
+            closed.append(self._cut())  # by the next step it would be too long
         return closed
 
     def flush(self) -> list[Utterance]:
