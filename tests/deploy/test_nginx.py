@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import socket
 import string
 import subprocess
 import time
@@ -18,17 +17,11 @@ import openai
 import pytest
 
 from streamscribe.client import stream_audio, stream_url
-from tests.conftest import DATA, RunningServer, normalize_text
+from tests.conftest import DATA, RunningServer, free_port, normalize_text
 from tests.server.test_observability import scrape
 
 TEMPLATE = Path(__file__).parents[2] / "deploy" / "nginx" / "streamscribe.conf.template"
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def render_config(prefix: Path, port: int, upstreams: list[str]) -> Path:
