@@ -99,6 +99,8 @@ class LiveSession(Protocol):
 
 @dataclass(frozen=True)
 class _ClosedUtterance:
+    """An utterance waiting for its final, and the segment id the final will carry."""
+
     segment_id: int
     utterance: Utterance
 
