@@ -1,9 +1,9 @@
 """What one stream costs the engine, measured without a socket and without a wall clock.
 
-Feeds a clip to a StreamingSession in 0.1 s frames and, after each frame, lets every decode the policy
-wants finish before the next frame arrives (a server that always keeps up). Prints decode counts, CPU
-seconds per audio second (process CPU time, so a busy machine does not distort it much) and the WER of
-the finals. Use it to compare policy and engine settings quickly:
+Feeds a clip to a live session (re-decoded windows) in 0.1 s frames and, after each frame, lets every
+decode the policy wants finish before the next frame arrives (a server that always keeps up). Prints
+decode counts, CPU seconds per audio second (process CPU time, so a busy machine does not distort it
+much) and the WER of the finals. Use it to compare policy and engine settings quickly:
 
     python bench/session_cost.py --clip tests/data/long.wav
     STREAMSCRIBE_WHISPER__BEAM_SIZE=1 python bench/session_cost.py
@@ -26,9 +26,11 @@ from machine import machine_factor
 from streamscribe.config import Settings
 from streamscribe.engines.base import AudioWindow, Engine, Transcript
 from streamscribe.engines.registry import EngineRegistry
-from streamscribe.streaming.scheduler import DecodeScheduler
-from streamscribe.streaming.session import FinalSegment, SessionEvent, SessionOptions, StreamingSession
+from streamscribe.streaming.scheduler import window_scheduler
+from streamscribe.streaming.segmenter import Segmenter
+from streamscribe.streaming.session import FinalSegment, LiveSession, SessionEvent, SessionOptions
 from streamscribe.streaming.vad import SileroVad, VadOptions
+from streamscribe.streaming.windows import WindowDecoder
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -76,14 +78,16 @@ async def run(
         prompt_chars=settings.streaming.prompt_chars,
         vad=VadOptions(**settings.vad.model_dump()),
     )
-    scheduler = DecodeScheduler(engine, workers=settings.decode_worker_count)  # type: ignore[arg-type]
-    session = StreamingSession(scheduler, SileroVad(), options, emit)
+    scheduler = window_scheduler(engine, workers=settings.decode_worker_count)  # type: ignore[arg-type]
+    segmenter = Segmenter(SileroVad(), options.vad, options.max_segment_seconds, engine.sample_rate)
+    decoder = WindowDecoder(scheduler, segmenter, options)
+    session = LiveSession(segmenter, decoder, options, emit)
     started = time.process_time()
     for start in range(0, len(samples), 1600):
         await session.feed(samples[start : start + 1600])
         for _ in range(3):  # settle: every decode the policy wants is done before more audio comes
             await asyncio.sleep(0.002)
-            while engine.busy or scheduler.queued or session._wants_partial():
+            while engine.busy or scheduler.queued or decoder.wants_partial():
                 await asyncio.sleep(0.002)
     await session.flush()
     cpu = time.process_time() - started

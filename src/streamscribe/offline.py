@@ -12,7 +12,7 @@ from typing import Literal
 import numpy as np
 
 from streamscribe.engines.base import AudioWindow, Engine, Transcript, Word
-from streamscribe.streaming.segmenter import Segmenter, Utterance
+from streamscribe.streaming.segmenter import Closed, Segmenter, Utterance
 
 
 @dataclass(frozen=True)
@@ -53,8 +53,8 @@ def file_utterances(chunks: Iterable[np.ndarray], segmenter: Segmenter) -> Itera
     3.8% over the seven English ones, 9.4% against 3.1% on the noisy one). Only the open utterance is
     held, however long the file."""
     for chunk in chunks:
-        yield from segmenter.feed(chunk)
-    yield from segmenter.flush()
+        yield from (event.utterance for event in segmenter.feed(chunk) if isinstance(event, Closed))
+    yield from (event.utterance for event in segmenter.flush() if isinstance(event, Closed))
 
 
 def _window(samples: np.ndarray, pieces: list[TimedText], options: FileOptions) -> AudioWindow:

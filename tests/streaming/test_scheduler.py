@@ -1,4 +1,5 @@
-"""The decode scheduler: finals jump the queue, engine errors reach the caller, the loop never blocks."""
+"""The scheduler of whole-window decodes: finals jump the queue, engine errors reach the caller, the loop
+never blocks."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 
 from streamscribe.engines.base import AudioWindow
-from streamscribe.streaming.scheduler import DecodeScheduler, Priority, StaleWork
+from streamscribe.streaming.scheduler import Priority, StaleWork, window_scheduler
 from tests.streaming.fakes import ScriptedEngine
 
 
@@ -18,12 +19,12 @@ def window(seconds: float, final: bool) -> AudioWindow:
 
 async def test_finals_run_before_partials_queued_earlier() -> None:
     engine = ScriptedEngine()
-    scheduler = DecodeScheduler(engine)
+    scheduler = window_scheduler(engine)
     engine.gate.clear()
-    first = asyncio.create_task(scheduler.decode(window(1, False), Priority.PARTIAL))
+    first = asyncio.create_task(scheduler.submit(window(1, False), Priority.PARTIAL))
     await asyncio.sleep(0.05)  # the first partial is now inside the engine
-    partial = asyncio.create_task(scheduler.decode(window(2, False), Priority.PARTIAL))
-    final = asyncio.create_task(scheduler.decode(window(3, True), Priority.FINAL))
+    partial = asyncio.create_task(scheduler.submit(window(2, False), Priority.PARTIAL))
+    final = asyncio.create_task(scheduler.submit(window(3, True), Priority.FINAL))
     await asyncio.sleep(0.05)
     engine.gate.set()
     await asyncio.gather(first, partial, final)
@@ -33,9 +34,9 @@ async def test_finals_run_before_partials_queued_earlier() -> None:
 
 async def test_event_loop_keeps_running_during_a_decode() -> None:
     engine = ScriptedEngine()
-    scheduler = DecodeScheduler(engine)
+    scheduler = window_scheduler(engine)
     engine.gate.clear()
-    decode = asyncio.create_task(scheduler.decode(window(1, True), Priority.FINAL))
+    decode = asyncio.create_task(scheduler.submit(window(1, True), Priority.FINAL))
     ticks = 0
     for _ in range(5):
         await asyncio.sleep(0.01)
@@ -51,9 +52,9 @@ async def test_engine_errors_reach_the_caller() -> None:
         def transcribe(self, batch):  # type: ignore[no-untyped-def]
             raise MemoryError("no room")
 
-    scheduler = DecodeScheduler(Failing())
+    scheduler = window_scheduler(Failing())
     try:
-        await scheduler.decode(window(1, True), Priority.FINAL)
+        await scheduler.submit(window(1, True), Priority.FINAL)
     except MemoryError as exc:
         assert "no room" in str(exc)
     else:
@@ -63,9 +64,9 @@ async def test_engine_errors_reach_the_caller() -> None:
 
 async def test_when_behind_finals_are_decoded_fast_and_overload_is_reported() -> None:
     engine = ScriptedEngine()
-    scheduler = DecodeScheduler(engine, overload_seconds=0.1)
+    scheduler = window_scheduler(engine, overload_seconds=0.1)
     engine.gate.clear()
-    jobs = [asyncio.create_task(scheduler.decode(window(1, True), Priority.FINAL)) for _ in range(3)]
+    jobs = [asyncio.create_task(scheduler.submit(window(1, True), Priority.FINAL)) for _ in range(3)]
     await asyncio.sleep(0.3)
     assert scheduler.overloaded
     engine.gate.set()
@@ -78,13 +79,13 @@ async def test_when_behind_finals_are_decoded_fast_and_overload_is_reported() ->
 
 async def test_a_partial_that_went_stale_in_the_queue_is_dropped_unstarted() -> None:
     engine = ScriptedEngine()
-    scheduler = DecodeScheduler(engine)
+    scheduler = window_scheduler(engine)
     engine.gate.clear()
-    busy = asyncio.create_task(scheduler.decode(window(1, True), Priority.FINAL))
+    busy = asyncio.create_task(scheduler.submit(window(1, True), Priority.FINAL))
     await asyncio.sleep(0.05)
     utterance_open = True
     partial = asyncio.create_task(
-        scheduler.decode(window(2, False), Priority.PARTIAL, lambda: not utterance_open)
+        scheduler.submit(window(2, False), Priority.PARTIAL, lambda: not utterance_open)
     )
     await asyncio.sleep(0.05)
     utterance_open = False  # the utterance closed while its partial waited
@@ -98,10 +99,10 @@ async def test_a_partial_that_went_stale_in_the_queue_is_dropped_unstarted() -> 
 
 async def test_pressure_counts_queued_jobs_per_worker() -> None:
     engine = ScriptedEngine()
-    scheduler = DecodeScheduler(engine, workers=2)
+    scheduler = window_scheduler(engine, workers=2)
     assert scheduler.pressure == 1.0
     engine.gate.clear()
-    jobs = [asyncio.create_task(scheduler.decode(window(1, False), Priority.PARTIAL)) for _ in range(8)]
+    jobs = [asyncio.create_task(scheduler.submit(window(1, False), Priority.PARTIAL)) for _ in range(8)]
     await asyncio.sleep(0.1)
     assert scheduler.pressure == 3.0  # two running, six waiting for two workers
     engine.gate.set()
@@ -111,11 +112,11 @@ async def test_pressure_counts_queued_jobs_per_worker() -> None:
 
 async def test_waiting_partials_share_an_engine_call() -> None:
     engine = ScriptedEngine()
-    scheduler = DecodeScheduler(engine, workers=1, max_batch=4)
+    scheduler = window_scheduler(engine, workers=1, max_batch=4)
     engine.gate.clear()
-    busy = asyncio.create_task(scheduler.decode(window(1, True), Priority.FINAL))
+    busy = asyncio.create_task(scheduler.submit(window(1, True), Priority.FINAL))
     await asyncio.sleep(0.05)
-    partials = [asyncio.create_task(scheduler.decode(window(2, False), Priority.PARTIAL)) for _ in range(5)]
+    partials = [asyncio.create_task(scheduler.submit(window(2, False), Priority.PARTIAL)) for _ in range(5)]
     await asyncio.sleep(0.05)
     engine.gate.set()
     await asyncio.gather(busy, *partials)
@@ -125,14 +126,14 @@ async def test_waiting_partials_share_an_engine_call() -> None:
 
 async def test_finals_share_a_call_only_when_the_queue_is_behind() -> None:
     engine = ScriptedEngine()
-    scheduler = DecodeScheduler(engine, workers=2, max_batch=4)
+    scheduler = window_scheduler(engine, workers=2, max_batch=4)
 
     async def queue_finals_behind_two_busy_workers(count: int) -> None:
         engine.gate.clear()
-        busy = [asyncio.create_task(scheduler.decode(window(1, True), Priority.FINAL)) for _ in range(2)]
+        busy = [asyncio.create_task(scheduler.submit(window(1, True), Priority.FINAL)) for _ in range(2)]
         await asyncio.sleep(0.05)
         finals = [
-            asyncio.create_task(scheduler.decode(window(3, True), Priority.FINAL)) for _ in range(count)
+            asyncio.create_task(scheduler.submit(window(3, True), Priority.FINAL)) for _ in range(count)
         ]
         await asyncio.sleep(0.05)
         engine.gate.set()

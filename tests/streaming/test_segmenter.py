@@ -8,7 +8,7 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from streamscribe.streaming.segmenter import Segmenter, Utterance
+from streamscribe.streaming.segmenter import Closed, Dropped, Grew, Opened, Segmenter, SegmentEvent, Utterance
 from streamscribe.streaming.vad import SileroVad, VadOptions
 
 
@@ -17,14 +17,18 @@ def vad() -> SileroVad:
     return SileroVad()
 
 
+def closed(events: list[SegmentEvent]) -> list[Utterance]:
+    return [event.utterance for event in events if isinstance(event, Closed)]
+
+
 def segment(
     vad: SileroVad, samples: np.ndarray, max_seconds: float = 15.0, piece: int = 1600
 ) -> list[Utterance]:
     segmenter = Segmenter(vad, VadOptions(), max_seconds, 16000)
-    closed = [
-        u for start in range(0, len(samples), piece) for u in segmenter.feed(samples[start : start + piece])
+    events = [
+        e for start in range(0, len(samples), piece) for e in segmenter.feed(samples[start : start + piece])
     ]
-    return closed + segmenter.flush()
+    return closed(events + segmenter.flush())
 
 
 def test_speech_without_pauses_is_cut_at_quiet_moments_and_nothing_is_lost(
@@ -72,10 +76,41 @@ def test_flush_closes_the_open_utterance_and_drops_a_click(
 ) -> None:
     speech = clip("short.wav")
     segmenter = Segmenter(vad, VadOptions(), 15.0, 16000)
-    assert segmenter.feed(speech[: 16000 * 2]) == []
+    assert closed(segmenter.feed(speech[: 16000 * 2])) == []
     assert segmenter.open_start is not None
-    (utterance,) = segmenter.flush()
+    (utterance,) = closed(segmenter.flush())
     assert utterance.end == 16000 * 2 and segmenter.open_start is None
     click = Segmenter(vad, VadOptions(min_speech_ms=250), 15.0, 16000)
     click.feed(np.concatenate([np.zeros(16000, np.float32), speech[16000 : 16000 + 2400]]))
-    assert click.flush() == []
+    assert click.flush() == [Dropped()]
+
+
+def test_events_report_each_utterance_and_all_of_its_audio_in_order(
+    vad: SileroVad, clip: Callable[[str], np.ndarray]
+) -> None:
+    """What a native stream consumes: every closed utterance was opened, and grew by exactly its audio."""
+    speech = clip("continuous.wav")[: 16000 * 40]
+    segmenter = Segmenter(vad, VadOptions(), 15.0, 16000)
+    events = [
+        e for start in range(0, len(speech), 1600) for e in segmenter.feed(speech[start : start + 1600])
+    ]
+    events += segmenter.flush()
+    open_at: int | None = None
+    heard = np.zeros(0, np.float32)
+    utterances = 0
+    for event in events:
+        if isinstance(event, Opened):
+            assert open_at is None and event.index == utterances
+            open_at, heard = event.start, np.zeros(0, np.float32)
+        elif isinstance(event, Grew):
+            assert open_at is not None and event.start == open_at + len(heard)
+            heard = np.concatenate([heard, event.samples])
+        elif isinstance(event, Closed):
+            utterance = event.utterance
+            assert utterance.start == open_at and utterance.index == utterances
+            # Grew reported at least the utterance's audio (the VAD ends it behind the latest sample).
+            np.testing.assert_array_equal(heard[: len(utterance.samples)], utterance.samples)
+            open_at, utterances = None, utterances + 1
+        else:
+            open_at = None
+    assert open_at is None and utterances >= 3

@@ -1,4 +1,5 @@
-"""StreamingSession with real VAD and a scripted engine: segmentation, bounds, reset and backpressure."""
+"""A window-decoding live session with real VAD and a scripted engine: segmentation, bounds, reset and
+backpressure."""
 
 from __future__ import annotations
 
@@ -9,15 +10,16 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from streamscribe.streaming.scheduler import DecodeScheduler
+from streamscribe.streaming.scheduler import window_scheduler
 from streamscribe.streaming.session import (
     FinalSegment,
+    LiveSession,
     PartialText,
     SessionEvent,
     SessionOptions,
-    StreamingSession,
 )
 from streamscribe.streaming.vad import SileroVad
+from streamscribe.streaming.windows import window_session
 from tests.streaming.fakes import ScriptedEngine
 
 
@@ -28,17 +30,18 @@ def vad() -> SileroVad:
 
 def make_session(
     engine: ScriptedEngine, vad: SileroVad, **options: float
-) -> tuple[StreamingSession, list[SessionEvent]]:
+) -> tuple[LiveSession, list[SessionEvent]]:
     events: list[SessionEvent] = []
 
     async def emit(event: SessionEvent) -> None:
         events.append(event)
 
-    session = StreamingSession(DecodeScheduler(engine), vad, SessionOptions(**options), emit)  # type: ignore[arg-type]
+    scheduler = window_scheduler(engine)  # type: ignore[arg-type]
+    session = window_session(scheduler, vad, SessionOptions(**options), emit, engine.sample_rate)  # type: ignore[arg-type]
     return session, events
 
 
-async def feed_all(session: StreamingSession, samples: np.ndarray, chunk: int = 1600) -> None:
+async def feed_all(session: LiveSession, samples: np.ndarray, chunk: int = 1600) -> None:
     for start in range(0, len(samples), chunk):
         await session.feed(samples[start : start + chunk])
 

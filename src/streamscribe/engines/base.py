@@ -99,23 +99,20 @@ class Engine(Protocol):
         ...
 
 
-@dataclass(frozen=True)
-class StreamChunk:
-    """The next piece of one live stream, for an engine that carries its own state between pieces.
+class EngineStream(Protocol):
+    """One live utterance inside a streaming engine: the handle owns the engine's state for it.
 
-    Attributes:
-        stream_id: Which stream (unique among the streams open on the engine).
-        samples: Mono float32 samples, ``chunk_samples`` long except possibly the last piece.
-        is_first: Opens the stream (its state is created).
-        is_last: Closes the stream (its state is freed; the rest of its text becomes final).
-        language: Source language code.
+    Made by ``StreamingEngine.open_stream``; its audio goes in through ``StreamingEngine.stream_step``.
     """
 
-    stream_id: int
-    samples: np.ndarray
-    is_first: bool
-    is_last: bool
-    language: str = "en"
+    def finish(self) -> None:
+        """The next piece stepped is the stream's last: after that step all of its text is final."""
+        ...
+
+    def close(self) -> None:
+        """Abandon the stream and its text; the engine frees its state by its next step at the latest.
+        Quick, safe from any thread and more than once."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -123,12 +120,10 @@ class StreamUpdate:
     """What one step added to a stream's text.
 
     Attributes:
-        stream_id: The stream it belongs to.
         final_text: Text that became final in this step (never revised), stripped; often empty.
         partial_text: The stream's text after its last final piece; revised by later steps.
     """
 
-    stream_id: int
     final_text: str
     partial_text: str
 
@@ -146,6 +141,11 @@ class StreamingEngine(Engine, Protocol):
         """Samples per piece (at ``sample_rate``)."""
         ...
 
-    def stream_step(self, chunks: Sequence[StreamChunk]) -> list[StreamUpdate]:
-        """Advance each stream by its piece; one update per chunk, in order."""
+    def open_stream(self, language: str) -> EngineStream:
+        """A new stream of speech in ``language``; its state is made at its first step."""
+        ...
+
+    def stream_step(self, pieces: Sequence[tuple[EngineStream, np.ndarray]]) -> list[StreamUpdate]:
+        """Advance each stream by its piece: ``chunk_samples`` long, except a finishing stream's last piece,
+        which may be shorter or empty. One update per piece, in order."""
         ...

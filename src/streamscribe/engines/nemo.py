@@ -7,6 +7,7 @@ which NumPy 2 removed, and the streaming pipeline API used here appeared in 2.7.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import threading
@@ -17,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from streamscribe.engines.base import AudioWindow, EngineUnavailable, StreamChunk, StreamUpdate, Transcript
+from streamscribe.engines.base import AudioWindow, EngineStream, EngineUnavailable, StreamUpdate, Transcript
 
 log = logging.getLogger(__name__)
 
@@ -254,6 +255,26 @@ def _model_kind(model: str) -> tuple[str, bool, list[list[int]]]:
     return decoding_type, cache_aware, [list(contexts)]
 
 
+class NemoStream:
+    """One stream in NeMo's pipeline: its id there, and where it is in NeMo's first/last framing."""
+
+    def __init__(self, stream_id: int, abandoned: list[NemoStream]) -> None:
+        self.stream_id = stream_id
+        self.started = False  # its first frame went to the pipeline
+        self.ended = False  # its last frame went: the pipeline holds no state for it
+        self.finishing = False
+        self.closed = False
+        self._abandoned = abandoned
+
+    def finish(self) -> None:
+        self.finishing = True
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._abandoned.append(self)  # one append: atomic, so safe from the event loop's thread
+
+
 class NemoStreamingEngine(NemoAsrEngine):
     """Parakeet through NeMo's streaming pipeline (``nemo.collections.asr.inference``).
 
@@ -272,6 +293,10 @@ class NemoStreamingEngine(NemoAsrEngine):
             pipeline.chunk_size_in_secs if hasattr(pipeline, "chunk_size_in_secs") else pipeline.chunk_size
         )
         self._chunk_samples = round(float(chunk) * SAMPLE_RATE)
+        self._stream_ids = itertools.count()
+        self._abandoned: list[
+            NemoStream
+        ] = []  # closed by their owner; freed in the pipeline at the next step
         pipeline.open_session()
 
     @classmethod
@@ -312,38 +337,50 @@ class NemoStreamingEngine(NemoAsrEngine):
     def chunk_samples(self) -> int:
         return self._chunk_samples
 
-    def stream_step(self, chunks: Sequence[StreamChunk]) -> list[StreamUpdate]:
+    def open_stream(self, language: str) -> NemoStream:
+        return NemoStream(next(self._stream_ids), self._abandoned)
+
+    def stream_step(self, pieces: Sequence[tuple[EngineStream, np.ndarray]]) -> list[StreamUpdate]:
         import torch
         from nemo.collections.asr.inference.streaming.framing.request import Frame
         from nemo.collections.asr.inference.streaming.framing.request_options import ASRRequestOptions
 
-        updates: list[StreamUpdate] = []
+        def frame(stream: NemoStream, samples: np.ndarray, last: bool) -> Any:
+            audio = torch.from_numpy(np.ascontiguousarray(samples[: self._chunk_samples], np.float32))
+            valid = max(1, int(audio.shape[0]))  # a stream cannot end on nothing: one sample of silence
+            audio = torch.nn.functional.pad(audio, (0, self._chunk_samples - int(audio.shape[0])))
+            first = not stream.started
+            stream.started, stream.ended = True, last
+            options = ASRRequestOptions() if first else None
+            return Frame(
+                samples=audio,
+                stream_id=stream.stream_id,
+                is_first=first,
+                is_last=last,
+                length=valid,
+                options=options,
+            )
+
+        updates = [StreamUpdate("", "") for _ in pieces]
         with self._lock:
-            for start in range(0, len(chunks), self._streams_per_step):
-                frames = []
-                for chunk in chunks[start : start + self._streams_per_step]:
-                    samples = torch.from_numpy(
-                        np.ascontiguousarray(chunk.samples[: self._chunk_samples], np.float32)
-                    )
-                    valid = int(samples.shape[0])
-                    if valid < self._chunk_samples:
-                        samples = torch.nn.functional.pad(samples, (0, self._chunk_samples - valid))
-                    frames.append(
-                        Frame(
-                            samples=samples,
-                            stream_id=chunk.stream_id,
-                            is_first=chunk.is_first,
-                            is_last=chunk.is_last,
-                            length=valid,
-                            options=ASRRequestOptions() if chunk.is_first else None,
-                        )
-                    )
+            # (frame, index of its piece, or None for the closing frame of an abandoned stream)
+            frames: list[tuple[Any, int | None]] = []
+            while self._abandoned:
+                stream = self._abandoned.pop()
+                if stream.started and not stream.ended:
+                    frames.append((frame(stream, np.zeros(0, np.float32), True), None))
+            for index, (handle, samples) in enumerate(pieces):
+                assert isinstance(handle, NemoStream)
+                if not handle.closed and not handle.ended:
+                    frames.append((frame(handle, samples, handle.finishing), index))
+            for start in range(0, len(frames), self._streams_per_step):
+                batch = frames[start : start + self._streams_per_step]
                 with torch.inference_mode():
-                    outputs = self._pipeline.transcribe_step(frames)
-                updates.extend(
-                    StreamUpdate(out.stream_id, out.final_transcript.strip(), out.partial_transcript.strip())
-                    for out in outputs
-                )
+                    outputs = self._pipeline.transcribe_step([f for f, _ in batch])
+                for (_, piece), out in zip(batch, outputs, strict=True):
+                    if piece is not None:
+                        final, partial = out.final_transcript.strip(), out.partial_transcript.strip()
+                        updates[piece] = StreamUpdate(final, partial)
         return updates
 
 

@@ -16,7 +16,6 @@ from streamscribe.engines.base import (
     AudioWindow,
     Engine,
     EngineUnavailable,
-    StreamChunk,
     StreamingEngine,
     UnsupportedLanguage,
 )
@@ -26,7 +25,6 @@ log = logging.getLogger(__name__)
 
 # 1.7 s of English speech (the start of tests/data/short.wav), 16 kHz 16-bit mono.
 WARM_UP_CLIP = Path(__file__).with_name("warm_up.wav")
-_WARM_UP_STREAM_ID = -1  # never a live stream's: StreamStepper numbers them from 0
 
 NEMO_LANGUAGES = {"parakeet": ("en",), "canary": ("en", "es", "de", "fr")}
 NEMO_VARIANTS = {"parakeet": ("standard", "onnx", "mlx"), "canary": ("standard",)}
@@ -261,12 +259,11 @@ def warm_up(engine: Engine) -> Engine:
         # A partial (greedy) and a final (beam search): the two ways sessions decode windows.
         engine.transcribe([AudioWindow(samples, language, final=False), AudioWindow(samples, language)])
         if isinstance(engine, StreamingEngine):
-            size = engine.chunk_samples
-            starts = range(0, len(samples), size)
-            for start in starts:
-                chunk = samples[start : start + size]
-                first, last = start == 0, start == starts[-1]
-                engine.stream_step([StreamChunk(_WARM_UP_STREAM_ID, chunk, first, last, language)])
+            stream, size = engine.open_stream(language), engine.chunk_samples
+            for start in range(0, len(samples), size):
+                if start + size >= len(samples):
+                    stream.finish()
+                engine.stream_step([(stream, samples[start : start + size])])
     except Exception as exc:
         log.error("warming up %s failed: %s: %s", engine.name, type(exc).__name__, exc)
         raise EngineUnavailable(

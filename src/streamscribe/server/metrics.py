@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from streamscribe.streaming.scheduler import Priority
-
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _LATENCY_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
 
@@ -29,13 +27,13 @@ class ServerMetrics:
         self.decode_seconds = Histogram(
             "streamscribe_decode_seconds",
             "Wall time of one engine call (one batch).",
-            ["engine", "kind"],  # kind: final | partial
+            ["engine", "kind"],  # kind: final | partial (windows) | step (a streaming engine's step)
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
         self.batch_size = Histogram(
             "streamscribe_decode_batch_size",
-            "Windows per engine call.",
+            "Windows (or stream pieces) per engine call.",
             ["engine"],
             buckets=(1, 2, 4, 8, 16, 32),
             registry=r,
@@ -63,9 +61,8 @@ class ServerMetrics:
             registry=r,
         )
 
-    def batch_decoded(self, engine: str, priority: Priority, size: int, seconds: float) -> None:
+    def batch_decoded(self, engine: str, kind: str, size: int, seconds: float) -> None:
         """Called by the decode scheduler after each engine call."""
-        kind = "final" if priority == Priority.FINAL else "partial"
         self.decode_seconds.labels(engine, kind).observe(seconds)
         self.batch_size.labels(engine).observe(size)
 

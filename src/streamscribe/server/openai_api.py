@@ -159,7 +159,7 @@ async def _transcribe_upload(
 
     async def decode(window: AudioWindow) -> Transcript:
         try:
-            transcript = await scheduler.decode(window, Priority.FINAL)
+            transcript = await scheduler.submit(window, Priority.FINAL)
         except Exception:
             log.exception("engine failure on a file")
             raise ApiError(500, "the speech engine failed", "internal_error") from None

@@ -6,17 +6,19 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from streamscribe.config import Settings
-from streamscribe.engines.base import Engine, StreamingEngine
+from streamscribe.engines.base import AudioWindow, Engine, StreamingEngine, StreamUpdate, Transcript
 from streamscribe.engines.registry import EngineRegistry
 from streamscribe.protocol import CloseCode, ErrorType, StreamError
 from streamscribe.server.auth import AccessControl
 from streamscribe.server.metrics import ServerMetrics
-from streamscribe.streaming.native import NativeStreamingSession, StreamStepper
-from streamscribe.streaming.scheduler import DecodeScheduler
-from streamscribe.streaming.session import LiveSession, SessionEvent, SessionOptions, StreamingSession
+from streamscribe.streaming.native import native_session
+from streamscribe.streaming.scheduler import Scheduler, StreamPiece, stream_scheduler, window_scheduler
+from streamscribe.streaming.session import LiveSession, SessionEvent, SessionOptions
 from streamscribe.streaming.vad import SileroVad
+from streamscribe.streaming.windows import window_session
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +34,8 @@ class Runtime:
         self.metrics = ServerMetrics()
         self.draining = asyncio.Event()
         self.models_ready = not settings.preload
-        self._schedulers: dict[str, DecodeScheduler] = {}
-        self._steppers: dict[str, StreamStepper] = {}
+        self._schedulers: dict[str, Scheduler[AudioWindow, Transcript]] = {}
+        self._steppers: dict[str, Scheduler[StreamPiece, StreamUpdate]] = {}
         self._load_lock = asyncio.Lock()
         self.active_streams = 0  # admitted streams (admission control)
         self._open_streams = 0  # open sockets (graceful shutdown waits for them)
@@ -45,9 +47,10 @@ class Runtime:
         async with self._load_lock:
             return await asyncio.to_thread(self.registry.get, model, variant, language, task)
 
-    def scheduler(self, engine: Engine) -> DecodeScheduler:
+    def scheduler(self, engine: Engine) -> Scheduler[AudioWindow, Transcript]:
+        """The queue of ``engine``'s whole-window decodes (live windows and files)."""
         if engine.name not in self._schedulers:
-            self._schedulers[engine.name] = DecodeScheduler(
+            self._schedulers[engine.name] = window_scheduler(
                 engine,
                 workers=self.settings.decode_worker_count,
                 max_batch=self.settings.decode_batch,
@@ -63,7 +66,8 @@ class Runtime:
             raise StreamError(
                 ErrorType.SERVER_BUSY, f"server is at its limit of {limit} streams", CloseCode.TRY_AGAIN_LATER
             )
-        if not isinstance(engine, StreamingEngine) and self.scheduler(engine).overloaded:
+        live = self.stepper(engine) if isinstance(engine, StreamingEngine) else self.scheduler(engine)
+        if live.overloaded:
             raise StreamError(
                 ErrorType.SERVER_BUSY,
                 f"{engine.name} is behind on the streams it has; try again shortly",
@@ -74,9 +78,12 @@ class Runtime:
     def release(self) -> None:
         self.active_streams -= 1
 
-    def stepper(self, engine: StreamingEngine) -> StreamStepper:
+    def stepper(self, engine: StreamingEngine) -> Scheduler[StreamPiece, StreamUpdate]:
+        """The queue of a streaming engine's steps (live streams only)."""
         if engine.name not in self._steppers:
-            self._steppers[engine.name] = StreamStepper(engine)
+            self._steppers[engine.name] = stream_scheduler(
+                engine, self.settings.streaming.overload_seconds, self.metrics
+            )
         return self._steppers[engine.name]
 
     def new_session(
@@ -84,8 +91,8 @@ class Runtime:
     ) -> LiveSession:
         """A live session for ``engine``: its own streaming when it has one, else re-decoded windows."""
         if isinstance(engine, StreamingEngine):
-            return NativeStreamingSession(self.stepper(engine), self.vad, options, emit)
-        return StreamingSession(self.scheduler(engine), self.vad, options, emit)
+            return native_session(engine, self.stepper(engine), self.vad, options, emit)
+        return window_session(self.scheduler(engine), self.vad, options, emit, engine.sample_rate)
 
     async def preload(self) -> None:
         """Load the default (fallback) English engine before the first client needs it."""
@@ -126,7 +133,6 @@ class Runtime:
 
     async def close(self) -> None:
         await self.access.close()
-        for scheduler in self._schedulers.values():
+        schedulers: list[Scheduler[Any, Any]] = [*self._schedulers.values(), *self._steppers.values()]
+        for scheduler in schedulers:
             await scheduler.close()
-        for stepper in self._steppers.values():
-            await stepper.close()

@@ -1,9 +1,16 @@
-"""Between sessions and an engine: one queue, finals before partials, oldest audio first.
+"""Between sessions and an engine: one batching loop, with a rule for which waiting work shares a call.
 
-Each session keeps at most one request in flight, so oldest-first is a round robin over streams, and
-a stream that falls behind sends one larger window instead of a queue of stale ones. When more work
-waits than the workers can take, finals are decoded greedily (``AudioWindow.fast``); when finals
-themselves wait too long, ``overloaded`` tells the server to refuse new streams.
+Sessions submit work and await its result; worker tasks take a batch by the scheduler's rule and run the
+engine on it in a thread, never on the event loop, setting each result (or the engine's error) on its
+future. Two rules:
+
+- ``WindowBatches`` for engines that decode whole windows: finals before partials, oldest audio first.
+  Each session keeps at most one request in flight, so oldest-first is a round robin over streams, and a
+  stream that falls behind sends one larger window instead of a queue of stale ones. When more work waits
+  than the workers can take, finals are decoded greedily (``AudioWindow.fast``) and share calls.
+- ``PiecePerStream`` for engines that stream natively: every stream's waiting piece joins one step.
+
+When work of the first priority waits too long, ``overloaded`` tells the server to refuse new streams.
 """
 
 from __future__ import annotations
@@ -13,13 +20,27 @@ import dataclasses
 import heapq
 import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
-from streamscribe.engines.base import AudioWindow, Engine, Transcript
+import numpy as np
+
+from streamscribe.engines.base import (
+    AudioWindow,
+    Engine,
+    EngineStream,
+    StreamingEngine,
+    StreamUpdate,
+    Transcript,
+)
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+StreamPiece = tuple[EngineStream, np.ndarray]
 
 
 class StaleWork(Exception):
@@ -34,40 +55,54 @@ class Priority(IntEnum):
 class DecodeObserver(Protocol):
     """Told about every engine call (for metrics); must be quick, it runs on the event loop."""
 
-    def batch_decoded(self, engine: str, priority: Priority, size: int, seconds: float) -> None: ...
+    def batch_decoded(self, engine: str, kind: str, size: int, seconds: float) -> None: ...
 
 
 @dataclass(order=True)
-class _Job:
+class Job(Generic[Item, Result]):
+    """One submitted piece of work, ordered by priority, then by when it came."""
+
     priority: int
     order: int
-    window: AudioWindow = field(compare=False)
-    result: asyncio.Future[Transcript] = field(compare=False)
+    item: Item = field(compare=False)
+    result: asyncio.Future[Result] = field(compare=False)
     stale: Callable[[], bool] | None = field(compare=False, default=None)
     queued_at: float = field(compare=False, default_factory=time.monotonic)
 
 
-class DecodeScheduler:
-    """Runs an engine's ``transcribe`` in worker threads, never on the event loop."""
+class BatchRule(Protocol[Item, Result]):
+    """Which waiting jobs go into the next engine call (it pops them from the heap ``queue``)."""
+
+    def take(self, queue: list[Job[Item, Result]], workers: int) -> list[Job[Item, Result]]: ...
+
+    def kind(self, batch: Sequence[Job[Item, Result]]) -> str:
+        """What the call was, for metrics."""
+        ...
+
+
+class Scheduler(Generic[Item, Result]):
+    """Runs ``run`` on batches of submitted items in worker threads; ``rule`` decides the batches."""
 
     def __init__(
         self,
-        engine: Engine,
+        name: str,
+        run: Callable[[list[Item]], list[Result]],
+        rule: BatchRule[Item, Result],
         workers: int = 1,
-        max_batch: int = 1,
         overload_seconds: float = 3.0,
         observer: DecodeObserver | None = None,
     ) -> None:
-        self.engine = engine
+        self.name = name
+        self._run = run
+        self._rule = rule
+        self._workers = workers
         self._overload_seconds = overload_seconds
         self._observer = observer
-        self._workers = workers
-        self._max_batch = max_batch
-        self._queue: list[_Job] = []
+        self._queue: list[Job[Item, Result]] = []
         self._order = itertools.count()
         self._ready: asyncio.Event | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"decode-{engine.name}")
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"decode-{name}")
 
     @property
     def queued(self) -> int:
@@ -80,7 +115,8 @@ class DecodeScheduler:
 
     @property
     def overloaded(self) -> bool:
-        """True when a final has waited longer than ``overload_seconds``: new streams would not keep up."""
+        """True when first-priority work has waited longer than ``overload_seconds``: new streams would
+        not keep up."""
         now = time.monotonic()
         return any(
             job.priority == Priority.FINAL and now - job.queued_at > self._overload_seconds
@@ -88,10 +124,10 @@ class DecodeScheduler:
             if not job.result.done()
         )
 
-    async def decode(
-        self, window: AudioWindow, priority: Priority, stale: Callable[[], bool] | None = None
-    ) -> Transcript:
-        """Queue one window and wait for its transcript (engine errors are raised here).
+    async def submit(
+        self, item: Item, priority: Priority = Priority.FINAL, stale: Callable[[], bool] | None = None
+    ) -> Result:
+        """Queue one item and wait for its result (engine errors are raised here).
 
         ``stale`` is asked when the job's turn comes: if it says the result is no longer wanted (the
         utterance closed while a partial waited), the job is dropped and ``StaleWork`` raised instead.
@@ -99,8 +135,8 @@ class DecodeScheduler:
         if self._ready is None:
             self._ready = asyncio.Event()
             self._tasks = [asyncio.create_task(self._work()) for _ in range(self._workers)]
-        future: asyncio.Future[Transcript] = asyncio.get_running_loop().create_future()
-        heapq.heappush(self._queue, _Job(priority, next(self._order), window, future, stale))
+        future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._queue, Job(priority, next(self._order), item, future, stale))
         self._ready.set()
         return await future
 
@@ -108,47 +144,67 @@ class DecodeScheduler:
         assert self._ready is not None
         loop = asyncio.get_running_loop()
         while True:
-            while not self._queue:
+            self._drop_unwanted()
+            if not self._queue:
                 self._ready.clear()
                 await self._ready.wait()
-            batch = self._take_batch()
-            if not batch:
                 continue
+            batch = self._rule.take(self._queue, self._workers)
             started = time.perf_counter()
             try:
-                results = await loop.run_in_executor(
-                    self._executor, self.engine.transcribe, [job.window for job in batch]
-                )
+                results = await loop.run_in_executor(self._executor, self._run, [job.item for job in batch])
             except Exception as exc:
                 for job in batch:
                     if not job.result.done():
                         job.result.set_exception(exc)
                 continue
             if self._observer is not None:
-                self._observer.batch_decoded(
-                    self.engine.name, Priority(batch[0].priority), len(batch), time.perf_counter() - started
-                )
-            for job, transcript in zip(batch, results, strict=True):
+                seconds = time.perf_counter() - started
+                self._observer.batch_decoded(self.name, self._rule.kind(batch), len(batch), seconds)
+            for job, result in zip(batch, results, strict=True):
                 if not job.result.done():
-                    job.result.set_result(transcript)
+                    job.result.set_result(result)
 
-    def _take_batch(self) -> list[_Job]:
-        """The next job, and more of its priority while they are cheap to share one engine call.
-
-        Partials always share. A final is decoded alone (beam search, its own call) unless the queue is
-        behind: then finals are decoded greedily (``fast``), so all streams advance, and share too.
-        """
-        behind = len(self._queue) > self._workers
-        batch: list[_Job] = []
-        while self._queue:
-            job = heapq.heappop(self._queue)
+    def _drop_unwanted(self) -> None:
+        """Drop queued jobs whose caller went away or whose result stopped mattering (``StaleWork``)."""
+        wanted = []
+        for job in self._queue:
             if job.result.cancelled():
                 continue
             if job.stale is not None and job.stale():
                 job.result.set_exception(StaleWork())
                 continue
+            wanted.append(job)
+        if len(wanted) < len(self._queue):
+            heapq.heapify(wanted)
+            self._queue[:] = wanted
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+class WindowBatches:
+    """The next job, and more of its priority while they are cheap to share one engine call.
+
+    Partials always share. A final is decoded alone (beam search, its own call) unless the queue is
+    behind: then finals are decoded greedily (``fast``), so all streams advance, and share too.
+    """
+
+    def __init__(self, max_batch: int = 1) -> None:
+        self._max_batch = max_batch
+
+    def take(
+        self, queue: list[Job[AudioWindow, Transcript]], workers: int
+    ) -> list[Job[AudioWindow, Transcript]]:
+        behind = len(queue) > workers
+        batch: list[Job[AudioWindow, Transcript]] = []
+        while queue:
+            job = heapq.heappop(queue)
             if batch and job.priority != batch[0].priority:
-                heapq.heappush(self._queue, job)
+                heapq.heappush(queue, job)
                 break
             batch.append(job)
             shared = job.priority == Priority.PARTIAL or behind
@@ -156,11 +212,46 @@ class DecodeScheduler:
                 break
         if behind:
             for job in batch:
-                job.window = dataclasses.replace(job.window, fast=True)
+                job.item = dataclasses.replace(job.item, fast=True)
         return batch
 
-    async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._executor.shutdown(wait=False, cancel_futures=True)
+    def kind(self, batch: Sequence[Job[AudioWindow, Transcript]]) -> str:
+        return "final" if batch[0].priority == Priority.FINAL else "partial"
+
+
+class PiecePerStream:
+    """Every waiting stream's oldest piece, in order; a stream's next piece waits for the next step."""
+
+    def take(
+        self, queue: list[Job[StreamPiece, StreamUpdate]], workers: int
+    ) -> list[Job[StreamPiece, StreamUpdate]]:
+        batch: list[Job[StreamPiece, StreamUpdate]] = []
+        later: list[Job[StreamPiece, StreamUpdate]] = []
+        while queue:
+            job = heapq.heappop(queue)
+            (later if any(job.item[0] is taken.item[0] for taken in batch) else batch).append(job)
+        for job in later:
+            heapq.heappush(queue, job)
+        return batch
+
+    def kind(self, batch: Sequence[Job[StreamPiece, StreamUpdate]]) -> str:
+        return "step"
+
+
+def window_scheduler(
+    engine: Engine,
+    workers: int = 1,
+    max_batch: int = 1,
+    overload_seconds: float = 3.0,
+    observer: DecodeObserver | None = None,
+) -> Scheduler[AudioWindow, Transcript]:
+    """The scheduler of an engine's whole-window decodes (``Engine.transcribe``)."""
+    rule = WindowBatches(max_batch)
+    return Scheduler(engine.name, engine.transcribe, rule, workers, overload_seconds, observer)
+
+
+def stream_scheduler(
+    engine: StreamingEngine, overload_seconds: float = 3.0, observer: DecodeObserver | None = None
+) -> Scheduler[StreamPiece, StreamUpdate]:
+    """The scheduler of a streaming engine's steps: one worker, since steps are serialised."""
+    return Scheduler(engine.name, engine.stream_step, PiecePerStream(), 1, overload_seconds, observer)

@@ -4,6 +4,9 @@ VAD events become utterances: speech padded by ``speech_pad_ms`` on each side, b
 ``min_speech_ms`` dropped, and an utterance that reaches ``max_seconds`` cut at its quietest moment in
 its second half (the rest goes on as the next utterance), so that no window outgrows what an engine
 decodes well. Memory is bounded by ``max_seconds``: silence is not kept beyond the padding.
+
+What it reports, in order: an utterance ``Opened``, ``Grew`` by new audio, and was ``Closed`` (a final
+is owed for it) or ``Dropped`` (too short to be speech, or reset). Whole files use only the closed ones.
 """
 
 from __future__ import annotations
@@ -25,14 +28,45 @@ class Utterance:
     """A closed utterance.
 
     Attributes:
+        index: Utterances closed before it since the stream started (or was reset): its segment id.
         start: Absolute index of its first sample in the stream.
         end: Absolute index just after its last sample.
         samples: Its audio, ``end - start`` samples.
     """
 
+    index: int
     start: int
     end: int
     samples: np.ndarray
+
+
+@dataclass(frozen=True)
+class Opened:
+    """An utterance began at absolute sample ``start``; it will be ``index`` if it closes."""
+
+    index: int
+    start: int
+
+
+@dataclass(frozen=True)
+class Grew:
+    """The open utterance's next audio, beginning at absolute sample ``start``."""
+
+    start: int
+    samples: np.ndarray
+
+
+@dataclass(frozen=True)
+class Closed:
+    utterance: Utterance
+
+
+@dataclass(frozen=True)
+class Dropped:
+    """The open utterance was not speech after all (or the stream was reset): no final for it."""
+
+
+SegmentEvent = Opened | Grew | Closed | Dropped
 
 
 class Segmenter:
@@ -47,7 +81,8 @@ class Segmenter:
         self.buffer = AudioBuffer()
         self.open_start: int | None = None  # where the open utterance starts, None between utterances
         self._speech_start = 0  # where the VAD heard its speech begin (after the padding)
-        self.ended = 0  # utterances closed or dropped so far: a change tells a caller its open one is gone
+        self._reported_to = 0  # the open utterance's audio before this has been reported (Grew)
+        self._closed = 0  # utterances closed since the start or the last reset
 
     @property
     def end(self) -> int:
@@ -65,73 +100,77 @@ class Segmenter:
             return np.zeros(0, dtype=np.float32)
         return self.buffer.slice(self.open_start, self.buffer.end)
 
-    def feed(self, samples: np.ndarray) -> list[Utterance]:
-        """Add audio; return the utterances it closed. The same audio gives the same utterances however
+    def feed(self, samples: np.ndarray) -> list[SegmentEvent]:
+        """Add audio; return what it did to utterances. The same audio gives the same utterances however
         it is split: a live stream's 0.1 s frames and a file's 10 s pieces are cut alike."""
-        closed: list[Utterance] = []
+        events: list[SegmentEvent] = []
         while len(samples):
             room = _CUT_STEP - self.buffer.end % _CUT_STEP
-            closed += self._feed_piece(samples[:room], at_step=len(samples) >= room)
+            events += self._feed_piece(samples[:room], at_step=len(samples) >= room)
             samples = samples[room:]
-        return closed
+        return events
 
-    def _feed_piece(self, samples: np.ndarray, at_step: bool) -> list[Utterance]:
-        closed: list[Utterance] = []
+    def _feed_piece(self, samples: np.ndarray, at_step: bool) -> list[SegmentEvent]:
+        events: list[SegmentEvent] = []
         self.buffer.append(samples)
         for event in self._vad.process(samples):
             if isinstance(event, SpeechStart) and self.open_start is None:
-                self.open_start = max(self.buffer.start, event.sample - self._pad)
-                self._speech_start = event.sample
+                events.append(self._open(max(self.buffer.start, event.sample - self._pad), event.sample))
             elif isinstance(event, SpeechEnd) and self.open_start is not None:
                 if event.duration < self._min_speech:
-                    self._drop(event.sample)
+                    events.append(self._drop(event.sample))
                 else:
-                    closed.append(self._close(min(event.sample + self._pad, self.buffer.end)))
+                    events.append(self._close(min(event.sample + self._pad, self.buffer.end)))
         if self.open_start is None:
             # Keep the padding before audio the VAD has yet to judge (up to a step of it waits for more).
             self.buffer.trim_before(self.buffer.end - self._pad - CHUNK)
-        elif at_step and self.buffer.end + _CUT_STEP - self.open_start > self._max_length:
-            closed.append(self._cut())  # by the next step it would be too long
-        return closed
+            return events
+        if at_step and self.buffer.end + _CUT_STEP - self.open_start > self._max_length:
+            events += self._cut()  # by the next step it would be too long
+        if self.buffer.end > self._reported_to:
+            events.append(Grew(self._reported_to, self.buffer.slice(self._reported_to, self.buffer.end)))
+            self._reported_to = self.buffer.end
+        return events
 
-    def flush(self) -> list[Utterance]:
+    def flush(self) -> list[SegmentEvent]:
         """Close the open utterance where the audio ends (dropped when shorter than ``min_speech_ms``)."""
         if self.open_start is None:
             return []
         if self.buffer.end - self._speech_start < self._min_speech:
-            self._drop(self.buffer.end)
-            return []
+            return [self._drop(self.buffer.end)]
         return [self._close(self.buffer.end)]
 
     def reset(self) -> None:
-        """Forget the audio and the open utterance; the stream's clock keeps running."""
+        """Forget the audio, the open utterance and the count of closed ones; the stream's clock keeps
+        running."""
         position = self.buffer.end
         self.buffer.clear(position)
         self._vad.reset(position)
-        if self.open_start is not None:
-            self.ended += 1
         self.open_start = None
+        self._closed = 0
 
-    def _close(self, end: int) -> Utterance:
+    def _open(self, start: int, speech_start: int) -> Opened:
+        self.open_start, self._speech_start, self._reported_to = start, speech_start, start
+        return Opened(self._closed, start)
+
+    def _close(self, end: int) -> Closed:
         assert self.open_start is not None
-        utterance = Utterance(self.open_start, end, self.buffer.slice(self.open_start, end))
+        utterance = Utterance(self._closed, self.open_start, end, self.buffer.slice(self.open_start, end))
         self.buffer.trim_before(end)
         self._vad.forget_before(end)
         self.open_start = None
-        self.ended += 1
-        return utterance
+        self._closed += 1
+        return Closed(utterance)
 
-    def _drop(self, end: int) -> None:
+    def _drop(self, end: int) -> Dropped:
         self.buffer.trim_before(end)
         self.open_start = None
-        self.ended += 1
+        return Dropped()
 
-    def _cut(self) -> Utterance:
-        """Close a long utterance at its quietest moment in its second half; the rest stays open."""
+    def _cut(self) -> list[SegmentEvent]:
+        """Close a long utterance at its quietest moment in its second half; the rest is the next one."""
         assert self.open_start is not None
         lo = self.open_start + self._max_length // 2
         hi = self.buffer.end - self.rate // 2
         cut = self._vad.quietest_sample(lo, hi) or self.buffer.end
-        utterance = self._close(cut)
-        self.open_start = self._speech_start = cut
-        return utterance
+        return [self._close(cut), self._open(cut, cut)]
