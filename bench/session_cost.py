@@ -28,7 +28,7 @@ from streamscribe.engines.base import AudioWindow, Engine, Transcript
 from streamscribe.engines.registry import EngineRegistry
 from streamscribe.streaming.scheduler import window_scheduler
 from streamscribe.streaming.segmenter import Segmenter
-from streamscribe.streaming.session import FinalSegment, LiveSession, SessionEvent, SessionOptions
+from streamscribe.streaming.session import FinalText, LiveSession, SessionEvent, SessionOptions
 from streamscribe.streaming.vad import SileroVad, VadOptions
 from streamscribe.streaming.windows import WindowDecoder
 
@@ -69,7 +69,7 @@ async def run(
     finals: list[str] = []
 
     async def emit(event: SessionEvent) -> None:
-        if isinstance(event, FinalSegment):
+        if isinstance(event, FinalText):
             finals.append(event.text)
 
     options = SessionOptions(

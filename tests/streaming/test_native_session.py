@@ -11,7 +11,7 @@ import numpy as np
 from streamscribe.engines.base import AudioWindow, EngineStream, StreamUpdate, Transcript
 from streamscribe.streaming.native import native_session
 from streamscribe.streaming.scheduler import stream_scheduler
-from streamscribe.streaming.session import FinalSegment, LiveSession, SessionEvent, SessionOptions
+from streamscribe.streaming.session import FinalText, LiveSession, SessionEvent, SessionOptions
 from streamscribe.streaming.vad import SileroVad
 
 
@@ -112,7 +112,7 @@ def test_each_utterance_is_one_engine_stream_and_one_final(clip: Callable[[str],
 
     engine = CountingEngine()
     events, transcript = run_session(engine, script)
-    finals = [e for e in events if isinstance(e, FinalSegment)]
+    finals = [e for e in events if isinstance(e, FinalText)]
     assert len(finals) == len(engine.opened) == 1
     assert engine.opened == engine.closed
     assert transcript == finals[0].text == " ".join(f"w{i}" for i in range(engine.pieces[engine.opened[0]]))
@@ -136,7 +136,7 @@ def test_reset_mid_utterance_closes_the_engine_stream(clip: Callable[[str], np.n
     events, transcript = run_session(engine, script)
     assert engine.opened and engine.opened == engine.closed
     assert transcript == ""
-    assert not [e for e in events if isinstance(e, FinalSegment)]
+    assert not [e for e in events if isinstance(e, FinalText)]
 
 
 def test_closing_mid_utterance_closes_the_engine_stream(clip: Callable[[str], np.ndarray]) -> None:
@@ -168,7 +168,7 @@ def test_unbroken_speech_is_cut_into_streams_and_no_audio_reaches_the_engine_twi
 
     engine = CountingEngine()
     events, _ = run_session(engine, script, max_segment_seconds=8.0)
-    finals = [e for e in events if isinstance(e, FinalSegment)]
+    finals = [e for e in events if isinstance(e, FinalText)]
     assert len(finals) >= len(speech) / 16000 / 8.5
     assert engine.opened == engine.closed
     for before, after in itertools.pairwise(finals):

@@ -8,7 +8,15 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from streamscribe.streaming.segmenter import Closed, Dropped, Grew, Opened, Segmenter, SegmentEvent, Utterance
+from streamscribe.streaming.segmenter import (
+    Closed,
+    Dropped,
+    Grew,
+    Opened,
+    Segmenter,
+    Utterance,
+    UtteranceEvent,
+)
 from streamscribe.streaming.vad import SileroVad, VadOptions
 
 
@@ -17,7 +25,7 @@ def vad() -> SileroVad:
     return SileroVad()
 
 
-def closed(events: list[SegmentEvent]) -> list[Utterance]:
+def closed(events: list[UtteranceEvent]) -> list[Utterance]:
     return [event.utterance for event in events if isinstance(event, Closed)]
 
 

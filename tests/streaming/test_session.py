@@ -12,7 +12,7 @@ import pytest
 
 from streamscribe.streaming.scheduler import window_scheduler
 from streamscribe.streaming.session import (
-    FinalSegment,
+    FinalText,
     LiveSession,
     PartialText,
     SessionEvent,
@@ -53,13 +53,13 @@ async def test_each_pause_ends_a_final_and_finals_never_overlap(
     session, events = make_session(engine, vad)
     await feed_all(session, clip("long.wav")[: 16000 * 37])
     await session.flush()
-    finals = [e for e in events if isinstance(e, FinalSegment)]
+    finals = [e for e in events if isinstance(e, FinalText)]
     sentences = [s for s in manifest["long.wav"]["segments"] if s["end"] < 37]
     # Pauses shorter than the VAD's 0.5 s may join two sentences; none is split.
     assert len(sentences) // 2 <= len(finals) <= len(sentences)
     for before, after in itertools.pairwise(finals):
         assert before.end <= after.start
-    assert [f.segment_id for f in finals] == list(range(len(finals)))
+    assert [f.index for f in finals] == list(range(len(finals)))
     for sentence in sentences:
         assert any(f.start <= sentence["start"] and sentence["end"] <= f.end + 0.2 for f in finals), sentence
     await session.close()
@@ -79,7 +79,7 @@ async def test_continuous_speech_is_cut_and_memory_stays_bounded(
         await session.feed(speech[start : start + 1600])
         peak_backlog = max(peak_backlog, session.backlog_seconds())
     await session.flush()
-    finals = [e for e in events if isinstance(e, FinalSegment)]
+    finals = [e for e in events if isinstance(e, FinalText)]
     assert len(finals) >= len(speech) / 16000 / 8.5
     assert max(len(w.samples) for w in engine.windows) <= 8.5 * 16000
     assert sum(f.end - f.start for f in finals) == pytest.approx(len(speech) / 16000, abs=1.0)
@@ -96,9 +96,9 @@ async def test_partials_belong_to_the_open_segment(vad: SileroVad, clip: Callabl
         await asyncio.sleep(0.01)  # let the decoder run, as live audio would
     await session.flush()
     partials = [e for e in events if isinstance(e, PartialText)]
-    finals = [e for e in events if isinstance(e, FinalSegment)]
+    finals = [e for e in events if isinstance(e, FinalText)]
     assert partials and len(finals) == 1
-    assert {p.segment_id for p in partials} == {finals[0].segment_id}
+    assert {p.index for p in partials} == {finals[0].index}
     assert events.index(partials[-1]) < events.index(finals[0])
     assert not [w for w in engine.windows if not w.final and len(w.samples) < 16000]
     await session.close()
@@ -114,7 +114,7 @@ async def test_reset_discards_a_decode_in_flight(vad: SileroVad, clip: Callable[
     engine.gate.set()
     assert await session.flush() == ""
     await asyncio.sleep(0.1)
-    assert not [e for e in events if isinstance(e, FinalSegment)]
+    assert not [e for e in events if isinstance(e, FinalText)]
     await session.close()
 
 
@@ -132,5 +132,5 @@ async def test_backpressure_holds_feed_instead_of_dropping_audio(
     engine.gate.set()
     await asyncio.wait_for(feeding, 30)
     await session.flush()
-    assert len([e for e in events if isinstance(e, FinalSegment)]) == 6
+    assert len([e for e in events if isinstance(e, FinalText)]) == 6
     await session.close()

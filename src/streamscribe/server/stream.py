@@ -37,7 +37,7 @@ from streamscribe.server.quotas import StreamLease
 from streamscribe.server.runtime import Runtime
 from streamscribe.streaming.session import (
     EngineFailure,
-    FinalSegment,
+    FinalText,
     LiveSession,
     SessionEvent,
     SessionOptions,
@@ -239,10 +239,10 @@ class StreamConnection:
                     )
                 )
                 return
-            final = isinstance(event, FinalSegment)
+            final = isinstance(event, FinalText)
             self._observe_emission("final" if final else "partial", event.end)
             words = None
-            if isinstance(event, FinalSegment) and config.word_timestamps:
+            if isinstance(event, FinalText) and config.word_timestamps:
                 words = [
                     WordTiming(
                         word=w.text.strip(),
@@ -257,10 +257,10 @@ class StreamConnection:
                 text=event.text,
                 is_final=final,
                 model=model_name,
-                segment_id=event.segment_id,
+                segment_id=event.index,
                 start=round(event.start, 3),
                 end=round(event.end, 3),
-                language=event.language if isinstance(event, FinalSegment) else config.language,
+                language=event.language if isinstance(event, FinalText) else config.language,
                 words=words,
             )
             with contextlib.suppress(_SessionEnded):  # the client left; the receive loop will see it

@@ -15,9 +15,9 @@ import numpy as np
 
 from streamscribe.engines.base import EngineStream, StreamingEngine, StreamUpdate
 from streamscribe.streaming.scheduler import Scheduler, StreamPiece
-from streamscribe.streaming.segmenter import Closed, Dropped, Grew, Opened, Segmenter, SegmentEvent
+from streamscribe.streaming.segmenter import Closed, Dropped, Grew, Opened, Segmenter, UtteranceEvent
 from streamscribe.streaming.session import (
-    FinalSegment,
+    FinalText,
     LiveSession,
     PartialText,
     SessionEvent,
@@ -102,7 +102,7 @@ class NativeStreamDecoder:
     def owes_finals(self) -> bool:
         return bool(self._pieces)
 
-    def take(self, events: list[SegmentEvent]) -> None:
+    def take(self, events: list[UtteranceEvent]) -> None:
         for event in events:
             if isinstance(event, Opened):
                 start = max(event.start, self._sent_to)  # audio reaches the engine once
@@ -154,7 +154,7 @@ class NativeStreamDecoder:
             if not text:
                 return []
             end = utterance.end / self._rate
-            return [FinalSegment(utterance.index, text, start, end, self._options.language)]
+            return [FinalText(utterance.index, text, start, end, self._options.language)]
         if (
             not self._options.enable_partial
             or not text

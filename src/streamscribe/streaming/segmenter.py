@@ -66,7 +66,7 @@ class Dropped:
     """The open utterance was not speech after all (or the stream was reset): no final for it."""
 
 
-SegmentEvent = Opened | Grew | Closed | Dropped
+UtteranceEvent = Opened | Grew | Closed | Dropped
 
 
 class Segmenter:
@@ -100,18 +100,18 @@ class Segmenter:
             return np.zeros(0, dtype=np.float32)
         return self.buffer.slice(self.open_start, self.buffer.end)
 
-    def feed(self, samples: np.ndarray) -> list[SegmentEvent]:
+    def feed(self, samples: np.ndarray) -> list[UtteranceEvent]:
         """Add audio; return what it did to utterances. The same audio gives the same utterances however
         it is split: a live stream's 0.1 s frames and a file's 10 s pieces are cut alike."""
-        events: list[SegmentEvent] = []
+        events: list[UtteranceEvent] = []
         while len(samples):
             room = _CUT_STEP - self.buffer.end % _CUT_STEP
             events += self._feed_piece(samples[:room], at_step=len(samples) >= room)
             samples = samples[room:]
         return events
 
-    def _feed_piece(self, samples: np.ndarray, at_step: bool) -> list[SegmentEvent]:
-        events: list[SegmentEvent] = []
+    def _feed_piece(self, samples: np.ndarray, at_step: bool) -> list[UtteranceEvent]:
+        events: list[UtteranceEvent] = []
         self.buffer.append(samples)
         for event in self._vad.process(samples):
             if isinstance(event, SpeechStart) and self.open_start is None:
@@ -132,7 +132,7 @@ class Segmenter:
             self._reported_to = self.buffer.end
         return events
 
-    def flush(self) -> list[SegmentEvent]:
+    def flush(self) -> list[UtteranceEvent]:
         """Close the open utterance where the audio ends (dropped when shorter than ``min_speech_ms``)."""
         if self.open_start is None:
             return []
@@ -167,7 +167,7 @@ class Segmenter:
         self.open_start = None
         return Dropped()
 
-    def _cut(self) -> list[SegmentEvent]:
+    def _cut(self) -> list[UtteranceEvent]:
         """Close a long utterance at its quietest moment in its second half; the rest is the next one."""
         assert self.open_start is not None
         lo = self.open_start + self._max_length // 2

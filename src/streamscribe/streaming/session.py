@@ -23,7 +23,7 @@ from typing import Literal, Protocol
 import numpy as np
 
 from streamscribe.engines.base import Word
-from streamscribe.streaming.segmenter import Segmenter, SegmentEvent
+from streamscribe.streaming.segmenter import Segmenter, UtteranceEvent
 from streamscribe.streaming.vad import VadOptions
 
 log = logging.getLogger(__name__)
@@ -48,19 +48,20 @@ class SessionOptions:
 
 @dataclass(frozen=True)
 class PartialText:
-    """The open utterance's text so far (replaces the previous partial)."""
+    """The open utterance's text so far (replaces the previous partial); ``index`` is the utterance's
+    (the wire's ``segment_id``), times are seconds of the stream."""
 
-    segment_id: int
+    index: int
     text: str
     start: float
     end: float
 
 
 @dataclass(frozen=True)
-class FinalSegment:
-    """A finished utterance; never revised."""
+class FinalText:
+    """A closed utterance's text; never revised."""
 
-    segment_id: int
+    index: int
     text: str
     start: float
     end: float
@@ -73,7 +74,7 @@ class EngineFailure:
     message: str
 
 
-SessionEvent = PartialText | FinalSegment | EngineFailure
+SessionEvent = PartialText | FinalText | EngineFailure
 
 
 class UtteranceDecoder(Protocol):
@@ -89,7 +90,7 @@ class UtteranceDecoder(Protocol):
         """True while closed utterances wait for their finals."""
         ...
 
-    def take(self, events: list[SegmentEvent]) -> None:
+    def take(self, events: list[UtteranceEvent]) -> None:
         """Note what the segmenter reported; the engine work it calls for is done by ``step``."""
         ...
 
@@ -172,7 +173,7 @@ class LiveSession:
         await asyncio.gather(self._worker, return_exceptions=True)
         self._decoder.close()
 
-    def _take(self, events: list[SegmentEvent]) -> None:
+    def _take(self, events: list[UtteranceEvent]) -> None:
         self._decoder.take(events)
         if self._decoder.owes_finals:
             self._idle.clear()
@@ -186,7 +187,7 @@ class LiveSession:
                 while (events := await self._decoder.step()) is not None:
                     self._drained.set()
                     for event in events:
-                        if isinstance(event, FinalSegment):
+                        if isinstance(event, FinalText):
                             self._finals.append(event.text)
                         await self._emit(event)
                 if not self._decoder.owes_finals:

@@ -15,9 +15,9 @@ import numpy as np
 from streamscribe.engines.base import AudioWindow, Transcript, Word
 from streamscribe.streaming.policy import LocalAgreement
 from streamscribe.streaming.scheduler import Priority, Scheduler, StaleWork
-from streamscribe.streaming.segmenter import Closed, Grew, Opened, Segmenter, SegmentEvent, Utterance
+from streamscribe.streaming.segmenter import Closed, Grew, Opened, Segmenter, Utterance, UtteranceEvent
 from streamscribe.streaming.session import (
-    FinalSegment,
+    FinalText,
     LiveSession,
     PartialText,
     SessionEvent,
@@ -71,7 +71,7 @@ class WindowDecoder:
     def owes_finals(self) -> bool:
         return bool(self._closed)
 
-    def take(self, events: list[SegmentEvent]) -> None:
+    def take(self, events: list[UtteranceEvent]) -> None:
         for event in events:
             if isinstance(event, Grew):
                 continue
@@ -152,7 +152,7 @@ class WindowDecoder:
             )
             for w in transcript.words
         )
-        return [FinalSegment(utterance.index, transcript.text, offset, end, transcript.language, words)]
+        return [FinalText(utterance.index, transcript.text, offset, end, transcript.language, words)]
 
     async def _decode_partial(self) -> list[SessionEvent]:
         segmenter = self._segmenter
