@@ -6,7 +6,6 @@ import itertools
 from collections.abc import Callable
 
 import numpy as np
-import pytest
 
 from streamscribe.streaming.segmenter import (
     Closed,
@@ -18,11 +17,6 @@ from streamscribe.streaming.segmenter import (
     UtteranceEvent,
 )
 from streamscribe.streaming.vad import SileroVad, VadOptions
-
-
-@pytest.fixture(scope="module")
-def vad() -> SileroVad:
-    return SileroVad()
 
 
 def closed(events: list[UtteranceEvent]) -> list[Utterance]:

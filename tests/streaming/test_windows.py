@@ -23,11 +23,6 @@ from streamscribe.streaming.windows import window_session
 from tests.streaming.fakes import ScriptedEngine
 
 
-@pytest.fixture(scope="module")
-def vad() -> SileroVad:
-    return SileroVad()
-
-
 def make_session(
     engine: ScriptedEngine, vad: SileroVad, **options: float
 ) -> tuple[LiveSession, list[SessionEvent]]:
