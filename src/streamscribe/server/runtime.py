@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 from streamscribe.config import Settings
 from streamscribe.engines.base import Engine, StreamingEngine
 from streamscribe.engines.registry import EngineRegistry
-from streamscribe.protocol import CloseCode, ErrorType, StreamError
+from streamscribe.protocol import ErrorType, StreamError
 from streamscribe.server.auth import AccessControl
 from streamscribe.server.metrics import ServerMetrics
 from streamscribe.streaming.native import NativeStreamingSession, StreamStepper
@@ -60,14 +60,11 @@ class Runtime:
         """Take a stream slot, or refuse: better a clear "try later" than a stream that cannot keep up."""
         limit = self.settings.max_streams
         if limit and self.active_streams >= limit:
-            raise StreamError(
-                ErrorType.SERVER_BUSY, f"server is at its limit of {limit} streams", CloseCode.TRY_AGAIN_LATER
-            )
+            raise StreamError(ErrorType.SERVER_BUSY, f"server is at its limit of {limit} streams")
         if not isinstance(engine, StreamingEngine) and self.scheduler(engine).overloaded:
             raise StreamError(
                 ErrorType.SERVER_BUSY,
                 f"{engine.name} is behind on the streams it has; try again shortly",
-                CloseCode.TRY_AGAIN_LATER,
             )
         self.active_streams += 1
 
