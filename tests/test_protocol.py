@@ -6,7 +6,17 @@ import json
 
 import pytest
 
-from streamscribe.protocol import ConfigMessage, ErrorType, StreamError, TranscriptFrame, parse_client_message
+from streamscribe.protocol import (
+    ERRORS,
+    AddressRefused,
+    CloseCode,
+    ConfigMessage,
+    ConfigRefused,
+    ErrorType,
+    StreamError,
+    TranscriptFrame,
+    parse_client_message,
+)
 
 
 def test_config_defaults_match_the_documented_protocol() -> None:
@@ -59,3 +69,23 @@ def test_server_frames_omit_unset_fields() -> None:
     )
     data = json.loads(frame.to_json())
     assert "words" not in data and data["type"] == "final" and isinstance(data["timestamp"], float)
+
+
+def test_every_error_type_has_a_close_code_and_an_http_status() -> None:
+    assert set(ERRORS) == set(ErrorType)
+
+
+def test_error_frames_say_whether_the_session_ends() -> None:
+    assert StreamError(ErrorType.INVALID_AUDIO, "bad frame").to_frame().fatal is False
+    assert StreamError(ErrorType.AUTH_FAILED, "no key").to_frame().fatal is True
+    refused = ConfigRefused(ErrorType.BAD_REQUEST, "invalid config")
+    assert refused.close_code == CloseCode.PROTOCOL_ERROR and refused.to_frame().fatal is True
+
+
+def test_the_moment_of_an_error_overrides_its_types_close_code() -> None:
+    assert StreamError(ErrorType.TIMEOUT, "idle").close_code == CloseCode.GOING_AWAY
+    assert ConfigRefused(ErrorType.TIMEOUT, "no config").close_code == CloseCode.PROTOCOL_ERROR
+    assert StreamError(ErrorType.FORBIDDEN, "scope").close_code == CloseCode.FORBIDDEN
+    address = AddressRefused()
+    assert address.error_type is ErrorType.FORBIDDEN and address.close_code == CloseCode.POLICY_VIOLATION
+    assert address.http_status == 403

@@ -92,7 +92,7 @@ def _read_error(exc: Exception) -> str:
 def _stream(args: argparse.Namespace) -> int:
     from streamscribe.audio import load_audio_file
     from streamscribe.client import ReceivedFrame, stream_audio, stream_url
-    from streamscribe.server.auth import install_log_redaction
+    from streamscribe.server.logs import install_log_redaction
 
     install_log_redaction()
     if args.audio:

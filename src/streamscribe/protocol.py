@@ -1,20 +1,46 @@
 """The WebSocket wire protocol: every frame as a pydantic model, the error types and close codes.
 
 Existing clients speak this protocol, so field names, defaults and aliases are part of the contract.
+
+Errors: each has an ``ErrorType``, sent as the ``error_type`` of an error frame and as the ``code`` of an
+OpenAI error body. ``ERRORS`` gives each type its close code (when it ends a stream) and its HTTP status.
+A StreamError carries one; its two subclasses are the only places where the moment of the error, not its
+type, picks the close code::
+
+    StreamError
+    ├── the session goes on: an error frame with "fatal": false
+    │   ├── bad_request          a message the server cannot use (bad JSON, unknown type, binary frame)
+    │   └── invalid_audio        a bad audio frame (base64, byte count, NaN, over the size limit)
+    ├── the session ends: an error frame with "fatal": true, then the type's close code
+    │   ├── auth_failed          missing, wrong, revoked or expired key
+    │   ├── forbidden            a key that may not stream
+    │   │   └── AddressRefused   the address is not on the allowlist: 1008, told apart from a key's 4403
+    │   ├── rate_limited         too many connection attempts
+    │   ├── quota_exceeded       daily minutes or concurrent streams (``quota`` names which)
+    │   ├── unavailable          the shared quota store is unreachable (fail_closed)
+    │   ├── server_busy          at the stream limit, or the engine is too far behind
+    │   ├── model_unavailable    the engine asked for is not here, and no fallback
+    │   ├── timeout              no message for the idle timeout
+    │   ├── internal_error       the engine failed, or a bug
+    │   └── ConfigRefused        the config is missing, late (timeout) or invalid (bad_request): 4400
+    │                            whatever the type, since nothing can follow a session that did not start
+    └── the file API only (HTTP)
+        ├── model_not_found      an unknown model name
+        └── file_too_large       an upload over the size limit
 """
 
 from __future__ import annotations
 
 import time
 from enum import IntEnum, StrEnum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NamedTuple
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 
 class CloseCode(IntEnum):
     NORMAL = 1000
-    GOING_AWAY = 1001
+    GOING_AWAY = 1001  # the server is shutting down, or the client sent nothing for the idle timeout
     POLICY_VIOLATION = 1008  # the client's address is not on the allowlist
     ENGINE_FAILURE = 1011
     TRY_AGAIN_LATER = 1013  # server busy, or the shared quota store is unreachable (fail_closed)
@@ -37,6 +63,34 @@ class ErrorType(StrEnum):
     QUOTA_EXCEEDED = "quota_exceeded"
     RATE_LIMITED = "rate_limited"
     UNAVAILABLE = "unavailable"
+    MODEL_NOT_FOUND = "model_not_found"
+    FILE_TOO_LARGE = "file_too_large"
+
+
+class ErrorOutcome(NamedTuple):
+    """What an error type leads to: the close code of the stream it ends (None: the session goes on), and
+    the HTTP status of a request it refuses."""
+
+    close_code: CloseCode | None
+    http_status: int
+
+
+ERRORS: dict[ErrorType, ErrorOutcome] = {
+    ErrorType.BAD_REQUEST: ErrorOutcome(None, 400),
+    ErrorType.INVALID_AUDIO: ErrorOutcome(None, 400),
+    ErrorType.AUTH_FAILED: ErrorOutcome(CloseCode.UNAUTHORIZED, 401),
+    ErrorType.FORBIDDEN: ErrorOutcome(CloseCode.FORBIDDEN, 403),
+    ErrorType.RATE_LIMITED: ErrorOutcome(CloseCode.RATE_LIMITED, 429),
+    ErrorType.QUOTA_EXCEEDED: ErrorOutcome(CloseCode.QUOTA_EXCEEDED, 429),
+    ErrorType.UNAVAILABLE: ErrorOutcome(CloseCode.TRY_AGAIN_LATER, 503),
+    ErrorType.SERVER_BUSY: ErrorOutcome(CloseCode.TRY_AGAIN_LATER, 503),
+    # 400, not 503: OpenAI's clients retry a 503, and asking again for a missing engine cannot help.
+    ErrorType.MODEL_UNAVAILABLE: ErrorOutcome(CloseCode.ENGINE_FAILURE, 400),
+    ErrorType.TIMEOUT: ErrorOutcome(CloseCode.GOING_AWAY, 408),
+    ErrorType.INTERNAL_ERROR: ErrorOutcome(CloseCode.ENGINE_FAILURE, 500),
+    ErrorType.MODEL_NOT_FOUND: ErrorOutcome(None, 400),
+    ErrorType.FILE_TOO_LARGE: ErrorOutcome(None, 413),
+}
 
 
 class Quota(StrEnum):
@@ -47,28 +101,54 @@ class Quota(StrEnum):
 
 
 class StreamError(Exception):
-    """An error the client is told about; ``close_code`` ends the session, ``None`` lets it continue."""
+    """An error the client is told about; its type gives the close code and HTTP status (``ERRORS``)."""
 
-    def __init__(
-        self,
-        error_type: ErrorType,
-        message: str,
-        close_code: CloseCode | None = None,
-        quota: Quota | None = None,
-    ) -> None:
+    def __init__(self, error_type: ErrorType, message: str, *, quota: Quota | None = None) -> None:
         super().__init__(message)
         self.error_type = error_type
         self.message = message
-        self.close_code = close_code
         self.quota = quota
 
+    @property
+    def close_code(self) -> CloseCode | None:
+        """The close code of the session this error ends; None: the session goes on."""
+        return ERRORS[self.error_type].close_code
+
+    @property
+    def http_status(self) -> int:
+        return ERRORS[self.error_type].http_status
+
     def to_frame(self) -> ErrorFrame:
-        return ErrorFrame(message=self.message, error_type=self.error_type, quota=self.quota)
+        return ErrorFrame(
+            message=self.message,
+            error_type=self.error_type,
+            quota=self.quota,
+            fatal=self.close_code is not None,
+        )
+
+
+class ConfigRefused(StreamError):
+    """The first message was not a usable config, or did not come in time: 4400, whatever the type."""
+
+    @property
+    def close_code(self) -> CloseCode:
+        return CloseCode.PROTOCOL_ERROR
+
+
+class AddressRefused(StreamError):
+    """``forbidden`` because of the client's address, not its key: 1008, which clients tell from 4403."""
+
+    def __init__(self) -> None:
+        super().__init__(ErrorType.FORBIDDEN, "connections from this address are not allowed")
+
+    @property
+    def close_code(self) -> CloseCode:
+        return CloseCode.POLICY_VIOLATION
 
 
 def quota_exceeded(quota: Quota, message: str) -> StreamError:
-    """Over a quota: the error frame names the quota, and the session closes with 4003."""
-    return StreamError(ErrorType.QUOTA_EXCEEDED, message, CloseCode.QUOTA_EXCEEDED, quota)
+    """Over a quota: the error frame names the quota."""
+    return StreamError(ErrorType.QUOTA_EXCEEDED, message, quota=quota)
 
 
 ModelName = Literal["parakeet", "canary", "whisper"]
@@ -266,9 +346,12 @@ class WarningFrame(ServerFrame):
 
 
 class ErrorFrame(ServerFrame):
+    """An error; ``fatal``: the server closes the session next (with the type's close code)."""
+
     type: Literal["error"] = "error"
     message: str
     error_type: ErrorType
+    fatal: bool
     quota: Quota | None = None
 
 

@@ -160,6 +160,13 @@ def test_unknown_model_and_bad_format_are_400(server: RunningServer) -> None:
     assert missing.status_code == 400 and missing.json()["error"]["param"] == "file"
 
 
+def test_an_unknown_route_is_404_in_openais_shape(server: RunningServer) -> None:
+    response = httpx.get(
+        f"{server.base_url}/v1/nothing", headers={"Authorization": f"Bearer {server.api_key}"}
+    )
+    assert response.status_code == 404 and response.json()["error"]["message"] == "Not Found"
+
+
 def test_files_over_the_size_limit_are_413(make_server: Callable[..., RunningServer]) -> None:
     server = make_server(max_upload_bytes=50_000, preload=False)
     # short.wav is over the limit but its request is not: refused after parsing. long.wav's request

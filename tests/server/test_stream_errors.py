@@ -83,6 +83,7 @@ def test_audio_before_config_closes_4400(server: RunningServer) -> None:
     frames, code = exchange(server.ws_url(), audio(np.zeros(1600, dtype=np.float32)))
     assert code == 4400
     assert frames[0]["error_type"] == "bad_request" and "config" in frames[0]["message"]
+    assert frames[0]["fatal"] is True
 
 
 @pytest.mark.parametrize(
@@ -128,6 +129,7 @@ def test_bad_frames_get_errors_and_the_session_continues(
     assert code == 1000
     errors = [f for f in frames if f["type"] == "error"]
     assert [e["error_type"] for e in errors] == ["invalid_audio"] * 5 + ["bad_request"] * 4
+    assert not any(e["fatal"] for e in errors), "the session goes on"
     assert "base64" in errors[0]["message"]
     assert "multiple" in errors[1]["message"]
     assert "NaN" in errors[2]["message"] and "NaN" in errors[3]["message"]

@@ -183,7 +183,12 @@ def test_quota_close_is_explained(page: Page, server: Any) -> None:
             if json.loads(message)["type"] == "config":
                 socket.send(json.dumps({"type": "status", "state": "configured", "model": "whisper"}))
                 socket.send(json.dumps({"type": "status", "state": "ready", "model": "whisper-tiny.en"}))
-                error = {"type": "error", "error_type": "quota_exceeded", "message": "daily quota used"}
+                error = {
+                    "type": "error",
+                    "error_type": "quota_exceeded",
+                    "fatal": True,
+                    "message": "daily quota used",
+                }
                 socket.send(json.dumps(error))
                 socket.close(code=4003, reason="quota")
 

@@ -17,11 +17,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from streamscribe import __version__
 from streamscribe.config import Settings
-from streamscribe.protocol import CloseCode, StreamError, StreamLimitsReport
+from streamscribe.protocol import ERRORS, ErrorType, StreamError, StreamLimitsReport
 from streamscribe.server import metrics
-from streamscribe.server.auth import install_log_redaction
-from streamscribe.server.logs import new_request_id
-from streamscribe.server.openai_api import error_body, openai_http_error, openai_validation_error
+from streamscribe.server.logs import install_log_redaction, new_request_id
+from streamscribe.server.openai_api import (
+    error_body,
+    openai_http_error,
+    openai_validation_error,
+    stream_error_response,
+)
 from streamscribe.server.openai_api import router as openai_router
 from streamscribe.server.runtime import Runtime
 from streamscribe.server.stream import StreamConnection
@@ -66,8 +70,8 @@ def create_app(settings: Settings, api_key: str) -> FastAPI:
             # Refused before the body is read (the form parser would spool it all to disk first).
             message = f"the file is larger than the limit of {settings.max_upload_bytes} bytes"
             return JSONResponse(
-                error_body(message, "file_too_large", "file"),
-                status_code=413,
+                error_body(message, ErrorType.FILE_TOO_LARGE, "file"),
+                status_code=ERRORS[ErrorType.FILE_TOO_LARGE].http_status,
                 headers={"X-Request-ID": request_id},
             )
         response = await call_next(request)
@@ -117,15 +121,11 @@ def create_app(settings: Settings, api_key: str) -> FastAPI:
         }
 
     @app.get(LIMITS_PATH, response_model=StreamLimitsReport)
-    async def stream_limits(request: Request) -> StreamLimitsReport | JSONResponse:
+    async def stream_limits(request: Request) -> StreamLimitsReport:
         """The calling key's limits and today's usage (key as a header or ?token=)."""
         access = app.state.runtime.access
-        try:
-            return await access.limits_report(await access.principal_for_request(request))
-        except StreamError as error:
-            status = 403 if error.close_code == CloseCode.POLICY_VIOLATION else 401
-            body = error.to_frame().model_dump(mode="json", exclude_none=True)
-            return JSONResponse(body, status_code=status)
+        who = await access.principal_for_request(request)
+        return await access.quotas.limits_report(who.user_id, who.tier, who.limits, who.may_stream)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -157,6 +157,7 @@ def create_app(settings: Settings, api_key: str) -> FastAPI:
 
     app.include_router(openai_router)
     app.add_exception_handler(StarletteHTTPException, openai_http_error)
+    app.add_exception_handler(StreamError, stream_error_response)
     app.add_exception_handler(RequestValidationError, openai_validation_error)
     add_web_page(app)
     return app

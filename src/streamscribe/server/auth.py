@@ -8,27 +8,17 @@ import asyncio
 import hashlib
 import hmac
 import ipaddress
-import logging
 import os
-import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from fastapi import HTTPException
 from starlette.requests import HTTPConnection, Request
 
 from streamscribe.config import Settings, TierLimits
-from streamscribe.protocol import (
-    AuthMessage,
-    CloseCode,
-    ErrorType,
-    StreamError,
-    StreamLimitsReport,
-    parse_client_message,
-)
+from streamscribe.protocol import AddressRefused, AuthMessage, ErrorType, StreamError, parse_client_message
 from streamscribe.server.quotas import Quotas
 from streamscribe.server.store import KeyRecord, KeyStore, open_store
 
@@ -62,6 +52,10 @@ class Principal:
     tier: str
     limits: TierLimits | None
     scope: str = "stream"
+
+    @property
+    def may_stream(self) -> bool:
+        return self.scope == "stream"
 
 
 class Authenticator(Protocol):
@@ -235,14 +229,11 @@ class AccessControl:
 
     def _check_address(self, connection: HTTPConnection) -> None:
         if not self.allowlist.allows(connection.client.host if connection.client else None):
-            raise StreamError(
-                ErrorType.FORBIDDEN,
-                "connections from this address are not allowed",
-                CloseCode.POLICY_VIOLATION,
-            )
+            raise AddressRefused()
 
     async def admit(self, connection: HTTPConnection, receive_text: ReceiveText) -> Principal:
-        """The principal of a new WebSocket, or StreamError: 1008 (address), 4429 (rate), 4401 (key)."""
+        """The principal of a new WebSocket, or StreamError: forbidden (address, scope), rate_limited or
+        auth_failed."""
         access = self.settings.access
         self._check_address(connection)
         host = connection.client.host if connection.client else "unknown"
@@ -255,20 +246,19 @@ class AccessControl:
                 ErrorType.AUTH_FAILED,
                 "keys in the URL (?token=) are disabled here: send an X-API-KEY or Authorization: Bearer "
                 'header, or a first message {"type":"auth","token":...}',
-                CloseCode.UNAUTHORIZED,
             )
         if key is None:
             key = await self._receive_auth_message(receive_text)
         principal = await self.authenticator.authenticate(key)
         if principal is None:
             # Clients (CLI, browser page) show this text; wrong, revoked and expired look alike on purpose.
-            raise StreamError(ErrorType.AUTH_FAILED, "missing or invalid API key", CloseCode.UNAUTHORIZED)
+            raise StreamError(ErrorType.AUTH_FAILED, "missing or invalid API key")
         if self.multi_user:
             await self.quotas.check_rate(
                 "key", principal.key_id, access.connections_per_minute_per_key, "with this key"
             )
-        if principal.scope != "stream":
-            raise StreamError(ErrorType.FORBIDDEN, "this key may not open streams", CloseCode.FORBIDDEN)
+        if not principal.may_stream:
+            raise StreamError(ErrorType.FORBIDDEN, "this key may not open streams")
         return principal
 
     async def _receive_auth_message(self, receive_text: ReceiveText) -> str:
@@ -277,7 +267,6 @@ class AccessControl:
             ErrorType.AUTH_FAILED,
             f"missing or invalid API key: send it as ?token=, an X-API-KEY or Authorization: Bearer header, "
             f'or a first message {{"type":"auth","token":...}} within {timeout:g} s',
-            CloseCode.UNAUTHORIZED,
         )
         try:
             message = parse_client_message(await asyncio.wait_for(receive_text(), timeout))
@@ -293,35 +282,8 @@ class AccessControl:
         key = presented_key(connection, self.settings.access.allow_query_token)
         principal = await self.authenticator.authenticate(key) if key else None
         if principal is None:
-            raise StreamError(ErrorType.AUTH_FAILED, "missing or invalid API key", CloseCode.UNAUTHORIZED)
+            raise StreamError(ErrorType.AUTH_FAILED, "missing or invalid API key")
         return principal
-
-    async def limits_report(self, principal: Principal) -> StreamLimitsReport:
-        """What ``principal`` may use, and has used today."""
-        limits = principal.limits
-        used, active, store_answered = await self.quotas.usage_report(principal.user_id, limits)
-        daily = limits.daily_minutes if limits else None
-        streams = limits.concurrent_streams if limits else None
-        remaining = None if daily is None else max(0.0, daily - used / 60)
-        can_start = (
-            principal.scope == "stream"
-            and (remaining is None or remaining > 0)
-            and (streams is None or active < streams)
-            and (store_answered or self.settings.shared_store.on_failure == "fail_open")
-        )
-        return StreamLimitsReport(
-            user_id=principal.user_id,
-            tier=principal.tier,
-            limits=StreamLimitsReport.Limits(
-                daily_minutes=daily,
-                concurrent_streams=streams,
-                max_frame_bytes=self.settings.streaming.max_frame_bytes,
-            ),
-            used_today_minutes=round(used / 60, 4),
-            remaining_minutes=None if remaining is None else round(remaining, 4),
-            active_streams=active,
-            can_start_stream=can_start,
-        )
 
     async def close(self) -> None:
         await self.quotas.close()
@@ -329,44 +291,11 @@ class AccessControl:
             self.store.close()
 
 
-_SECRET_IN_TEXT = re.compile(r"((?:token|api_key|key)=)[^&\s\"']+", re.IGNORECASE)
-
-
-class RedactSecrets(logging.Filter):
-    """Removes ``token=...`` from log lines (uvicorn logs request paths with their query strings)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.args, tuple):
-            record.args = tuple(
-                _SECRET_IN_TEXT.sub(r"\1[redacted]", arg) if isinstance(arg, str) else arg
-                for arg in record.args
-            )
-        if isinstance(record.msg, str):
-            record.msg = _SECRET_IN_TEXT.sub(r"\1[redacted]", record.msg)
-        return True
-
-
-def install_log_redaction() -> None:
-    # A logger's filters see only records logged on that very logger, so each one that prints URLs is named:
-    # websockets' client logs its request line (with ?token=) at debug level.
-    names = ("uvicorn.access", "uvicorn.error", "uvicorn", "websockets.client", "websockets.server")
-    for name in (*names, "streamscribe"):
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, RedactSecrets) for f in logger.filters):
-            logger.addFilter(RedactSecrets())
-
-
 async def require_principal(request: Request) -> Principal:
-    """FastAPI dependency for authenticated HTTP routes: the caller's principal, or 401 (403 by address).
+    """FastAPI dependency for authenticated HTTP routes: the caller's principal, or StreamError (auth_failed;
+    forbidden by address), answered with its type's status.
 
     The same checks as a stream's (allowlist, key, expiry, revocation), for the file API.
     """
     access: AccessControl = request.app.state.runtime.access
-    try:
-        return await access.principal_for_request(request)
-    except StreamError as error:
-        if error.close_code == CloseCode.POLICY_VIOLATION:
-            raise HTTPException(status_code=403, detail=error.message) from None
-        raise HTTPException(
-            status_code=401, detail=error.message, headers={"WWW-Authenticate": "Bearer"}
-        ) from None
+    return await access.principal_for_request(request)

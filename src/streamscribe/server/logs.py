@@ -1,6 +1,6 @@
 """Structured logs: one JSON object per line and event, tagged with the request or connection id.
 
-Never log an API key or audio: keys are redacted from messages (auth.RedactSecrets) and request paths
+Never log an API key or audio: keys are redacted from messages (RedactSecrets) and request paths
 are logged without their query string.
 """
 
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import secrets
 import time
 from contextvars import ContextVar
@@ -29,6 +30,34 @@ def new_request_id(prefix: str) -> str:
     value = f"{prefix}-{secrets.token_hex(4)}"
     request_id.set(value)
     return value
+
+
+_SECRET_IN_TEXT = re.compile(r"((?:token|api_key|key)=)[^&\s\"']+", re.IGNORECASE)
+
+
+class RedactSecrets(logging.Filter):
+    """Removes ``token=...`` from log lines (uvicorn logs request paths with their query strings)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(
+                _SECRET_IN_TEXT.sub(r"\1[redacted]", arg) if isinstance(arg, str) else arg
+                for arg in record.args
+            )
+        if isinstance(record.msg, str):
+            record.msg = _SECRET_IN_TEXT.sub(r"\1[redacted]", record.msg)
+        return True
+
+
+def install_log_redaction() -> None:
+    """Put RedactSecrets on every logger that may print a URL with a key in it."""
+    # A logger's filters see only records logged on that very logger, so each one that prints URLs is named:
+    # websockets' client logs its request line (with ?token=) at debug level.
+    names = ("uvicorn.access", "uvicorn.error", "uvicorn", "websockets.client", "websockets.server")
+    for name in (*names, "streamscribe"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RedactSecrets) for f in logger.filters):
+            logger.addFilter(RedactSecrets())
 
 
 class JsonFormatter(logging.Formatter):

@@ -16,11 +16,12 @@ from fastapi import APIRouter, Depends, File, Form, HTTPException, Request, Uplo
 from fastapi.exception_handlers import http_exception_handler, request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from streamscribe.audio import audio_file_seconds, iter_audio_file
 from streamscribe.engines.base import AudioWindow, Engine, EngineUnavailable, Transcript
 from streamscribe.offline import FileOptions, TimedText, file_utterances, render, transcribe_file_async
-from streamscribe.protocol import MODEL_ALIASES, ErrorType, StreamError
+from streamscribe.protocol import ERRORS, MODEL_ALIASES, ErrorType, StreamError
 from streamscribe.server.auth import Principal, require_principal
 from streamscribe.server.quotas import StreamLease
 from streamscribe.server.runtime import Runtime
@@ -36,31 +37,46 @@ SUPPORTED_FORMATS = "wav, flac, mp3, ogg/opus, m4a/aac, webm"
 
 
 class ApiError(HTTPException):
-    """An error in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``."""
+    """An error of the file API: sent in OpenAI's shape with its type's HTTP status (protocol.ERRORS)."""
 
-    def __init__(self, status: int, message: str, code: str, param: str | None = None) -> None:
-        super().__init__(status_code=status, detail=message)
-        self.code = code
+    def __init__(self, error_type: ErrorType, message: str, param: str | None = None) -> None:
+        super().__init__(status_code=ERRORS[error_type].http_status, detail=message)
+        self.error_type = error_type
         self.param = param
 
 
-def error_body(message: str, code: str, param: str | None = None) -> dict[str, Any]:
-    kind = "invalid_request_error" if code != "internal_error" else "server_error"
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+def error_body(message: str, code: ErrorType, param: str | None = None) -> dict[str, Any]:
+    """OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``."""
+    kind = "invalid_request_error" if code is not ErrorType.INTERNAL_ERROR else "server_error"
+    return {"error": {"message": message, "type": kind, "param": param, "code": code.value}}
 
 
 async def openai_http_error(request: Request, exc: Exception) -> Response:
     """HTTP errors under /v1 in OpenAI's shape (its client reads the message from there)."""
-    assert isinstance(exc, HTTPException)
+    # Starlette's own class: the router raises it for an unknown route, not FastAPI's subclass.
+    assert isinstance(exc, StarletteHTTPException)
     if not request.url.path.startswith("/v1/"):
         return await http_exception_handler(request, exc)
-    code = getattr(exc, "code", None) or ("auth_failed" if exc.status_code == 401 else "bad_request")
-    request.app.state.runtime.metrics.errors.labels(code).inc()
+    # Anything but an ApiError is the framework's own answer (no such route, a wrong method): the caller's.
+    code = exc.error_type if isinstance(exc, ApiError) else ErrorType.BAD_REQUEST
+    request.app.state.runtime.metrics.errors.labels(code.value).inc()
     return JSONResponse(
         error_body(str(exc.detail), code, getattr(exc, "param", None)),
         status_code=exc.status_code,
         headers=exc.headers,
     )
+
+
+async def stream_error_response(request: Request, exc: Exception) -> Response:
+    """A StreamError from an HTTP route (the key, its address, a quota) with its type's status: in OpenAI's
+    shape under /v1, elsewhere as the error frame a stream would get."""
+    assert isinstance(exc, StreamError)
+    if not request.url.path.startswith("/v1/"):
+        frame = exc.to_frame().model_dump(mode="json", exclude_none=True)
+        return JSONResponse(frame, status_code=exc.http_status)
+    request.app.state.runtime.metrics.errors.labels(exc.error_type.value).inc()
+    headers = {"WWW-Authenticate": "Bearer"} if exc.error_type is ErrorType.AUTH_FAILED else None
+    return JSONResponse(error_body(exc.message, exc.error_type), status_code=exc.http_status, headers=headers)
 
 
 async def openai_validation_error(request: Request, exc: Exception) -> Response:
@@ -70,8 +86,9 @@ async def openai_validation_error(request: Request, exc: Exception) -> Response:
         return await request_validation_exception_handler(request, exc)
     first = exc.errors()[0]
     field = str(first["loc"][-1]) if first.get("loc") else None
-    request.app.state.runtime.metrics.errors.labels("bad_request").inc()
-    return JSONResponse(error_body(f"{field}: {first['msg']}", "bad_request", field), status_code=400)
+    request.app.state.runtime.metrics.errors.labels(ErrorType.BAD_REQUEST.value).inc()
+    body = error_body(f"{field}: {first['msg']}", ErrorType.BAD_REQUEST, field)
+    return JSONResponse(body, status_code=ERRORS[ErrorType.BAD_REQUEST].http_status)
 
 
 def _engine_choice(model: str) -> tuple[str, str]:
@@ -81,7 +98,7 @@ def _engine_choice(model: str) -> tuple[str, str]:
         return chosen, variant or "standard"
     if name.startswith("whisper"):
         return "whisper", "standard"  # whisper-tiny.en, whisper-base, ...: this server's Whisper models
-    raise ApiError(400, f"unknown model {model!r}; try whisper-1", "model_not_found", "model")
+    raise ApiError(ErrorType.MODEL_NOT_FOUND, f"unknown model {model!r}; try whisper-1", "model")
 
 
 async def _engine(runtime: Runtime, model: str, language: str, task: str) -> Engine:
@@ -90,35 +107,39 @@ async def _engine(runtime: Runtime, model: str, language: str, task: str) -> Eng
         return await runtime.engine(chosen, variant, language, task)
     except EngineUnavailable as exc:
         if chosen == "whisper" or not runtime.settings.allow_fallback:
-            raise ApiError(400, f"{chosen} ({variant}) is unavailable: {exc}", "model_unavailable") from None
+            raise ApiError(
+                ErrorType.MODEL_UNAVAILABLE, f"{chosen} ({variant}) is unavailable: {exc}"
+            ) from None
     try:
         return await runtime.engine("whisper", "standard", language, task)
     except EngineUnavailable as exc:
-        raise ApiError(400, f"no engine for this request: {exc}", "model_unavailable") from None
+        raise ApiError(ErrorType.MODEL_UNAVAILABLE, f"no engine for this request: {exc}") from None
 
 
 def _undecodable(exc: Exception) -> ApiError:
     log.info("undecodable upload", extra={"event": "bad_file", "reason": type(exc).__name__})
-    return ApiError(
-        400, f"could not decode the file as audio (supported: {SUPPORTED_FORMATS})", "invalid_audio", "file"
-    )
+    message = f"could not decode the file as audio (supported: {SUPPORTED_FORMATS})"
+    return ApiError(ErrorType.INVALID_AUDIO, message, "file")
 
 
 async def _upload_seconds(upload: UploadFile, limit: int) -> float:
     """The upload's audio length, decoded once without keeping it (a header's length may lie)."""
     if upload.size is not None and upload.size > limit:
-        raise ApiError(413, f"the file is larger than the limit of {limit} bytes", "file_too_large", "file")
+        raise ApiError(
+            ErrorType.FILE_TOO_LARGE, f"the file is larger than the limit of {limit} bytes", "file"
+        )
     try:
         seconds = await asyncio.to_thread(audio_file_seconds, upload.file)
     except Exception as exc:
         raise _undecodable(exc) from None
     if seconds <= 0:
-        raise ApiError(400, "the file contains no audio", "invalid_audio", "file")
+        raise ApiError(ErrorType.INVALID_AUDIO, "the file contains no audio", "file")
     return seconds
 
 
 async def _charged_lease(runtime: Runtime, principal: Principal, seconds: float) -> StreamLease:
-    """A file takes a stream slot and is charged up front, like a stream's audio: same quotas."""
+    """A file takes a stream slot and is charged up front, like a stream's audio: same quotas (a refusal
+    is a StreamError, answered with its type's status)."""
     quotas = runtime.access.quotas
     lease: StreamLease | None = None
     try:
@@ -130,8 +151,7 @@ async def _charged_lease(runtime: Runtime, principal: Principal, seconds: float)
             await lease.close()
         if error.error_type is ErrorType.QUOTA_EXCEEDED:
             runtime.metrics.quota_rejections.labels(error.quota or "unknown").inc()
-            raise ApiError(429, error.message, "quota_exceeded") from None
-        raise ApiError(503, error.message, error.error_type.value) from None
+        raise
 
 
 async def _transcribe_upload(
@@ -162,7 +182,7 @@ async def _transcribe_upload(
             transcript = await scheduler.submit(window, Priority.FINAL)
         except Exception:
             log.exception("engine failure on a file")
-            raise ApiError(500, "the speech engine failed", "internal_error") from None
+            raise ApiError(ErrorType.INTERNAL_ERROR, "the speech engine failed") from None
         languages.append(transcript.language)
         return transcript
 

@@ -11,7 +11,7 @@ from typing import Any
 from streamscribe.config import Settings
 from streamscribe.engines.base import AudioWindow, Engine, StreamingEngine, StreamUpdate, Transcript
 from streamscribe.engines.registry import EngineRegistry
-from streamscribe.protocol import CloseCode, ErrorType, StreamError
+from streamscribe.protocol import ErrorType, StreamError
 from streamscribe.server.auth import AccessControl
 from streamscribe.server.metrics import ServerMetrics
 from streamscribe.streaming.native import native_session
@@ -63,15 +63,12 @@ class Runtime:
         """Take a stream slot, or refuse: better a clear "try later" than a stream that cannot keep up."""
         limit = self.settings.max_streams
         if limit and self.active_streams >= limit:
-            raise StreamError(
-                ErrorType.SERVER_BUSY, f"server is at its limit of {limit} streams", CloseCode.TRY_AGAIN_LATER
-            )
+            raise StreamError(ErrorType.SERVER_BUSY, f"server is at its limit of {limit} streams")
         live = self.stepper(engine) if isinstance(engine, StreamingEngine) else self.scheduler(engine)
         if live.overloaded:
             raise StreamError(
                 ErrorType.SERVER_BUSY,
                 f"{engine.name} is behind on the streams it has; try again shortly",
-                CloseCode.TRY_AGAIN_LATER,
             )
         self.active_streams += 1
 

@@ -17,6 +17,7 @@ from streamscribe.protocol import (
     CloseCode,
     CommitMessage,
     ConfigMessage,
+    ConfigRefused,
     ErrorType,
     FullTranscriptFrame,
     PingMessage,
@@ -112,9 +113,7 @@ class StreamConnection:
             pass
         except Exception:
             log.exception("unexpected error in stream")
-            await self._fail(
-                StreamError(ErrorType.INTERNAL_ERROR, "internal server error", CloseCode.ENGINE_FAILURE)
-            )
+            await self._fail(StreamError(ErrorType.INTERNAL_ERROR, "internal server error"))
         finally:
             if watcher is not None:
                 watcher.cancel()
@@ -156,18 +155,12 @@ class StreamConnection:
                     await self._send(PongFrame())
                     message = parse_client_message(await self._receive_unless_draining())
         except TimeoutError:
-            raise StreamError(
-                ErrorType.TIMEOUT, f"no config message within {timeout:g} s", CloseCode.PROTOCOL_ERROR
-            ) from None
+            raise ConfigRefused(ErrorType.TIMEOUT, f"no config message within {timeout:g} s") from None
         except StreamError as error:
-            raise StreamError(
-                error.error_type, f"invalid config: {error.message}", CloseCode.PROTOCOL_ERROR
-            ) from None
+            raise ConfigRefused(error.error_type, f"invalid config: {error.message}") from None
         if not isinstance(message, ConfigMessage):
-            raise StreamError(
-                ErrorType.BAD_REQUEST,
-                f"the first message must be a config, got {message.type!r}",
-                CloseCode.PROTOCOL_ERROR,
+            raise ConfigRefused(
+                ErrorType.BAD_REQUEST, f"the first message must be a config, got {message.type!r}"
             )
         return message
 
@@ -180,9 +173,7 @@ class StreamConnection:
             engine = await self._runtime.engine(model, variant, config.language, config.task)
         except EngineUnavailable as exc:
             if model == "whisper" and isinstance(exc, UnsupportedLanguage):
-                raise StreamError(
-                    ErrorType.BAD_REQUEST, f"invalid config: {exc}", CloseCode.PROTOCOL_ERROR
-                ) from None
+                raise ConfigRefused(ErrorType.BAD_REQUEST, f"invalid config: {exc}") from None
             engine = await self._fall_back(model, variant, config.language, config.task, exc)
         return engine, StreamResampler(config.sample_rate, engine.sample_rate)
 
@@ -191,18 +182,13 @@ class StreamConnection:
     ) -> Engine:
         """The default engine instead of an unavailable one, announced with a warning frame."""
         if model == "whisper" or not self._runtime.settings.allow_fallback:
-            raise StreamError(
-                ErrorType.MODEL_UNAVAILABLE,
-                f"{model} ({variant}) is unavailable: {reason}",
-                CloseCode.ENGINE_FAILURE,
-            )
+            raise StreamError(ErrorType.MODEL_UNAVAILABLE, f"{model} ({variant}) is unavailable: {reason}")
         try:
             engine = await self._runtime.engine("whisper", "standard", language, task)
         except EngineUnavailable as exc:
             raise StreamError(
                 ErrorType.MODEL_UNAVAILABLE,
                 f"{model} ({variant}) is unavailable ({reason}) and so is the fallback: {exc}",
-                CloseCode.ENGINE_FAILURE,
             ) from None
         await self._send(
             WarningFrame(
@@ -233,11 +219,7 @@ class StreamConnection:
 
         async def emit(event: SessionEvent) -> None:
             if isinstance(event, EngineFailure):
-                await self._fail(
-                    StreamError(
-                        ErrorType.INTERNAL_ERROR, "the speech engine failed", CloseCode.ENGINE_FAILURE
-                    )
-                )
+                await self._fail(StreamError(ErrorType.INTERNAL_ERROR, "the speech engine failed"))
                 return
             final = isinstance(event, FinalText)
             self._observe_emission("final" if final else "partial", event.end)
@@ -284,7 +266,7 @@ class StreamConnection:
                         text = await self._receive_text()
                 except TimeoutError:
                     raise StreamError(
-                        ErrorType.TIMEOUT, f"no message for {idle_timeout:g} s: closing", CloseCode.GOING_AWAY
+                        ErrorType.TIMEOUT, f"no message for {idle_timeout:g} s: closing"
                     ) from None
                 message = parse_client_message(text)
                 if self._going_away:

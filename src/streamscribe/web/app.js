@@ -203,7 +203,7 @@ function handleFrame(frame, current) {
       break;
     case "error":
       // Errors that end the session are explained when the socket closes.
-      if (!["auth_failed", "model_unavailable", "quota_exceeded"].includes(frame.error_type)) {
+      if (!frame.fatal) {
         notice("error", "The server reported an error", `${frame.message} (${frame.error_type})`);
       }
       break;

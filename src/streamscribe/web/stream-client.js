@@ -7,11 +7,16 @@ export const STATUS_PATH = "api/v1/audio/stream/status";
 /** What each close code means for a person, in one sentence. */
 export const CLOSE_MESSAGES = {
   1000: "The session ended normally.",
+  1001: "The server ended the session: it is shutting down, or nothing was sent for too long.",
   1006: "The connection to the server was lost.",
+  1008: "The server does not accept connections from this network address.",
   1011: "The server's speech engine failed, so the session was ended.",
+  1013: "The server is busy or cannot check usage limits right now. Try again in a moment.",
   4003: "Your quota is used up: the server ended the stream. Try again when it renews, or ask for more.",
   4400: "The server refused the session's messages (protocol error).",
   4401: "The server rejected the API key. Check it, Save it, and start again.",
+  4403: "This API key may not open streams (it may only read its limits).",
+  4429: "Too many connection attempts: wait a minute, then start again.",
 };
 
 const LITTLE_ENDIAN = new Uint8Array(new Uint16Array([1]).buffer)[0] === 1;
