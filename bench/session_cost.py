@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,7 +27,7 @@ from streamscribe.engines.base import AudioWindow, Engine, Transcript
 from streamscribe.engines.registry import EngineRegistry
 from streamscribe.streaming.scheduler import DecodeScheduler
 from streamscribe.streaming.session import FinalSegment, SessionEvent, SessionOptions, StreamingSession
-from streamscribe.streaming.vad import SileroVad, VadOptions
+from streamscribe.streaming.vad import SileroVad
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -74,7 +73,7 @@ async def run(
         language=language,
         max_segment_seconds=settings.streaming.max_segment_seconds,
         prompt_chars=settings.streaming.prompt_chars,
-        vad=VadOptions(**settings.vad.model_dump()),
+        vad=settings.vad,
     )
     scheduler = DecodeScheduler(engine, workers=settings.decode_worker_count)  # type: ignore[arg-type]
     session = StreamingSession(scheduler, SileroVad(), options, emit)
@@ -99,7 +98,6 @@ def main() -> None:
     parser.add_argument("--clip", type=Path, default=ROOT / "tests" / "data" / "long.wav")
     parser.add_argument("--language", default="en")
     args = parser.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from streamscribe.audio import load_audio_file
 
     # First the machine factor: the cost below reads as a ratio to this machine's offline cost.

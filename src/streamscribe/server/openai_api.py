@@ -18,15 +18,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from streamscribe.audio import audio_file_seconds, iter_audio_file
-from streamscribe.engines.base import AudioWindow, Engine, EngineUnavailable, Transcript
+from streamscribe.engines.base import AudioWindow, Engine, EngineUnavailable, Transcript, UnsupportedLanguage
+from streamscribe.engines.registry import UnknownModel, resolve_model
 from streamscribe.offline import FileOptions, TimedText, file_utterances, render, transcribe_file_async
-from streamscribe.protocol import MODEL_ALIASES, ErrorType, StreamError
+from streamscribe.protocol import ErrorType, StreamError
 from streamscribe.server.auth import Principal, require_principal
 from streamscribe.server.quotas import StreamLease
 from streamscribe.server.runtime import Runtime
 from streamscribe.streaming.scheduler import Priority
 from streamscribe.streaming.segmenter import Segmenter
-from streamscribe.streaming.vad import VadOptions
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1")
@@ -74,27 +74,19 @@ async def openai_validation_error(request: Request, exc: Exception) -> Response:
     return JSONResponse(error_body(f"{field}: {first['msg']}", "bad_request", field), status_code=400)
 
 
-def _engine_choice(model: str) -> tuple[str, str]:
-    name = model.strip().lower()
-    if name in MODEL_ALIASES:
-        chosen, variant = MODEL_ALIASES[name]
-        return chosen, variant or "standard"
-    if name.startswith("whisper"):
-        return "whisper", "standard"  # whisper-tiny.en, whisper-base, ...: this server's Whisper models
-    raise ApiError(400, f"unknown model {model!r}; try whisper-1", "model_not_found", "model")
-
-
 async def _engine(runtime: Runtime, model: str, language: str, task: str) -> Engine:
-    chosen, variant = _engine_choice(model)
+    """The engine for the form's ``model``; a fallback is logged, as OpenAI's answer has no place for it."""
     try:
-        return await runtime.engine(chosen, variant, language, task)
+        choice = await runtime.choose_engine(*resolve_model(model), language, task)
+    except UnknownModel as exc:
+        raise ApiError(400, str(exc), "model_not_found", "model") from None
+    except UnsupportedLanguage as exc:
+        raise ApiError(400, str(exc), "bad_request", "language") from None
     except EngineUnavailable as exc:
-        if chosen == "whisper" or not runtime.settings.allow_fallback:
-            raise ApiError(400, f"{chosen} ({variant}) is unavailable: {exc}", "model_unavailable") from None
-    try:
-        return await runtime.engine("whisper", "standard", language, task)
-    except EngineUnavailable as exc:
-        raise ApiError(400, f"no engine for this request: {exc}", "model_unavailable") from None
+        raise ApiError(400, str(exc), "model_unavailable") from None
+    if choice.fallback_reason is not None:
+        log.warning(choice.fallback_reason, extra={"event": "engine_fallback", "engine": choice.engine.name})
+    return choice.engine
 
 
 def _undecodable(exc: Exception) -> ApiError:
@@ -147,10 +139,7 @@ async def _transcribe_upload(
     duration = await _upload_seconds(upload, runtime.settings.max_upload_bytes)
     engine = await _engine(runtime, model, options.language, options.task)
     segmenter = Segmenter(
-        runtime.vad,
-        VadOptions(**runtime.settings.vad.model_dump()),
-        runtime.settings.streaming.max_segment_seconds,
-        engine.sample_rate,
+        runtime.vad, runtime.settings.vad, runtime.settings.streaming.max_segment_seconds, engine.sample_rate
     )
     utterances = file_utterances(iter_audio_file(upload.file, engine.sample_rate), segmenter)
     scheduler = runtime.scheduler(engine)
@@ -256,6 +245,7 @@ async def create_transcription(
         prompt=prompt or None,
         word_timestamps=response_format == "verbose_json" and "word" in timestamp_granularities,
         temperature=_temperature(temperature),
+        prompt_chars=request.app.state.runtime.settings.streaming.prompt_chars,
     )
     return await _transcribe_upload(
         request, principal, file, model, options, response_format, list(timestamp_granularities)
@@ -274,7 +264,11 @@ async def create_translation(
 ) -> Response:
     """Speech in ``file`` (any language Whisper knows, detected) as English text."""
     options = FileOptions(
-        language="en", task="translate", prompt=prompt or None, temperature=_temperature(temperature)
+        language="en",
+        task="translate",
+        prompt=prompt or None,
+        temperature=_temperature(temperature),
+        prompt_chars=request.app.state.runtime.settings.streaming.prompt_chars,
     )
     return await _transcribe_upload(request, principal, file, model, options, response_format, [])
 
