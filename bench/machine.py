@@ -24,22 +24,22 @@ def machine_factor(
 ) -> dict[str, Any]:
     """Offline cost of ``model`` on ``clip`` with the server's settings (one decode worker, the file
     path of the CLI): CPU seconds per audio second, and wall seconds per audio second."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from streamscribe.audio import audio_file_seconds, iter_audio_file
     from streamscribe.config import Settings
     from streamscribe.engines.registry import EngineRegistry
     from streamscribe.offline import FileOptions, file_utterances, transcribe_file
     from streamscribe.streaming.segmenter import Segmenter
-    from streamscribe.streaming.vad import SileroVad, VadOptions
+    from streamscribe.streaming.vad import SileroVad
 
     settings = Settings()
     engine = EngineRegistry(settings).get(model, "standard", "en")
     seconds = audio_file_seconds(clip)
     segmenter = Segmenter(
-        SileroVad(), VadOptions(**settings.vad.model_dump()), settings.streaming.max_segment_seconds, 16000
+        SileroVad(), settings.vad, settings.streaming.max_segment_seconds, engine.sample_rate
     )
     cpu, wall = time.process_time(), time.perf_counter()
-    transcribe_file(file_utterances(iter_audio_file(clip), segmenter), engine, FileOptions())
+    options = FileOptions(prompt_chars=settings.streaming.prompt_chars)
+    transcribe_file(file_utterances(iter_audio_file(clip, engine.sample_rate), segmenter), engine, options)
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
     return {
         "machine_factor": {

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,7 +28,7 @@ from streamscribe.engines.registry import EngineRegistry
 from streamscribe.streaming.scheduler import window_scheduler
 from streamscribe.streaming.segmenter import Segmenter
 from streamscribe.streaming.session import FinalText, LiveSession, SessionEvent, SessionOptions
-from streamscribe.streaming.vad import SileroVad, VadOptions
+from streamscribe.streaming.vad import SileroVad
 from streamscribe.streaming.windows import WindowDecoder
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -76,7 +75,7 @@ async def run(
         language=language,
         max_segment_seconds=settings.streaming.max_segment_seconds,
         prompt_chars=settings.streaming.prompt_chars,
-        vad=VadOptions(**settings.vad.model_dump()),
+        vad=settings.vad,
     )
     scheduler = window_scheduler(engine, workers=settings.decode_worker_count)  # type: ignore[arg-type]
     segmenter = Segmenter(SileroVad(), options.vad, options.max_segment_seconds, engine.sample_rate)
@@ -103,7 +102,6 @@ def main() -> None:
     parser.add_argument("--clip", type=Path, default=ROOT / "tests" / "data" / "long.wav")
     parser.add_argument("--language", default="en")
     args = parser.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from streamscribe.audio import load_audio_file
 
     # First the machine factor: the cost below reads as a ratio to this machine's offline cost.

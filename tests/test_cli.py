@@ -107,6 +107,13 @@ def test_transcribe_json_and_missing_file(tmp_path: Path) -> None:
     assert missing.returncode == 2 and "cannot read" in missing.stderr
 
 
+def test_transcribe_takes_the_servers_model_names() -> None:
+    done = run_cli("transcribe", str(DATA / "short.wav"), "--model", "whisper-tiny.en")
+    assert done.returncode == 0 and "finance team" in normalize_text(done.stdout), done.stderr
+    unknown = run_cli("transcribe", str(DATA / "short.wav"), "--model", "gpt-4")
+    assert unknown.returncode == 2 and "unknown model 'gpt-4'" in unknown.stderr
+
+
 def test_transcribe_command_handles_a_minute_of_speech_without_pauses() -> None:
     # It once died with faster-whisper's "max_new_tokens ... exceeds the max_length" on this file.
     result = run_cli("transcribe", str(DATA / "continuous.wav"), "--format", "json", timeout=300)

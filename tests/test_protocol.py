@@ -25,24 +25,15 @@ def test_config_defaults_match_the_documented_protocol() -> None:
     assert (config.variant, config.sample_rate, config.language) == ("standard", 16000, "en")
     assert (config.chunk_duration, config.overlap_duration, config.max_buffer_duration) == (2.0, 0.5, 30)
     assert (config.enable_partial, config.partial_interval, config.audio_format) == (True, 0.5, "float32")
-    assert config.engine_choice("whisper") == ("whisper", "standard")
+    assert config.model is None  # the server's default model
 
 
-@pytest.mark.parametrize(
-    ("fields", "expected"),
-    [
-        ({"model": "parakeet-onnx"}, ("parakeet", "onnx")),
-        ({"model": "parakeet-mlx", "variant": "standard"}, ("parakeet", "mlx")),
-        ({"model": "parakeet", "model_variant": "onnx"}, ("parakeet", "onnx")),
-        ({"model": "canary-1b"}, ("canary", "standard")),
-        ({"model": "whisper-1"}, ("whisper", "standard")),
-        ({"model": "Whisper"}, ("whisper", "standard")),
-    ],
-)
-def test_model_aliases(fields: dict[str, str], expected: tuple[str, str]) -> None:
-    config = parse_client_message(json.dumps({"type": "config", **fields}))
+def test_model_variant_is_accepted_for_variant() -> None:
+    """Older clients say ``model_variant``; the model names themselves are the registry's (see
+    tests/engines/test_registry.py)."""
+    config = parse_client_message('{"type": "config", "model": "parakeet", "model_variant": "onnx"}')
     assert isinstance(config, ConfigMessage)
-    assert config.engine_choice("whisper") == expected
+    assert (config.model, config.variant) == ("parakeet", "onnx")
 
 
 @pytest.mark.parametrize(

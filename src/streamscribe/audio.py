@@ -13,6 +13,7 @@ import av
 import numpy as np
 import soxr
 
+from streamscribe.engines import SAMPLE_RATE
 from streamscribe.protocol import ErrorType, StreamError
 
 AudioFormat = Literal["float32", "pcm16"]
@@ -105,7 +106,7 @@ def audio_file_seconds(source: AudioSource) -> float:
 
 
 def iter_audio_file(
-    source: AudioSource, sample_rate: int = 16000, chunk_seconds: float = 10.0
+    source: AudioSource, sample_rate: int = SAMPLE_RATE, chunk_seconds: float = 10.0
 ) -> Iterator[np.ndarray]:
     """Decode any file PyAV reads (wav, flac, mp3, ogg, m4a, webm; any rate, any channels) piece by piece,
     by path or as an open binary file, as mono float32 chunks at ``sample_rate``: a long recording is
@@ -130,7 +131,7 @@ def iter_audio_file(
         yield np.clip(np.concatenate(pending), -1.0, 1.0)
 
 
-def load_audio_file(source: AudioSource, sample_rate: int = 16000) -> np.ndarray:
+def load_audio_file(source: AudioSource, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     """A whole file as one mono float32 array at ``sample_rate`` (for clients that send it as a stream)."""
     chunks = list(iter_audio_file(source, sample_rate))
     return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32)
@@ -139,7 +140,7 @@ def load_audio_file(source: AudioSource, sample_rate: int = 16000) -> np.ndarray
 class AudioBuffer:
     """Audio of one stream from ``start`` (absolute sample index) to ``end``; trimmed from the front."""
 
-    def __init__(self, capacity: int = 16000 * 8) -> None:
+    def __init__(self, capacity: int = SAMPLE_RATE * 8) -> None:
         self._data = np.zeros(capacity, dtype=np.float32)
         self._length = 0
         self.start = 0

@@ -31,7 +31,6 @@ def _serve(args: argparse.Namespace) -> int:
     from streamscribe.server.logs import configure_logging
     from streamscribe.server.serving import GracefulServer, uvicorn_config
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         settings = Settings.load(
             args.config,
@@ -168,12 +167,11 @@ def _transcribe(args: argparse.Namespace) -> int:
     from streamscribe.audio import audio_file_seconds, iter_audio_file
     from streamscribe.config import Settings
     from streamscribe.engines.base import EngineUnavailable
-    from streamscribe.engines.registry import EngineRegistry
+    from streamscribe.engines.registry import EngineRegistry, UnknownModel, resolve_model
     from streamscribe.offline import FileOptions, file_utterances, render, transcribe_file
     from streamscribe.streaming.segmenter import Segmenter
-    from streamscribe.streaming.vad import SileroVad, VadOptions
+    from streamscribe.streaming.vad import SileroVad
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     settings = Settings.load(args.config)
     try:
         duration = audio_file_seconds(args.file)
@@ -181,15 +179,14 @@ def _transcribe(args: argparse.Namespace) -> int:
         print(f"error: cannot read {args.file}: {_read_error(exc)}", file=sys.stderr)
         return 2
     try:
-        engine = EngineRegistry(settings).get(args.model, args.variant, args.language, args.task)
-    except EngineUnavailable as exc:
+        # The server's names; no fallback: the one who asked for the engine is here to be told.
+        model, variant = resolve_model(args.model, args.variant)
+        engine = EngineRegistry(settings).get(model, variant, args.language, args.task)
+    except (UnknownModel, EngineUnavailable) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     segmenter = Segmenter(
-        SileroVad(),
-        VadOptions(**settings.vad.model_dump()),
-        settings.streaming.max_segment_seconds,
-        engine.sample_rate,
+        SileroVad(), settings.vad, settings.streaming.max_segment_seconds, engine.sample_rate
     )
     options = FileOptions(
         language=args.language,
@@ -301,6 +298,8 @@ def _keys(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from streamscribe.engines import SAMPLE_RATE
+
     parser = argparse.ArgumentParser(prog="streamscribe", description="Real-time speech-to-text server.")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -332,7 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
     stream.add_argument("--variant", choices=["standard", "onnx", "mlx"])
     stream.add_argument("--language", default="en")
     stream.add_argument("--speed", type=float, default=1.0, help="times real time; 0 = as fast as possible")
-    stream.add_argument("--sample-rate", type=int, default=16000, help="rate to send at (server resamples)")
+    stream.add_argument(
+        "--sample-rate", type=int, default=SAMPLE_RATE, help="rate to send at (server resamples)"
+    )
     stream.add_argument("--audio-format", choices=["float32", "pcm16"], default="float32")
     stream.add_argument("--task", choices=["transcribe", "translate"], default="transcribe")
     stream.add_argument("--word-timestamps", action="store_true", help="ask for word timing in finals")
@@ -343,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     transcribe = commands.add_parser("transcribe", help="transcribe a file offline, with a progress bar")
     transcribe.add_argument("file", type=Path)
-    transcribe.add_argument("--model", default="whisper")
+    transcribe.add_argument("--model", default="whisper", help="a model name as the server takes it")
     transcribe.add_argument("--variant", default="standard", choices=["standard", "onnx", "mlx"])
     transcribe.add_argument("--language", default="en")
     transcribe.add_argument("--task", choices=["transcribe", "translate"], default="transcribe")

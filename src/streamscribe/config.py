@@ -11,7 +11,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -55,8 +55,10 @@ class WhisperSettings(BaseModel):
     )
 
 
-class VadSettings(BaseModel):
-    """Silero VAD: where utterances start and end."""
+class VadOptions(BaseModel):
+    """Silero VAD: where utterances start and end. Streams and files take this group as it is."""
+
+    model_config = ConfigDict(frozen=True)
 
     threshold: float = Field(0.5, gt=0.0, lt=1.0, description="Speech probability that starts speech.")
     min_silence_ms: int = Field(500, ge=100, le=5000, description="Silence that ends an utterance (a final).")
@@ -101,7 +103,8 @@ class StreamingSettings(BaseModel):
 
 
 class NemoSettings(BaseModel):
-    """NVIDIA NeMo models: Parakeet (standard, ONNX, MLX) and Canary. Each needs its weights configured."""
+    """NVIDIA NeMo models: Parakeet (standard, ONNX, MLX) and Canary. Each needs its weights configured.
+    The streaming Parakeet engine takes this group as it is."""
 
     parakeet_model: str | None = Field(
         None,
@@ -179,9 +182,9 @@ class PremiumTier(TierLimits):
 class TierSettings(BaseModel):
     """Quota tiers of multi-user keys (each user has one tier)."""
 
-    free: FreeTier = Field(default_factory=FreeTier)  # type: ignore[arg-type]
-    standard: StandardTier = Field(default_factory=StandardTier)  # type: ignore[arg-type]
-    premium: PremiumTier = Field(default_factory=PremiumTier)  # type: ignore[arg-type]
+    free: FreeTier = Field(default_factory=FreeTier)
+    standard: StandardTier = Field(default_factory=StandardTier)
+    premium: PremiumTier = Field(default_factory=PremiumTier)
 
     def limits(self, tier: str) -> TierLimits:
         return getattr(self, tier)
@@ -357,13 +360,13 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(
         25 * 1024 * 1024, ge=1024, description="Largest audio file accepted by the /v1/audio/* HTTP API."
     )
-    whisper: WhisperSettings = Field(default_factory=WhisperSettings)  # type: ignore[arg-type]
-    vad: VadSettings = Field(default_factory=VadSettings)  # type: ignore[arg-type]
-    streaming: StreamingSettings = Field(default_factory=StreamingSettings)  # type: ignore[arg-type]
-    nemo: NemoSettings = Field(default_factory=NemoSettings)  # type: ignore[arg-type]
-    access: AccessSettings = Field(default_factory=AccessSettings)  # type: ignore[arg-type]
+    whisper: WhisperSettings = Field(default_factory=WhisperSettings)
+    vad: VadOptions = Field(default_factory=VadOptions)
+    streaming: StreamingSettings = Field(default_factory=StreamingSettings)
+    nemo: NemoSettings = Field(default_factory=NemoSettings)
+    access: AccessSettings = Field(default_factory=AccessSettings)
     tiers: TierSettings = Field(default_factory=TierSettings)
-    shared_store: SharedStoreSettings = Field(default_factory=SharedStoreSettings)  # type: ignore[arg-type]
+    shared_store: SharedStoreSettings = Field(default_factory=SharedStoreSettings)
 
     @property
     def decode_worker_count(self) -> int:

@@ -26,7 +26,7 @@ class TimedText:
     words: tuple[Word, ...] = field(default_factory=tuple)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class FileOptions:
     """How a whole file is transcribed.
 
@@ -36,7 +36,8 @@ class FileOptions:
         prompt: Text that conditions the first window (vocabulary, spelling, style).
         word_timestamps: Whether pieces carry their words' timing.
         temperature: A fixed sampling temperature; None for the engine's default fallback schedule.
-        prompt_chars: Characters of the text so far given to each window as context.
+        prompt_chars: Characters of the text so far given to each window as context: the
+            ``streaming.prompt_chars`` setting, which live streams use too.
     """
 
     language: str = "en"
@@ -44,7 +45,7 @@ class FileOptions:
     prompt: str | None = None
     word_timestamps: bool = False
     temperature: float | None = None
-    prompt_chars: int = 200
+    prompt_chars: int
 
 
 def file_utterances(chunks: Iterable[np.ndarray], segmenter: Segmenter) -> Iterator[Utterance]:
@@ -98,7 +99,7 @@ async def transcribe_file_async(
     utterances: Iterator[Utterance],
     decode: Callable[[AudioWindow], Awaitable[Transcript]],
     options: FileOptions,
-    rate: int = 16000,
+    rate: int,
 ) -> list[TimedText]:
     """Like ``transcribe_file`` for a server: the file is read and cut off the event loop, utterance by
     utterance, and each goes through ``decode`` (the shared decode queue), so a long file takes

@@ -37,6 +37,8 @@ from typing import Annotated, Any, Literal, NamedTuple
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
+from streamscribe.engines import SAMPLE_RATE
+
 
 class CloseCode(IntEnum):
     NORMAL = 1000
@@ -151,20 +153,7 @@ def quota_exceeded(quota: Quota, message: str) -> StreamError:
     return StreamError(ErrorType.QUOTA_EXCEEDED, message, quota=quota)
 
 
-ModelName = Literal["parakeet", "canary", "whisper"]
 Variant = Literal["standard", "onnx", "mlx"]
-
-# Names older clients send, mapped to (model, variant or None to keep the requested one).
-MODEL_ALIASES: dict[str, tuple[ModelName, Variant | None]] = {
-    "parakeet": ("parakeet", None),
-    "parakeet-standard": ("parakeet", "standard"),
-    "parakeet-onnx": ("parakeet", "onnx"),
-    "parakeet-mlx": ("parakeet", "mlx"),
-    "canary": ("canary", None),
-    "canary-1b": ("canary", None),
-    "whisper": ("whisper", None),
-    "whisper-1": ("whisper", None),
-}
 
 MIN_SAMPLE_RATE = 8000
 MAX_SAMPLE_RATE = 48000
@@ -179,9 +168,9 @@ class ConfigMessage(_ClientFrame):
     """The first frame of a session. Every field is optional."""
 
     type: Literal["config"]
-    model: str | None = None
+    model: str | None = None  # any name engines.registry.resolve_model knows; None: the server's default
     variant: Variant = Field("standard", validation_alias=AliasChoices("variant", "model_variant"))
-    sample_rate: int = Field(16000, ge=MIN_SAMPLE_RATE, le=MAX_SAMPLE_RATE)
+    sample_rate: int = Field(SAMPLE_RATE, ge=MIN_SAMPLE_RATE, le=MAX_SAMPLE_RATE)
     language: str = Field("en", min_length=2, max_length=8)
     # Accepted for compatibility with the chunked design this server replaces; the VAD policy segments
     # audio itself, so these only bound the buffer (see docs in README "Protocol").
@@ -214,23 +203,6 @@ class ConfigMessage(_ClientFrame):
     @classmethod
     def _lowercase_language(cls, value: str) -> str:
         return value.strip().lower()
-
-    @field_validator("model")
-    @classmethod
-    def _known_model(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        name = value.strip().lower()
-        if name not in MODEL_ALIASES:
-            raise ValueError(f"unknown model {value!r}; expected one of {sorted(MODEL_ALIASES)}")
-        return name
-
-    def engine_choice(self, default_model: ModelName) -> tuple[ModelName, Variant]:
-        """The (model, variant) this config asks for, aliases resolved."""
-        if self.model is None:
-            return default_model, self.variant
-        model, variant = MODEL_ALIASES[self.model]
-        return model, variant or self.variant
 
 
 class AudioMessage(_ClientFrame):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,8 @@ import numpy as np
 import openai
 import pytest
 
+from streamscribe.engines import SAMPLE_RATE
+from streamscribe.engines.base import AudioWindow, Transcript
 from tests.conftest import DATA, RunningServer, normalize_text
 from tests.server.ws_helpers import limits, new_key
 
@@ -165,6 +167,46 @@ def test_an_unknown_route_is_404_in_openais_shape(server: RunningServer) -> None
         f"{server.base_url}/v1/nothing", headers={"Authorization": f"Bearer {server.api_key}"}
     )
     assert response.status_code == 404 and response.json()["error"]["message"] == "Not Found"
+
+
+def test_an_unavailable_model_falls_back_and_an_unknown_language_is_400(
+    server: RunningServer, captured_logs: list[str]
+) -> None:
+    audio = (DATA / "short.wav").read_bytes()
+    result = client_for(server).audio.transcriptions.create(model="parakeet-onnx", file=("a.wav", audio))
+    assert "quarterly report" in normalize_text(result.text)
+    assert any("parakeet (onnx) is unavailable here" in line for line in captured_logs)
+    with pytest.raises(openai.BadRequestError) as caught:
+        client_for(server).audio.transcriptions.create(
+            model="whisper-1", file=("a.wav", audio), language="xx"
+        )
+    body: Any = caught.value.body
+    assert body["param"] == "language" and "language 'xx'" in body["message"]
+
+
+class _PromptRecorder:
+    """Answers every window with the same five words and keeps the prompts it was given."""
+
+    name = "whisper-recorder"
+    sample_rate = SAMPLE_RATE
+    languages = frozenset({"en"})
+
+    def __init__(self) -> None:
+        self.prompts: list[str | None] = []
+
+    def transcribe(self, batch: Sequence[AudioWindow]) -> list[Transcript]:
+        self.prompts += [window.prompt for window in batch]
+        return [Transcript("one two three four five", "en") for _ in batch]
+
+
+def test_files_take_their_prompt_window_from_the_settings(make_server: Callable[..., RunningServer]) -> None:
+    server = make_server(preload=False, streaming={"prompt_chars": 9})
+    engine = _PromptRecorder()
+    server.app.state.runtime.registry.get = lambda *choice: engine
+    with (DATA / "long.wav").open("rb") as audio:
+        client_for(server).audio.transcriptions.create(model="whisper-1", file=audio)
+    assert len(engine.prompts) > 2 and engine.prompts[0] is None
+    assert set(engine.prompts[1:]) == {"four five"}
 
 
 def test_files_over_the_size_limit_are_413(make_server: Callable[..., RunningServer]) -> None:

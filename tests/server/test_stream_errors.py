@@ -151,6 +151,13 @@ def test_unavailable_model_falls_back_with_a_warning(
     assert {f["model"] for f in result.of_type("final")} == {"whisper-tiny.en"}
 
 
+def test_an_engine_name_is_a_model_name(server: RunningServer) -> None:
+    frames, code = exchange(server.ws_url(), config(model="whisper-tiny.en"), STOP)
+    assert code == 1000
+    states = [(f["state"], f["model"]) for f in frames if f["type"] == "status"]
+    assert states == [("configured", "whisper"), ("ready", "whisper-tiny.en")]
+
+
 def test_fallback_disabled_closes_1011(make_server: Callable[..., RunningServer]) -> None:
     server = make_server(allow_fallback=False)
     frames, code = exchange(server.ws_url(), config(model="canary-1b"))

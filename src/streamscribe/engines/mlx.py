@@ -8,7 +8,6 @@ written from a ``.nemo`` file by ``streamscribe.engines.export``.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,11 +15,10 @@ from typing import Any
 
 import numpy as np
 
+from streamscribe.engines import SAMPLE_RATE
 from streamscribe.engines.base import AudioWindow, EngineUnavailable, Transcript
 
 log = logging.getLogger(__name__)
-
-SAMPLE_RATE = 16000
 
 
 class MlxParakeetEngine:
@@ -31,12 +29,12 @@ class MlxParakeetEngine:
     languages = frozenset({"en"})
 
     def __init__(self, folder: Path) -> None:
-        folder = Path(folder).expanduser()
+        # Absolute: from_pretrained asks the model hub first, and an absolute path is never a hub name, so
+        # it goes straight to the folder instead of waiting for the network.
+        folder = Path(folder).expanduser().resolve()
         for name in ("config.json", "model.safetensors"):
             if not (folder / name).is_file():
                 raise EngineUnavailable(f"MLX model folder {folder.name} has no {name}")
-        # from_pretrained asks the hub first and falls back to a local folder; offline, it never waits.
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
         try:
             import mlx.core as mx
             from parakeet_mlx.audio import get_logmel

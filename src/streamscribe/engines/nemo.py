@@ -12,31 +12,19 @@ import logging
 import os
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from streamscribe.config import NemoSettings
+from streamscribe.engines import SAMPLE_RATE
 from streamscribe.engines.base import AudioWindow, EngineStream, EngineUnavailable, StreamUpdate, Transcript
 
 log = logging.getLogger(__name__)
 
-SAMPLE_RATE = 16000
 CANARY_LANGUAGES = frozenset({"en", "es", "de", "fr"})
 _NEMO_LOG_LEVEL = 40  # NeMo prints every config it builds at INFO; keep errors only
-
-
-@dataclass(frozen=True)
-class NemoStreamingOptions:
-    """How NeMo's streaming pipeline cuts a live stream (see ``NemoSettings`` for each knob)."""
-
-    chunk_seconds: float = 0.64
-    left_context_seconds: float = 1.6
-    right_context_seconds: float = 0.32
-    cache_aware_right_context: int | None = None
-    streams_per_step: int = 8
-    max_streams: int = 64
 
 
 def torch_device(device: str) -> str:
@@ -99,9 +87,9 @@ def shown_name(model: str) -> str:
 def load_nemo_model(model: str, device: str) -> Any:
     """A NeMo ASR model in eval mode from a .nemo file or (hub reachable) a model name.
 
-    Hub names are fetched only where ``HF_HUB_OFFLINE=0``: the server sets it to 1 unless told otherwise.
+    Hub names are fetched only while ``HF_HUB_OFFLINE`` is off: the engine registry turns it on unless the
+    environment says otherwise (``hub_offline_by_default``).
     """
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     check_model_source(model)
     nemo_asr = _import_nemo_asr()
     try:
@@ -161,7 +149,7 @@ class NemoAsrEngine:
 
 
 def pipeline_config(
-    model: str, device: str, decoding_type: str, cache_aware: bool, options: NemoStreamingOptions
+    model: str, device: str, decoding_type: str, cache_aware: bool, options: NemoSettings
 ) -> Any:
     """The config ``PipelineBuilder.build_pipeline`` expects: NeMo's streaming pipeline, no ITN, no NMT."""
     from omegaconf import OmegaConf
@@ -300,8 +288,7 @@ class NemoStreamingEngine(NemoAsrEngine):
         pipeline.open_session()
 
     @classmethod
-    def load_streaming(cls, model: str, device: str, options: NemoStreamingOptions) -> NemoStreamingEngine:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    def load_streaming(cls, model: str, device: str, options: NemoSettings) -> NemoStreamingEngine:
         check_model_source(model)
         _import_nemo_asr()
         from nemo.collections.asr.inference.factory.pipeline_builder import PipelineBuilder

@@ -15,11 +15,11 @@ from typing import Any
 
 import numpy as np
 
+from streamscribe.engines import SAMPLE_RATE
 from streamscribe.engines.base import AudioWindow, EngineUnavailable, Transcript
 
 log = logging.getLogger(__name__)
 
-SAMPLE_RATE = 16000
 _TRANSDUCER_FILES = ("encoder-model.onnx", "decoder_joint-model.onnx")
 
 

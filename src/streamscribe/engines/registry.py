@@ -1,8 +1,10 @@
-"""Model name + variant + language -> a loaded engine; which engines this machine can run, and why not."""
+"""Model name + variant + language -> a loaded engine (or the fallback, and why); which engines this
+machine can run, and why not."""
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 import wave
@@ -28,6 +30,47 @@ WARM_UP_CLIP = Path(__file__).with_name("warm_up.wav")
 
 NEMO_LANGUAGES = {"parakeet": ("en",), "canary": ("en", "es", "de", "fr")}
 NEMO_VARIANTS = {"parakeet": ("standard", "onnx", "mlx"), "canary": ("standard",)}
+FALLBACK_MODEL = "whisper"  # bundled, so it can always run
+
+# The names a client may send besides whisper-<name> (see ``resolve_model``): a model (with the variant
+# asked for), model-variant as ``streamscribe models`` lists them, and Canary's engine name.
+MODEL_ALIASES: dict[str, tuple[str, str | None]] = {
+    "whisper": ("whisper", None),
+    **{model: (model, None) for model in NEMO_VARIANTS},
+    **{f"{model}-{variant}": (model, variant) for model in NEMO_VARIANTS for variant in NEMO_VARIANTS[model]},
+    "canary-1b": ("canary", None),
+}
+
+
+class UnknownModel(ValueError):
+    """A model name this server does not know: the client's mistake, unlike an unavailable engine."""
+
+
+def resolve_model(name: str, variant: str = "standard") -> tuple[str, str]:
+    """(model, variant) for a name a client sends, any case; an alias's own variant wins over ``variant``.
+    Any ``whisper-<name>`` (OpenAI's ``whisper-1``, an engine's ``whisper-tiny.en``) is this server's
+    Whisper, whose model the language picks (``EngineRegistry.whisper_model_for``). Raises UnknownModel."""
+    key = name.strip().lower()
+    if key in MODEL_ALIASES:
+        model, own_variant = MODEL_ALIASES[key]
+        return model, own_variant or variant
+    if key.startswith("whisper-"):
+        return "whisper", "standard"
+    known = ", ".join(MODEL_ALIASES)
+    raise UnknownModel(f"unknown model {name!r}; expected one of {known} or whisper-<name> (e.g. whisper-1)")
+
+
+@dataclass(frozen=True)
+class EngineChoice:
+    """The engine that answers a request.
+
+    Attributes:
+        engine: The loaded engine.
+        fallback_reason: Why it is not the requested one (which is unavailable here); None when it is.
+    """
+
+    engine: Engine
+    fallback_reason: str | None = None
 
 
 @dataclass(frozen=True)
@@ -49,6 +92,13 @@ class EngineStatus:
     reason: str | None = None
 
 
+def hub_offline_by_default() -> None:
+    """Models load from local files unless ``HF_HUB_OFFLINE=0`` lets NeMo fetch hub names: a server must
+    not stall on the network, nor reach it unasked. Called before anything imports huggingface_hub,
+    which reads the variable once, at import."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
 def resolve_device(device: str) -> str:
     """ "auto" becomes "cuda" when CTranslate2 sees a GPU, else "cpu"."""
     if device != "auto":
@@ -62,6 +112,7 @@ class EngineRegistry:
     """Loads each engine once per process and hands the same instance to every session."""
 
     def __init__(self, settings: Settings) -> None:
+        hub_offline_by_default()
         self._settings = settings
         self._engines: dict[str, Engine] = {}
         self._lock = threading.Lock()
@@ -90,6 +141,29 @@ class EngineRegistry:
         if task == "translate" and engine.languages == {"en"}:
             raise EngineUnavailable(f"{engine.name} is English-only and cannot translate")
         return engine
+
+    def choose_engine(
+        self, model: str, variant: str, language: str, task: str = "transcribe"
+    ) -> EngineChoice:
+        """The engine for a resolved (model, variant), loading it on first use; when it is unavailable
+        here and ``allow_fallback`` is on, Whisper instead, with the reason. Raises UnsupportedLanguage
+        when no engine that may answer knows the language, else EngineUnavailable."""
+        try:
+            return EngineChoice(self.get(model, variant, language, task))
+        except EngineUnavailable as exc:
+            if model == FALLBACK_MODEL or not self._settings.allow_fallback:
+                if isinstance(exc, UnsupportedLanguage):
+                    raise
+                raise EngineUnavailable(f"{model} ({variant}) is unavailable: {exc}") from None
+            reason = exc
+        try:
+            engine = self.get(FALLBACK_MODEL, "standard", language, task)
+        except EngineUnavailable as exc:  # kept an UnsupportedLanguage when it is one: no engine knows it
+            problem = f"{model} ({variant}) is unavailable ({reason}) and so is the fallback: {exc}"
+            raise type(exc)(problem) from None
+        return EngineChoice(
+            engine, f"{model} ({variant}) is unavailable here ({reason}); using {engine.name}"
+        )
 
     def loaded(self) -> list[Engine]:
         return list(self._engines.values())
@@ -142,20 +216,12 @@ class EngineRegistry:
 
             assert nemo.parakeet_mlx_dir is not None
             return MlxParakeetEngine(nemo.parakeet_mlx_dir)
-        from streamscribe.engines.nemo import NemoAsrEngine, NemoStreamingEngine, NemoStreamingOptions
+        from streamscribe.engines.nemo import NemoAsrEngine, NemoStreamingEngine
 
         assert nemo.parakeet_model is not None
         if not nemo.native_streaming:
             return NemoAsrEngine.load(nemo.parakeet_model, device)
-        options = NemoStreamingOptions(
-            chunk_seconds=nemo.chunk_seconds,
-            left_context_seconds=nemo.left_context_seconds,
-            right_context_seconds=nemo.right_context_seconds,
-            cache_aware_right_context=nemo.cache_aware_right_context,
-            streams_per_step=nemo.streams_per_step,
-            max_streams=nemo.max_streams,
-        )
-        return NemoStreamingEngine.load_streaming(nemo.parakeet_model, device, options)
+        return NemoStreamingEngine.load_streaming(nemo.parakeet_model, device, nemo)
 
     def status(self) -> list[EngineStatus]:
         """Every engine, variant and language this server knows, with availability."""

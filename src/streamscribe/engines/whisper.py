@@ -15,13 +15,13 @@ from faster_whisper.tokenizer import _LANGUAGE_CODES, Tokenizer
 from faster_whisper.transcribe import get_suppressed_tokens
 from threadpoolctl import threadpool_limits
 
+from streamscribe.engines import SAMPLE_RATE
 from streamscribe.engines.base import AudioWindow, EngineUnavailable, Transcript, Word
 from streamscribe.engines.bundled import BUNDLED_WHISPER_MODELS
 from streamscribe.engines.repetition import SpokenWord, find_repeated_run, is_spoken_twice, spoken_words
 
 log = logging.getLogger(__name__)
 
-SAMPLE_RATE = 16000
 _FRAMES_PER_SECOND = 100  # Whisper's mel hop is 10 ms
 _MAX_TOKENS_PER_SECOND = 8  # fast speech is about 4 words, 5-6 tokens, a second
 # Silence the encoder sees after the speech: without it Whisper does not hear the audio end and writes
@@ -98,7 +98,6 @@ class WhisperEngine:
         min_encoder_seconds: float = 13.0,
         partial_encoder_seconds: float = 10.0,
     ) -> None:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
         # faster-whisper's mel filterbank is a NumPy matmul: a second OpenBLAS thread would spin beside
         # every decode and double its CPU time for no speed (measured: 0.19 -> 0.09 CPU s per partial).
         threadpool_limits(1, user_api="blas")

@@ -19,15 +19,15 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from streamscribe.audio import audio_file_seconds, iter_audio_file
-from streamscribe.engines.base import AudioWindow, Engine, EngineUnavailable, Transcript
+from streamscribe.engines.base import AudioWindow, Engine, EngineUnavailable, Transcript, UnsupportedLanguage
+from streamscribe.engines.registry import UnknownModel, resolve_model
 from streamscribe.offline import FileOptions, TimedText, file_utterances, render, transcribe_file_async
-from streamscribe.protocol import ERRORS, MODEL_ALIASES, ErrorType, StreamError
+from streamscribe.protocol import ERRORS, ErrorType, StreamError
 from streamscribe.server.auth import Principal, require_principal
 from streamscribe.server.quotas import StreamLease
 from streamscribe.server.runtime import Runtime
 from streamscribe.streaming.scheduler import Priority
 from streamscribe.streaming.segmenter import Segmenter
-from streamscribe.streaming.vad import VadOptions
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1")
@@ -91,29 +91,19 @@ async def openai_validation_error(request: Request, exc: Exception) -> Response:
     return JSONResponse(body, status_code=ERRORS[ErrorType.BAD_REQUEST].http_status)
 
 
-def _engine_choice(model: str) -> tuple[str, str]:
-    name = model.strip().lower()
-    if name in MODEL_ALIASES:
-        chosen, variant = MODEL_ALIASES[name]
-        return chosen, variant or "standard"
-    if name.startswith("whisper"):
-        return "whisper", "standard"  # whisper-tiny.en, whisper-base, ...: this server's Whisper models
-    raise ApiError(ErrorType.MODEL_NOT_FOUND, f"unknown model {model!r}; try whisper-1", "model")
-
-
 async def _engine(runtime: Runtime, model: str, language: str, task: str) -> Engine:
-    chosen, variant = _engine_choice(model)
+    """The engine for the form's ``model``; a fallback is logged, as OpenAI's answer has no place for it."""
     try:
-        return await runtime.engine(chosen, variant, language, task)
+        choice = await runtime.choose_engine(*resolve_model(model), language, task)
+    except UnknownModel as exc:
+        raise ApiError(ErrorType.MODEL_NOT_FOUND, str(exc), "model") from None
+    except UnsupportedLanguage as exc:
+        raise ApiError(ErrorType.BAD_REQUEST, str(exc), "language") from None
     except EngineUnavailable as exc:
-        if chosen == "whisper" or not runtime.settings.allow_fallback:
-            raise ApiError(
-                ErrorType.MODEL_UNAVAILABLE, f"{chosen} ({variant}) is unavailable: {exc}"
-            ) from None
-    try:
-        return await runtime.engine("whisper", "standard", language, task)
-    except EngineUnavailable as exc:
-        raise ApiError(ErrorType.MODEL_UNAVAILABLE, f"no engine for this request: {exc}") from None
+        raise ApiError(ErrorType.MODEL_UNAVAILABLE, str(exc)) from None
+    if choice.fallback_reason is not None:
+        log.warning(choice.fallback_reason, extra={"event": "engine_fallback", "engine": choice.engine.name})
+    return choice.engine
 
 
 def _undecodable(exc: Exception) -> ApiError:
@@ -167,10 +157,7 @@ async def _transcribe_upload(
     duration = await _upload_seconds(upload, runtime.settings.max_upload_bytes)
     engine = await _engine(runtime, model, options.language, options.task)
     segmenter = Segmenter(
-        runtime.vad,
-        VadOptions(**runtime.settings.vad.model_dump()),
-        runtime.settings.streaming.max_segment_seconds,
-        engine.sample_rate,
+        runtime.vad, runtime.settings.vad, runtime.settings.streaming.max_segment_seconds, engine.sample_rate
     )
     utterances = file_utterances(iter_audio_file(upload.file, engine.sample_rate), segmenter)
     scheduler = runtime.scheduler(engine)
@@ -276,6 +263,7 @@ async def create_transcription(
         prompt=prompt or None,
         word_timestamps=response_format == "verbose_json" and "word" in timestamp_granularities,
         temperature=_temperature(temperature),
+        prompt_chars=request.app.state.runtime.settings.streaming.prompt_chars,
     )
     return await _transcribe_upload(
         request, principal, file, model, options, response_format, list(timestamp_granularities)
@@ -294,7 +282,11 @@ async def create_translation(
 ) -> Response:
     """Speech in ``file`` (any language Whisper knows, detected) as English text."""
     options = FileOptions(
-        language="en", task="translate", prompt=prompt or None, temperature=_temperature(temperature)
+        language="en",
+        task="translate",
+        prompt=prompt or None,
+        temperature=_temperature(temperature),
+        prompt_chars=request.app.state.runtime.settings.streaming.prompt_chars,
     )
     return await _transcribe_upload(request, principal, file, model, options, response_format, [])
 

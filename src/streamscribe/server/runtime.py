@@ -10,7 +10,7 @@ from typing import Any
 
 from streamscribe.config import Settings
 from streamscribe.engines.base import AudioWindow, Engine, StreamingEngine, StreamUpdate, Transcript
-from streamscribe.engines.registry import EngineRegistry
+from streamscribe.engines.registry import EngineChoice, EngineRegistry
 from streamscribe.protocol import ErrorType, StreamError
 from streamscribe.server.auth import AccessControl
 from streamscribe.server.metrics import ServerMetrics
@@ -42,10 +42,12 @@ class Runtime:
         self._no_streams = asyncio.Event()
         self._no_streams.set()
 
-    async def engine(self, model: str, variant: str, language: str, task: str = "transcribe") -> Engine:
-        """The loaded engine for this choice; loading (seconds) runs off the event loop, once."""
+    async def choose_engine(
+        self, model: str, variant: str, language: str, task: str = "transcribe"
+    ) -> EngineChoice:
+        """``EngineRegistry.choose_engine``; loading (seconds) runs off the event loop, one at a time."""
         async with self._load_lock:
-            return await asyncio.to_thread(self.registry.get, model, variant, language, task)
+            return await asyncio.to_thread(self.registry.choose_engine, model, variant, language, task)
 
     def scheduler(self, engine: Engine) -> Scheduler[AudioWindow, Transcript]:
         """The queue of ``engine``'s whole-window decodes (live windows and files)."""
@@ -93,7 +95,7 @@ class Runtime:
 
     async def preload(self) -> None:
         """Load the default (fallback) English engine before the first client needs it."""
-        engine = await self.engine("whisper", "standard", "en")
+        engine = (await self.choose_engine("whisper", "standard", "en")).engine
         self.models_ready = True
         log.info("model %s ready", engine.name, extra={"event": "model_ready", "engine": engine.name})
 

@@ -12,6 +12,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from streamscribe.audio import StreamResampler, decode_audio_payload
 from streamscribe.engines.base import Engine, EngineUnavailable, UnsupportedLanguage
+from streamscribe.engines.registry import UnknownModel, resolve_model
 from streamscribe.protocol import (
     AudioMessage,
     CloseCode,
@@ -43,7 +44,6 @@ from streamscribe.streaming.session import (
     SessionEvent,
     SessionOptions,
 )
-from streamscribe.streaming.vad import VadOptions
 
 log = logging.getLogger(__name__)
 
@@ -165,40 +165,30 @@ class StreamConnection:
         return message
 
     async def _start(self, config: ConfigMessage) -> tuple[Engine, StreamResampler]:
-        model, variant = config.engine_choice(self._runtime.settings.default_model)
-        await self._send(
-            StatusFrame(state="configured", model=model, variant=variant, language=config.language)
-        )
+        """The engine for the config (a fallback announced with a warning frame) and the resampler to it."""
         try:
-            engine = await self._runtime.engine(model, variant, config.language, config.task)
-        except EngineUnavailable as exc:
-            if model == "whisper" and isinstance(exc, UnsupportedLanguage):
-                raise ConfigRefused(ErrorType.BAD_REQUEST, f"invalid config: {exc}") from None
-            engine = await self._fall_back(model, variant, config.language, config.task, exc)
-        return engine, StreamResampler(config.sample_rate, engine.sample_rate)
-
-    async def _fall_back(
-        self, model: str, variant: str, language: str, task: str, reason: EngineUnavailable
-    ) -> Engine:
-        """The default engine instead of an unavailable one, announced with a warning frame."""
-        if model == "whisper" or not self._runtime.settings.allow_fallback:
-            raise StreamError(ErrorType.MODEL_UNAVAILABLE, f"{model} ({variant}) is unavailable: {reason}")
-        try:
-            engine = await self._runtime.engine("whisper", "standard", language, task)
-        except EngineUnavailable as exc:
-            raise StreamError(
-                ErrorType.MODEL_UNAVAILABLE,
-                f"{model} ({variant}) is unavailable ({reason}) and so is the fallback: {exc}",
-            ) from None
-        await self._send(
-            WarningFrame(
-                fallback=True,
-                original_model=f"{model}-{variant}",
-                active_model=engine.name,
-                message=f"{model} ({variant}) is unavailable here ({reason}); using {engine.name}",
+            model, variant = resolve_model(
+                config.model or self._runtime.settings.default_model, config.variant
             )
-        )
-        return engine
+            await self._send(
+                StatusFrame(state="configured", model=model, variant=variant, language=config.language)
+            )
+            choice = await self._runtime.choose_engine(model, variant, config.language, config.task)
+        except (UnknownModel, UnsupportedLanguage) as exc:
+            raise ConfigRefused(ErrorType.BAD_REQUEST, f"invalid config: {exc}") from None
+        except EngineUnavailable as exc:
+            raise StreamError(ErrorType.MODEL_UNAVAILABLE, str(exc)) from None
+        engine = choice.engine
+        if choice.fallback_reason is not None:
+            await self._send(
+                WarningFrame(
+                    fallback=True,
+                    original_model=f"{model}-{variant}",
+                    active_model=engine.name,
+                    message=choice.fallback_reason,
+                )
+            )
+        return engine, StreamResampler(config.sample_rate, engine.sample_rate)
 
     def _new_session(self, config: ConfigMessage, engine: Engine) -> LiveSession:
         settings = self._runtime.settings
@@ -213,7 +203,7 @@ class StreamConnection:
             task=config.task,
             prompt=config.prompt,
             hotwords=config.hotwords,
-            vad=VadOptions(**settings.vad.model_dump()),
+            vad=settings.vad,
         )
         model_name = engine.name
 

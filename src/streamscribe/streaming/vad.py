@@ -11,9 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
+from streamscribe.config import VadOptions
+from streamscribe.engines import SAMPLE_RATE
 from streamscribe.engines.base import EngineUnavailable
 
-SAMPLE_RATE = 16000
 CHUNK = 512  # samples per model step at 16 kHz (32 ms)
 _CONTEXT = 64  # samples of the previous chunk the model sees with each step
 _TARGET_RMS = 0.05  # about -26 dBFS: a speaking level, far from clipping
@@ -54,18 +55,6 @@ class SileroVad:
         """Speech probabilities for [batch, CONTEXT + CHUNK] samples; returns (probs[batch], new state)."""
         probs, new_state = self._session.run(None, {"input": chunks, "state": state, "sr": self._sr})
         return probs[:, 0], new_state
-
-
-@dataclass(frozen=True)
-class VadOptions:
-    """Attributes: threshold to enter speech; silence that ends it; padding; shortest speech kept (ms);
-    the most that quiet audio is raised for the VAD (dB; 0: not at all)."""
-
-    threshold: float = 0.5
-    min_silence_ms: int = 500
-    speech_pad_ms: int = 200
-    min_speech_ms: int = 250
-    max_gain_db: float = 40.0
 
 
 class VadInputConditioner:
