@@ -1,15 +1,18 @@
-"""The scheduler of whole-window decodes: finals jump the queue, engine errors reach the caller, the loop
-never blocks."""
+"""The batching loop: finals jump the queue, engine errors reach the caller, the loop never blocks, and a
+streaming engine's step takes one piece of each waiting stream."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
+from collections.abc import Sequence
+from typing import cast
 
 import numpy as np
 import pytest
 
-from streamscribe.engines.base import AudioWindow
-from streamscribe.streaming.scheduler import Priority, StaleWork, window_scheduler
+from streamscribe.engines.base import AudioWindow, EngineStream, StreamUpdate
+from streamscribe.streaming.scheduler import Priority, StaleWork, stream_scheduler, window_scheduler
 from tests.streaming.fakes import ScriptedEngine
 
 
@@ -147,4 +150,33 @@ async def test_finals_share_a_call_only_when_the_queue_is_behind() -> None:
     assert sorted(engine.batch_sizes[4:]) == [1, 1, 1, 4]  # the worker threads finish in any order
     queued = [w for w in engine.windows[4:] if len(w.samples) == 3 * 16000]
     assert sorted(w.fast for w in queued) == [False, True, True, True, True]
+    await scheduler.close()
+
+
+async def test_a_streaming_step_takes_one_piece_of_each_waiting_stream() -> None:
+    """A streaming engine sees each stream at most once per step; a stream's next piece waits its turn."""
+    steps: list[list[tuple[str, int]]] = []
+    gate = threading.Event()
+
+    class Steps:
+        name = "steps"
+
+        def stream_step(self, pieces: Sequence[tuple[EngineStream, np.ndarray]]) -> list[StreamUpdate]:
+            gate.wait(timeout=30)
+            steps.append([(str(stream), len(samples)) for stream, samples in pieces])
+            return [StreamUpdate("", str(len(samples))) for _, samples in pieces]
+
+    scheduler = stream_scheduler(Steps())  # type: ignore[arg-type]
+    a, b = cast(EngineStream, "a"), cast(EngineStream, "b")
+    busy = asyncio.create_task(scheduler.submit((b, np.zeros(1, np.float32))))
+    await asyncio.sleep(0.05)  # the first step is now inside the engine
+    waiting = [
+        asyncio.create_task(scheduler.submit((stream, np.zeros(size, np.float32))))
+        for stream, size in ((a, 2), (a, 3), (b, 4))
+    ]
+    await asyncio.sleep(0.05)
+    gate.set()
+    await busy
+    assert [u.partial_text for u in await asyncio.gather(*waiting)] == ["2", "3", "4"]
+    assert steps == [[("b", 1)], [("a", 2), ("b", 4)], [("a", 3)]]
     await scheduler.close()

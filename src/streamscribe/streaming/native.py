@@ -40,7 +40,7 @@ def native_session(
 
 
 @dataclass
-class _Utterance:
+class _UtteranceStream:
     """One utterance and the engine stream it goes to."""
 
     index: int
@@ -64,7 +64,7 @@ class _Utterance:
 
 @dataclass(frozen=True)
 class _Piece:
-    utterance: _Utterance
+    utterance: _UtteranceStream
     samples: np.ndarray
     end: int  # absolute index just after its last sample
     last: bool
@@ -86,7 +86,7 @@ class NativeStreamDecoder:
         self._rate = rate
         self._chunk = engine.chunk_samples
         self._partial_step = int(options.partial_interval * rate)
-        self._open: _Utterance | None = None
+        self._open: _UtteranceStream | None = None
         self._pieces: deque[_Piece] = deque()
         self._in_flight: _Piece | None = None
         self._sent_to = 0  # audio before this went to an engine stream: the next utterance starts after it
@@ -107,7 +107,7 @@ class NativeStreamDecoder:
             if isinstance(event, Opened):
                 start = max(event.start, self._sent_to)  # audio reaches the engine once
                 stream = self._engine.open_stream(self._options.language)
-                self._open = _Utterance(event.index, start, stream, start, np.zeros(0, np.float32))
+                self._open = _UtteranceStream(event.index, start, stream, start, np.zeros(0, np.float32))
                 self._last_partial, self._last_partial_at = "", start
             elif self._open is None:
                 continue
@@ -166,12 +166,12 @@ class NativeStreamDecoder:
         self._last_partial, self._last_partial_at = text, piece.end
         return [PartialText(utterance.index, text, start, piece.end / self._rate)]
 
-    def _hold(self, utterance: _Utterance, start: int, samples: np.ndarray) -> None:
+    def _hold(self, utterance: _UtteranceStream, start: int, samples: np.ndarray) -> None:
         """Add audio beginning at absolute ``start`` to what waits for the utterance's next piece."""
         new = samples[max(0, utterance.received_to - start) :]
         utterance.held = np.concatenate([utterance.held, new]) if len(utterance.held) else new
 
-    def _queue_pieces(self, utterance: _Utterance, last: bool) -> None:
+    def _queue_pieces(self, utterance: _UtteranceStream, last: bool) -> None:
         """Queue the held audio's whole pieces; with ``last``, the rest too (maybe nothing), as the stream's
         last piece."""
         held = utterance.held
@@ -183,7 +183,7 @@ class NativeStreamDecoder:
         utterance.held = held[count * self._chunk :]
         self._sent_to = max(self._sent_to, utterance.queued_to)
 
-    def _close(self, utterance: _Utterance, end: int, start: int, samples: np.ndarray) -> None:
+    def _close(self, utterance: _UtteranceStream, end: int, start: int, samples: np.ndarray) -> None:
         """The utterance ends at ``end``: its audio up to there goes to the engine, then the stream ends.
         (The engine may already have audio past ``end``: then the utterance ends where that audio ends.)"""
         self._open = None
@@ -195,7 +195,7 @@ class NativeStreamDecoder:
             return
         self._queue_pieces(utterance, last=True)
 
-    def _drop(self, utterance: _Utterance) -> None:
+    def _drop(self, utterance: _UtteranceStream) -> None:
         self._open = None
         utterance.dropped = True
         self._pieces = deque(piece for piece in self._pieces if piece.utterance is not utterance)
