@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,7 @@ import pytest
 from streamscribe.config import Settings
 from streamscribe.engines.base import EngineUnavailable
 from streamscribe.engines.registry import EngineRegistry, UnknownModel, resolve_model
+from tests.streaming.fakes import ScriptedEngine
 
 
 @pytest.mark.parametrize(
@@ -61,3 +64,26 @@ def test_model_hub_is_offline_unless_told_otherwise(tmp_path: Path, monkeypatch:
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     EngineRegistry(Settings(cache_dir=tmp_path))
     assert os.environ["HF_HUB_OFFLINE"] == "0"
+
+
+def test_a_slow_engine_load_holds_up_no_other_engine() -> None:
+    """A client asking for an engine that takes seconds to load must not stall everyone else's start."""
+    registry = EngineRegistry(Settings())
+    loaded = registry.load_once("loaded", ScriptedEngine)
+    started, release = threading.Event(), threading.Event()
+
+    def slow() -> ScriptedEngine:
+        started.set()
+        release.wait(10)
+        return ScriptedEngine()
+
+    loading = threading.Thread(target=registry.load_once, args=("slow", slow))
+    loading.start()
+    assert started.wait(10)
+    began = time.monotonic()
+    assert registry.load_once("loaded", ScriptedEngine) is loaded
+    assert registry.load_once("another", ScriptedEngine) is not loaded  # loads beside the slow one
+    assert time.monotonic() - began < 2.0 and loading.is_alive()
+    release.set()
+    loading.join(10)
+    assert isinstance(registry.load_once("slow", slow), ScriptedEngine)

@@ -8,6 +8,7 @@ import os
 import threading
 import time
 import wave
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,7 +116,8 @@ class EngineRegistry:
         hub_offline_by_default()
         self._settings = settings
         self._engines: dict[str, Engine] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards _load_locks
+        self._load_locks: dict[str, threading.Lock] = {}
 
     def whisper_model_for(self, language: str, task: str = "transcribe") -> str:
         """English transcription gets the (faster) English model; other languages and every translation
@@ -169,33 +171,40 @@ class EngineRegistry:
         return list(self._engines.values())
 
     def _whisper(self, model: str) -> Engine:
-        key = f"whisper:{model}"
-        with self._lock:
-            if key not in self._engines:
-                from streamscribe.engines.whisper import WhisperEngine
+        def load() -> Engine:
+            from streamscribe.engines.whisper import WhisperEngine
 
-                settings = self._settings
-                device = resolve_device(settings.device)
-                engine = WhisperEngine(
-                    model,
-                    cache_dir=settings.cache_dir,
-                    device=device,
-                    compute_type=settings.whisper.compute_type if device == "cpu" else "float16",
-                    cpu_threads=settings.cpu_threads,
-                    workers=settings.decode_worker_count,
-                    beam_size=settings.whisper.beam_size,
-                    min_encoder_seconds=settings.whisper.min_encoder_seconds,
-                    partial_encoder_seconds=settings.whisper.partial_encoder_seconds,
-                )
-                self._engines[key] = warm_up(engine)
-            return self._engines[key]
+            settings = self._settings
+            device = resolve_device(settings.device)
+            return WhisperEngine(
+                model,
+                cache_dir=settings.cache_dir,
+                device=device,
+                compute_type=settings.whisper.compute_type if device == "cpu" else "float16",
+                cpu_threads=settings.cpu_threads,
+                workers=settings.decode_worker_count,
+                beam_size=settings.whisper.beam_size,
+                min_encoder_seconds=settings.whisper.min_encoder_seconds,
+                partial_encoder_seconds=settings.whisper.partial_encoder_seconds,
+            )
+
+        return self.load_once(f"whisper:{model}", load)
 
     def _nemo_family(self, model: str, variant: str) -> Engine:
         """Parakeet (standard, onnx, mlx) or Canary, loaded once."""
-        key = f"{model}:{variant}"
+        return self.load_once(f"{model}:{variant}", lambda: self._load_nemo_family(model, variant))
+
+    def load_once(self, key: str, load: Callable[[], Engine]) -> Engine:
+        """The engine under ``key``, loaded and warmed up on first use. A load (seconds) holds only its own
+        key's lock: streams for engines already loaded, or loading, never wait behind another's load."""
+        engine = self._engines.get(key)
+        if engine is not None:
+            return engine
         with self._lock:
+            key_lock = self._load_locks.setdefault(key, threading.Lock())
+        with key_lock:
             if key not in self._engines:
-                self._engines[key] = warm_up(self._load_nemo_family(model, variant))
+                self._engines[key] = warm_up(load())
             return self._engines[key]
 
     def _load_nemo_family(self, model: str, variant: str) -> Engine:

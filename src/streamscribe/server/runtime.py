@@ -36,7 +36,6 @@ class Runtime:
         self.models_ready = not settings.preload
         self._schedulers: dict[str, Scheduler[AudioWindow, Transcript]] = {}
         self._steppers: dict[str, Scheduler[StreamPiece, StreamUpdate]] = {}
-        self._load_lock = asyncio.Lock()
         self.active_streams = 0  # admitted streams (admission control)
         self._open_streams = 0  # open sockets (graceful shutdown waits for them)
         self._no_streams = asyncio.Event()
@@ -45,9 +44,8 @@ class Runtime:
     async def choose_engine(
         self, model: str, variant: str, language: str, task: str = "transcribe"
     ) -> EngineChoice:
-        """``EngineRegistry.choose_engine``; loading (seconds) runs off the event loop, one at a time."""
-        async with self._load_lock:
-            return await asyncio.to_thread(self.registry.choose_engine, model, variant, language, task)
+        """``EngineRegistry.choose_engine``; loading (seconds) runs off the event loop."""
+        return await asyncio.to_thread(self.registry.choose_engine, model, variant, language, task)
 
     def scheduler(self, engine: Engine) -> Scheduler[AudioWindow, Transcript]:
         """The queue of ``engine``'s whole-window decodes (live windows and files)."""
