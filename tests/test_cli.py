@@ -6,7 +6,10 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import unicodedata
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -235,3 +238,29 @@ def test_transcribe_of_a_file_that_is_not_audio_says_so(tmp_path: Path) -> None:
         assert done.returncode == 2
         assert done.stderr.startswith(f"error: cannot read {path}: ") and done.stderr.count("\n") == 1
         assert "Errno" not in done.stderr and done.stderr.count(str(path)) == 1, done.stderr
+
+
+def test_stream_command_prints_no_escape_sequences_a_server_sends() -> None:
+    """A hostile server (or proxy) must not drive the user's terminal through transcript text."""
+    from websockets.sync.server import serve
+
+    hostile = "\x1b]0;pwned\x07clear\x1b[2J\x1b[31m red\u202e"
+
+    def answer(connection: Any) -> None:
+        json.loads(connection.recv())  # the config
+        connection.send(json.dumps({"type": "status", "state": "ready", "model": "x"}))
+        frame = {"type": "final", "text": hostile, "is_final": True, "model": "x", "segment_id": 0}
+        connection.send(json.dumps({**frame, "start": 0.0, "end": 1.0, "language": "en"}))
+        for message in connection:
+            if json.loads(message)["type"] == "stop":
+                connection.send(json.dumps({"type": "full_transcript", "text": hostile}))
+                connection.close()
+
+    with serve(answer, "127.0.0.1", 0) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        port = server.socket.getsockname()[1]
+        done = run_cli("stream", "--duration", "1", "--url", f"ws://127.0.0.1:{port}", "--token", "t" * 20)
+        server.shutdown()
+    assert done.returncode == 0, done.stderr
+    assert "clear red" in done.stdout
+    assert not any(unicodedata.category(ch)[0] == "C" and ch != "\n" for ch in done.stdout + done.stderr)

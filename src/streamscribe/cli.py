@@ -6,8 +6,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import sys
 import time
+import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +90,18 @@ def _read_error(exc: Exception) -> str:
     return getattr(exc, "strerror", None) or str(exc)
 
 
+# Terminal escape sequences: CSI (cursor, colours, clearing), OSC (window title, links), and the rest.
+_ESCAPE_SEQUENCE = re.compile(
+    r"(\x1b\[|\x9b)[0-?]*[ -/]*[@-~]|(\x1b\]|\x9d)[^\x07\x1b]*(\x07|\x1b\\)?|\x1b.?"
+)
+
+
+def shown(text: str) -> str:
+    """Text from a server as it may reach a terminal: without escape sequences or control characters, so a
+    server (or a proxy) cannot move the cursor, retitle the window or hide text."""
+    return "".join(ch for ch in _ESCAPE_SEQUENCE.sub("", text) if unicodedata.category(ch)[0] != "C")
+
+
 def _stream(args: argparse.Namespace) -> int:
     from streamscribe.audio import load_audio_file
     from streamscribe.client import ReceivedFrame, stream_audio, stream_url
@@ -122,14 +136,14 @@ def _stream(args: argparse.Namespace) -> int:
         frame = received.frame
         kind = frame.get("type")
         if kind == "partial" and interactive:
-            print(f"\r\x1b[K… {frame['text']}", end="", flush=True)
+            print(f"\r\x1b[K… {shown(frame['text'])}", end="", flush=True)
         elif kind == "final":
             prefix = "\r\x1b[K" if interactive else ""
-            print(f"{prefix}[{frame['start']:7.2f}-{frame['end']:7.2f}] {frame['text']}", flush=True)
+            print(f"{prefix}[{frame['start']:7.2f}-{frame['end']:7.2f}] {shown(frame['text'])}", flush=True)
         elif kind == "warning":
-            print(f"warning: {frame['message']}", file=sys.stderr)
+            print(f"warning: {shown(frame['message'])}", file=sys.stderr)
         elif kind == "status" and args.verbose:
-            print(f"status: {frame}", file=sys.stderr)
+            print(f"status: {shown(str(frame))}", file=sys.stderr)
 
     try:
         result = asyncio.run(
@@ -149,15 +163,17 @@ def _stream(args: argparse.Namespace) -> int:
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     if result.error:
-        print(f"error ({result.error['error_type']}): {result.error['message']}", file=sys.stderr)
+        error = result.error
+        print(f"error ({shown(str(error['error_type']))}): {shown(str(error['message']))}", file=sys.stderr)
         return 1
     if result.close_code not in (1000, None):
         print(
-            f"error: connection closed with code {result.close_code} {result.close_reason}", file=sys.stderr
+            f"error: connection closed with code {result.close_code} {shown(result.close_reason or '')}",
+            file=sys.stderr,
         )
         return 1
     print("\nFull transcript:")
-    print(result.full_transcript or "")
+    print(shown(result.full_transcript or ""))
     return 0
 
 
