@@ -129,3 +129,18 @@ async def test_backpressure_holds_feed_instead_of_dropping_audio(
     await session.flush()
     assert len([e for e in events if isinstance(e, FinalText)]) == 6
     await session.close()
+
+
+async def test_the_full_transcript_of_a_stream_kept_open_for_days_stays_bounded(
+    vad: SileroVad, clip: Callable[[str], np.ndarray]
+) -> None:
+    engine = ScriptedEngine()
+    session, events = make_session(engine, vad, max_transcript_chars=20)
+    sentence = np.concatenate([clip("short.wav"), np.zeros(16000, np.float32)])
+    await feed_all(session, np.tile(sentence, 4))
+    transcript = await session.flush()
+    finals = [e.text for e in events if isinstance(e, FinalText)]
+    assert len(finals) == 4 and len(" ".join(finals)) > 20
+    kept = [text for i, text in enumerate(finals) if len(" ".join(finals[i:])) <= 20]
+    assert transcript == " ".join(kept) and kept  # the newest finals, whole
+    await session.close()

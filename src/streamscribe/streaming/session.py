@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
@@ -39,6 +40,8 @@ class SessionOptions:
     max_segment_seconds: float = 15.0
     max_backlog_seconds: float = 60.0
     prompt_chars: int = 200
+    # About 17 hours of speech: a stream kept open for days must not grow without bound.
+    max_transcript_chars: int = 1_000_000
     word_timestamps: bool = False
     task: Literal["transcribe", "translate"] = "transcribe"
     prompt: str | None = None
@@ -122,7 +125,9 @@ class LiveSession:
         self._rate = segmenter.rate
         self._max_backlog = options.max_backlog_seconds * segmenter.rate
         self._emit = emit
-        self._finals: list[str] = []
+        self._finals: deque[str] = deque()  # the full transcript, its oldest finals dropped past the cap
+        self._transcript_chars = 0
+        self._max_transcript_chars = options.max_transcript_chars
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -164,6 +169,7 @@ class LiveSession:
         self._segmenter.reset()
         self._decoder.reset()
         self._finals.clear()
+        self._transcript_chars = 0
         self._idle.set()
         self._drained.set()
 
@@ -172,6 +178,12 @@ class LiveSession:
         self._worker.cancel()
         await asyncio.gather(self._worker, return_exceptions=True)
         self._decoder.close()
+
+    def _keep_final(self, text: str) -> None:
+        self._transcript_chars += len(text) + (1 if self._finals else 0)  # the length of full_transcript
+        self._finals.append(text)
+        while self._transcript_chars > self._max_transcript_chars and len(self._finals) > 1:
+            self._transcript_chars -= len(self._finals.popleft()) + 1
 
     def _take(self, events: list[UtteranceEvent]) -> None:
         self._decoder.take(events)
@@ -188,7 +200,7 @@ class LiveSession:
                     self._drained.set()
                     for event in events:
                         if isinstance(event, FinalText):
-                            self._finals.append(event.text)
+                            self._keep_final(event.text)
                         await self._emit(event)
                 if not self._decoder.owes_finals:
                     self._idle.set()
