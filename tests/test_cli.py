@@ -12,7 +12,14 @@ import numpy as np
 import pytest
 
 from tests.audio_files import encode, file_name, wav_bytes, with_data_size
-from tests.conftest import DATA, RunningServer, normalize_text, read_wav, word_error_rate
+from tests.conftest import (
+    DATA,
+    RunningServer,
+    normalize_text,
+    read_wav,
+    word_error_rate,
+    write_lock_held_elsewhere,
+)
 
 
 def run_cli(
@@ -235,3 +242,14 @@ def test_transcribe_of_a_file_that_is_not_audio_says_so(tmp_path: Path) -> None:
         assert done.returncode == 2
         assert done.stderr.startswith(f"error: cannot read {path}: ") and done.stderr.count("\n") == 1
         assert "Errno" not in done.stderr and done.stderr.count(str(path)) == 1, done.stderr
+
+
+def test_keys_commands_on_a_database_another_process_is_writing(tmp_path: Path) -> None:
+    env = {"STREAMSCRIBE_AUTH_MODE": "multi_user", "STREAMSCRIBE_DATA_DIR": str(tmp_path)}
+    assert run_cli("keys", "create", "--user", "alice", env=env).returncode == 0
+    with write_lock_held_elsewhere(tmp_path / "streamscribe.db"):
+        listed = run_cli("keys", "list", env=env)  # a read: WAL lets it through
+        busy = run_cli("keys", "create", "--user", "bob", env=env)  # a write: gives up after a short wait
+    assert listed.returncode == 0 and "alice" in listed.stdout
+    assert busy.returncode == 1
+    assert "the database is busy" in busy.stderr and "Traceback" not in busy.stderr
