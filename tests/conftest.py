@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -228,3 +229,26 @@ def captured_logs() -> Iterator[list[str]]:
     for logger, level in zip(loggers, previous, strict=True):
         logger.removeHandler(handler)
         logger.setLevel(level)
+
+
+@contextlib.contextmanager
+def write_lock_held_elsewhere(database: Path) -> Iterator[None]:
+    """Another process holds the SQLite file's write lock (BEGIN EXCLUSIVE) until the block ends."""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sqlite3, sys; db = sqlite3.connect(sys.argv[1], isolation_level=None); "
+            "db.execute('BEGIN EXCLUSIVE'); print('locked', flush=True); sys.stdin.read()",
+            str(database),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    assert holder.stdout is not None and holder.stdin is not None
+    try:
+        assert holder.stdout.readline() == b"locked\n"
+        yield
+    finally:
+        holder.stdin.close()  # the holder exits, and its lock goes with it
+        holder.wait(timeout=10)

@@ -15,7 +15,14 @@ import numpy as np
 import pytest
 
 from tests.audio_files import encode, file_name, wav_bytes, with_data_size
-from tests.conftest import DATA, RunningServer, normalize_text, read_wav, word_error_rate
+from tests.conftest import (
+    DATA,
+    RunningServer,
+    normalize_text,
+    read_wav,
+    word_error_rate,
+    write_lock_held_elsewhere,
+)
 
 
 def run_cli(
@@ -264,3 +271,14 @@ def test_stream_command_prints_no_escape_sequences_a_server_sends() -> None:
     assert done.returncode == 0, done.stderr
     assert "clear red" in done.stdout
     assert not any(unicodedata.category(ch)[0] == "C" and ch != "\n" for ch in done.stdout + done.stderr)
+
+
+def test_keys_commands_on_a_database_another_process_is_writing(tmp_path: Path) -> None:
+    env = {"STREAMSCRIBE_AUTH_MODE": "multi_user", "STREAMSCRIBE_DATA_DIR": str(tmp_path)}
+    assert run_cli("keys", "create", "--user", "alice", env=env).returncode == 0
+    with write_lock_held_elsewhere(tmp_path / "streamscribe.db"):
+        listed = run_cli("keys", "list", env=env)  # a read: WAL lets it through
+        busy = run_cli("keys", "create", "--user", "bob", env=env)  # a write: gives up after a short wait
+    assert listed.returncode == 0 and "alice" in listed.stdout
+    assert busy.returncode == 1
+    assert "the database is busy" in busy.stderr and "Traceback" not in busy.stderr

@@ -273,7 +273,7 @@ def _keys(args: argparse.Namespace) -> int:
 
     from streamscribe.config import Settings
     from streamscribe.server.auth import KeyHasher, create_key, load_pepper
-    from streamscribe.server.store import open_store
+    from streamscribe.server.store import StoreBusy, open_store
 
     settings = Settings.load(args.config)
     store = open_store(settings)
@@ -308,6 +308,9 @@ def _keys(args: argparse.Namespace) -> int:
                 print(f"error: no user {args.user}", file=sys.stderr)
                 return 1
             print(f"{args.user} is now on the {args.tier} tier")
+    except StoreBusy as exc:
+        print(f"error: {exc}; try again", file=sys.stderr)
+        return 1
     finally:
         store.close()
     return 0

@@ -18,11 +18,12 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from streamscribe.client import StreamResult, stream_audio
+from streamscribe.client import StreamResult, encode_samples, stream_audio
 from streamscribe.config import Settings
 from streamscribe.server.auth import KeyHasher, create_key, load_pepper
+from streamscribe.server.quotas import utc_day
 from streamscribe.server.store import MIGRATIONS, KeyStore, open_store
-from tests.conftest import RunningServer
+from tests.conftest import RunningServer, write_lock_held_elsewhere
 from tests.server.ws_helpers import limits, new_key, open_stream, refused
 
 LIMITS_FIELDS = {
@@ -283,6 +284,41 @@ def test_minutes_survive_a_restart(make_server: Callable[..., RunningServer], tm
     first.stop()
     second = make_server(**multi_user(tmp_path, preload=False))
     assert limits(second, key)["used_today_minutes"] == pytest.approx(1.5 / 60, abs=1e-4)
+
+
+def test_a_locked_database_does_not_hold_up_keys_or_limits(
+    make_server: Callable[..., RunningServer], tmp_path: Path
+) -> None:
+    running = make_server(**multi_user(tmp_path, usage_flush_seconds=0.2))
+    key = new_key(running, "alice", tier="standard")
+    one_second = json.dumps({"type": "audio", "data": encode_samples(SILENCE)})
+
+    async def scenario() -> tuple[float, float, dict[str, Any]]:
+        ws = await open_stream(running.ws_url(key))
+        with write_lock_held_elsewhere(tmp_path / "data" / "streamscribe.db"):
+            await ws.send(one_second)
+            await asyncio.sleep(0.6)  # charged: the usage flusher is now waiting for the lock, in a loop
+            started = time.monotonic()
+            second = await open_stream(running.ws_url(key))
+            opened = time.monotonic() - started
+            started = time.monotonic()
+            report = await asyncio.to_thread(limits, running, key)
+            answered = time.monotonic() - started
+        await second.close()
+        await ws.close()
+        return opened, answered, report
+
+    opened, answered, report = asyncio.run(scenario())
+    assert opened < 0.5, f"a new stream took {opened:.2f} s to authenticate"
+    assert answered < 0.5, f"/limits took {answered:.2f} s"
+    assert report["used_today_minutes"] == pytest.approx(1 / 60, abs=1e-4)
+    # The flusher kept the seconds it could not write, and wrote them once the lock was gone.
+    store = open_store(running.settings)
+    deadline = time.monotonic() + 5
+    while store.usage_seconds("alice", utc_day(time.time())) < 1 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert store.usage_seconds("alice", utc_day(time.time())) == pytest.approx(1.0)
+    store.close()
 
 
 def test_single_user_mode_keeps_its_key_and_reports_unlimited_limits(server: RunningServer) -> None:

@@ -23,6 +23,8 @@ import redis
 
 from streamscribe.client import encode_samples, stream_audio, stream_url
 from streamscribe.config import Settings
+from streamscribe.server.quotas import utc_day
+from streamscribe.server.store import open_store
 from tests.conftest import free_port
 from tests.server.ws_helpers import limits, new_key, open_stream, refused
 
@@ -282,3 +284,44 @@ def test_redis_outage_fail_closed_and_fail_open(
     assert ok.close_code == 1000
     assert closed.status()["access"]["shared_store_healthy"] is True
     assert "reachable again" in closed.log()
+
+
+def test_redis_losing_its_data_keeps_the_days_usage(
+    start_replicas: Callable[..., list[Replica]], redis_server: RedisServer
+) -> None:
+    # Usage goes to the database only at a stream's end here: a running stream's seconds stay unflushed.
+    [replica] = start_replicas({"STREAMSCRIBE_USAGE_FLUSH_SECONDS": "3600"})
+    key = new_key(replica, "alice", tier="standard")
+    day = utc_day(time.time())
+    one_second = json.dumps({"type": "audio", "data": encode_samples(np.zeros(16000, dtype=np.float32))})
+    flushall = redis.Redis(port=redis_server.port).flushall
+
+    def used_seconds() -> float:
+        return float(limits(replica, key)["used_today_minutes"]) * 60
+
+    async def until_used(seconds: float) -> None:
+        deadline = time.monotonic() + 10
+        while abs(await asyncio.to_thread(used_seconds) - seconds) > 0.01:
+            assert time.monotonic() < deadline, f"used {used_seconds():.2f} s, not {seconds} s"
+            await asyncio.sleep(0.05)
+
+    async def scenario() -> None:
+        running = await open_stream(replica.ws_url(key))  # sees 0 s used when it opens
+        finished = await stream_audio(replica.ws_url(key), np.zeros(48000, dtype=np.float32), 16000, speed=0)
+        assert finished.close_code == 1000  # its 3 s are in the database now
+        await running.send(one_second)
+        await until_used(4.0)  # 3 s in the database, 1 s not written yet
+
+        flushall()
+        assert await asyncio.to_thread(used_seconds) == pytest.approx(4.0, abs=0.01)  # re-read on /limits
+        flushall()
+        await running.send(one_second)  # the charge finds the counter missing
+        await until_used(5.0)
+        flushall()
+        await running.close()
+        await until_used(5.0)
+
+    asyncio.run(scenario())
+    store = open_store(replica.settings)
+    assert store.usage_seconds("alice", day) == pytest.approx(5.0)
+    store.close()

@@ -25,6 +25,9 @@ from typing import Any, NamedTuple, Protocol, TypeVar
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
+# The day's usage to start a missing counter from, read when it is found missing (not when a stream opened:
+# by then the database and the other streams may have moved on).
+Seed = Callable[[], Awaitable[float]]
 T = TypeVar("T")
 
 USAGE_TTL_SECONDS = 2 * 86400
@@ -56,14 +59,16 @@ class Counters(Protocol):
 
     async def active_streams(self, user: str) -> int: ...
 
-    async def charge(self, user: str, day: str, seconds: float, limit: float | None, seed: float) -> Charge:
+    async def charge(self, user: str, day: str, seconds: float, limit: float | None, seed: Seed) -> Charge:
         """Add ``seconds`` to the day's usage. When that would pass ``limit`` the frame is refused and the
         usage set to the limit: what was left cannot be used by a frame that does not fit, and the next
-        stream is refused at once. ``seed`` is the day's usage from the database, used when the counter
-        does not exist yet."""
+        stream is refused at once. ``seed`` is called when the counter does not exist (a new day, a new
+        process, a Redis that lost its data) and gives what it starts from."""
         ...
 
-    async def used(self, user: str, day: str, seed: float) -> float: ...
+    async def used(self, user: str, day: str, seed: Seed) -> float:
+        """The day's usage; ``seed`` as for ``charge``."""
+        ...
 
     async def hit(self, bucket: str, now: float) -> int:
         """Count one attempt in ``bucket`` in the current minute; the count so far this minute."""
@@ -102,16 +107,22 @@ class LocalCounters:
     async def active_streams(self, user: str) -> int:
         return len(self._live(user))
 
-    async def charge(self, user: str, day: str, seconds: float, limit: float | None, seed: float) -> Charge:
-        used = self._usage.setdefault((user, day), seed)
+    async def _counter(self, user: str, day: str, seed: Seed) -> float:
+        if (user, day) not in self._usage:
+            seeded = await seed()
+            return self._usage.setdefault((user, day), seeded)  # another call may have seeded meanwhile
+        return self._usage[(user, day)]
+
+    async def charge(self, user: str, day: str, seconds: float, limit: float | None, seed: Seed) -> Charge:
+        used = await self._counter(user, day, seed)
         if limit is not None and used + seconds > limit:
             self._usage[(user, day)] = max(used, limit)
             return Charge(False, max(0.0, limit - used), max(used, limit))
         self._usage[(user, day)] = used + seconds
         return Charge(True, seconds, used + seconds)
 
-    async def used(self, user: str, day: str, seed: float) -> float:
-        return self._usage.setdefault((user, day), seed)
+    async def used(self, user: str, day: str, seed: Seed) -> float:
+        return await self._counter(user, day, seed)
 
     async def hit(self, bucket: str, now: float) -> int:
         window = int(now // RATE_WINDOW_SECONDS)
@@ -151,10 +162,17 @@ _ACTIVE_STREAMS = (
 """
 )
 
-# ARGV: seconds, limit (negative: none), seed, ttl. Returns {accepted, added, total} (numbers as strings:
-# Lua numbers would reach Python as integers).
+# A counter that does not exist is started from the seed, or, when the seed is '', left missing and the
+# script answers MISSING: the caller then reads a fresh seed and runs it again with that.
+MISSING = "missing"
+
+# ARGV: seconds, limit (negative: none), ttl, seed. Returns {accepted, added, total} (numbers as strings:
+# Lua numbers would reach Python as integers), or MISSING.
 _CHARGE = """
-if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('SET', KEYS[1], ARGV[3], 'EX', ARGV[4]) end
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  if ARGV[4] == '' then return 'missing' end
+  redis.call('SET', KEYS[1], ARGV[4], 'EX', ARGV[3])
+end
 local used = tonumber(redis.call('GET', KEYS[1]))
 local limit = tonumber(ARGV[2])
 if limit >= 0 and used + tonumber(ARGV[1]) > limit then
@@ -163,12 +181,16 @@ if limit >= 0 and used + tonumber(ARGV[1]) > limit then
   return {0, tostring(limit - used), ARGV[2]}
 end
 local total = redis.call('INCRBYFLOAT', KEYS[1], ARGV[1])
-redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
 return {1, ARGV[1], total}
 """
 
+# ARGV: ttl, seed. Returns the usage, or MISSING.
 _USED = """
-if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2]) end
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  if ARGV[2] == '' then return 'missing' end
+  redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[1])
+end
 return redis.call('GET', KEYS[1])
 """
 
@@ -244,16 +266,24 @@ class RedisCounters:
     async def active_streams(self, user: str) -> int:
         return int(await self._call("active", [f"ss:streams:{user}"], []))
 
-    async def charge(self, user: str, day: str, seconds: float, limit: float | None, seed: float) -> Charge:
-        accepted, added, total = await self._call(
+    async def _seeded(self, name: str, key: str, args: list[Any], seed: Seed) -> Any:
+        """Run a usage script; when it finds the counter missing, again with a seed read just now."""
+        result = await self._call(name, [key], [*args, ""])
+        if result == MISSING:
+            result = await self._call(name, [key], [*args, repr(await seed())])
+        return result
+
+    async def charge(self, user: str, day: str, seconds: float, limit: float | None, seed: Seed) -> Charge:
+        accepted, added, total = await self._seeded(
             "charge",
-            [f"ss:usage:{user}:{day}"],
-            [repr(seconds), -1 if limit is None else repr(limit), repr(seed), USAGE_TTL_SECONDS],
+            f"ss:usage:{user}:{day}",
+            [repr(seconds), -1 if limit is None else repr(limit), USAGE_TTL_SECONDS],
+            seed,
         )
         return Charge(bool(int(accepted)), float(added), float(total))
 
-    async def used(self, user: str, day: str, seed: float) -> float:
-        return float(await self._call("used", [f"ss:usage:{user}:{day}"], [repr(seed), USAGE_TTL_SECONDS]))
+    async def used(self, user: str, day: str, seed: Seed) -> float:
+        return float(await self._seeded("used", f"ss:usage:{user}:{day}", [USAGE_TTL_SECONDS], seed))
 
     async def hit(self, bucket: str, now: float) -> int:
         window = int(now // RATE_WINDOW_SECONDS)

@@ -2,8 +2,9 @@
 
 The policy lives here: what is admitted, what is charged, what is refused, and what happens while the
 shared store (Redis) is unreachable. The counting itself is in counters.py. Minutes are also written to the
-database (see store.py) so a restart loses no usage; the database seeds a counter that is missing (a new
-process, a Redis that lost its data).
+database (see store.py) so a restart loses no usage. A counter that is missing (a new day, a new process, a
+Redis that lost its data) starts from what the database holds plus what this process has not written yet,
+read when the counter is found missing.
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ from streamscribe.server.counters import (
     Counters,
     LocalCounters,
     RedisCounters,
+    Seed,
     SharedStoreUnavailable,
 )
-from streamscribe.server.store import KeyStore
+from streamscribe.server.store import KeyStore, StoreBusy
 
 log = logging.getLogger(__name__)
 
@@ -47,13 +49,24 @@ class UsageLedger:
         self._flusher: asyncio.Task[None] | None = None
 
     async def stored(self, user: str, day: str) -> float:
-        """Seconds in the database for ``user`` on ``day``: the seed of a counter that is missing."""
+        """Seconds in the database for ``user`` on ``day``."""
         if self._store is None:
             return 0.0
         return await asyncio.to_thread(self._store.usage_seconds, user, day)
 
     def unflushed(self, user: str, day: str) -> float:
         return self._unflushed.get((user, day), 0.0)
+
+    async def total(self, user: str, day: str) -> float:
+        """Seconds in the database plus those charged here and not written yet: the seed of a counter that
+        is missing. (Other replicas' unwritten seconds are not known here.)"""
+        # Under the flush lock: seconds being written are then either in the database or still unflushed.
+        async with self._lock:
+            return await self.stored(user, day) + self.unflushed(user, day)
+
+    def seed(self, user: str, day: str) -> Seed:
+        """``total`` for one user and day, read only when called (when a counter is found missing)."""
+        return lambda: self.total(user, day)
 
     def record(self, user: str, day: str, seconds: float) -> None:
         """Add charged seconds; the first call starts the periodic writer."""
@@ -72,8 +85,11 @@ class UsageLedger:
                 return
             try:
                 await asyncio.to_thread(self._store.add_usage, pending)
-            except Exception:
-                log.exception("could not write usage to the database; will retry")
+            except Exception as exc:
+                if isinstance(exc, StoreBusy):
+                    log.warning("could not write usage to the database (%s); will retry", exc)
+                else:
+                    log.exception("could not write usage to the database; will retry")
                 for key, seconds in pending.items():
                     self._unflushed[key] += seconds
 
@@ -143,12 +159,11 @@ class Quotas:
         """A slot for one stream of ``user``, or StreamError: quota_exceeded, or unavailable when the shared
         store is down and the policy is fail_closed. ``limits`` None: count, never refuse."""
         day = utc_day(self._clock())
-        seed = await self._usage.stored(user, day)
         stream_id = uuid.uuid4().hex
         ttl = self._settings.shared_store.stream_ttl_seconds
         counters = self._counters
         try:
-            used = await counters.used(user, day, seed)
+            used = await counters.used(user, day, self._usage.seed(user, day))
             _check_minutes_left(limits, used)
             limit = limits.concurrent_streams if limits else 1 << 30
             if not await counters.acquire_stream(user, stream_id, limit, ttl):
@@ -159,8 +174,10 @@ class Quotas:
                     ErrorType.UNAVAILABLE,
                     "usage limits cannot be checked right now (shared store unreachable); try again later",
                 ) from None
-            return await self._open_on_allowance(user, limits, stream_id, day, seed)
-        return self._lease(user, limits, stream_id, counters, {day: seed}, allowance_seconds=None)
+            return await self._open_on_allowance(
+                user, limits, stream_id, day, await self._usage.total(user, day)
+            )
+        return self._lease(user, limits, stream_id, counters, {day: used}, allowance_seconds=None)
 
     async def _open_on_allowance(
         self, user: str, limits: TierLimits | None, stream_id: str, day: str, seed: float
@@ -169,7 +186,7 @@ class Quotas:
         shared = self._settings.shared_store
         _check_minutes_left(limits, seed)
         allowance_seconds = shared.fail_open_minutes * 60
-        if await self._allowance.used(user, day, 0.0) >= allowance_seconds:
+        if await self._allowance.used(user, day, _nothing_used) >= allowance_seconds:
             raise quota_exceeded(
                 Quota.DAILY_MINUTES,
                 "usage limits cannot be checked right now and this server's allowance is used up; "
@@ -207,14 +224,13 @@ class Quotas:
     async def usage_report(self, user: str, limits: TierLimits | None) -> tuple[float, int, bool]:
         """(seconds used today, active streams, whether the shared store answered)."""
         day = utc_day(self._clock())
-        seed = await self._usage.stored(user, day)
         counters = self._counters
         try:
-            used = await counters.used(user, day, seed)
+            used = await counters.used(user, day, self._usage.seed(user, day))
             active = await counters.active_streams(user)
             return used, active, True
         except SharedStoreUnavailable:
-            used = seed + self._usage.unflushed(user, day)
+            used = await self._usage.total(user, day)
             return used, await self._allowance.active_streams(user), False
 
     async def limits_report(
@@ -259,7 +275,7 @@ class StreamLease:
             fail_open allowance.
         usage: Records what is charged, for the database; gives the stored minutes of a new day.
         ttl: Seconds a slot lives unless refreshed.
-        stored_usage: Day -> seconds in the database when first seen.
+        stored_usage: Day -> the day's usage when first seen (what is known if Redis goes away first).
         allowance_seconds: What a user may use per day on the fail_open allowance; None: not on it.
     """
 
@@ -311,13 +327,14 @@ class StreamLease:
             allowance = self._allowance_seconds
             if limit is not None:
                 allowance = min(allowance, max(0.0, limit - seed))
-            charge = await self._counters.charge(self._user, day, seconds, allowance, 0.0)
+            charge = await self._counters.charge(self._user, day, seconds, allowance, _nothing_used)
         else:
+            fresh_seed = self._usage.seed(self._user, day)
             try:
                 if self._unsynced.get(day):
                     backlog = self._unsynced.pop(day)
-                    await self._counters.charge(self._user, day, backlog, None, seed)
-                charge = await self._counters.charge(self._user, day, seconds, limit, seed)
+                    await self._counters.charge(self._user, day, backlog, None, fresh_seed)
+                charge = await self._counters.charge(self._user, day, seconds, limit, fresh_seed)
             except SharedStoreUnavailable:
                 # A running stream goes on while Redis is away, checked against what was last known.
                 used = self._known_used.get(day, seed)
@@ -340,6 +357,11 @@ class StreamLease:
         with contextlib.suppress(SharedStoreUnavailable):
             await self._counters.release_stream(self._user, self._stream_id)
         await self._usage.flush()
+
+
+async def _nothing_used() -> float:
+    """The seed of the fail_open allowance: it counts only what this replica admits."""
+    return 0.0
 
 
 def _daily_seconds(limits: TierLimits | None) -> float | None:

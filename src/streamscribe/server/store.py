@@ -3,7 +3,13 @@
 SQLite by default (a file in the data folder, created on first use); PostgreSQL when ``database_url`` says
 so (needs the ``postgres`` extra: psycopg). Both speak the same SQL; the schema is versioned by the
 migrations below and a one-row ``schema_version`` table. Calls are synchronous and short: the server runs
-them in a worker thread.
+them in worker threads.
+
+Every thread has a connection of its own, and SQLite runs in WAL mode (set when the file is opened; it stays
+with the file), so a read never waits for a write, neither another thread's nor another process's. A write
+waits at most ``BUSY_TIMEOUT_SECONDS`` for another writer's lock, then fails: the usage flusher keeps its
+seconds and tries again later. PostgreSQL gets the same shape: a connection per thread, and that wait as
+its ``lock_timeout``.
 """
 
 from __future__ import annotations
@@ -73,6 +79,23 @@ class KeyRecord:
         return self.revoked_at is None and (self.expires_at is None or now < self.expires_at)
 
 
+# How long a write waits for another connection's lock before it fails (SQLite's busy timeout, PostgreSQL's
+# lock_timeout). Short: the usage flusher retries, and a CLI command says so; nothing waits behind it.
+BUSY_TIMEOUT_SECONDS = 1.0
+# Migrations run once at start-up, while other replicas may be migrating or writing: they may wait longer.
+MIGRATION_WAIT_SECONDS = 30.0
+
+
+class StoreBusy(Exception):
+    """A write gave up waiting for another connection's lock (SQLite busy, PostgreSQL lock_timeout)."""
+
+
+def _is_busy(exc: BaseException) -> bool:
+    if isinstance(exc, sqlite3.OperationalError):
+        return exc.sqlite_errorcode in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+    return getattr(exc, "sqlstate", None) == "55P03"  # PostgreSQL: lock_not_available
+
+
 class _Connection(Protocol):
     def execute(self, sql: str, params: Sequence[Any] = ...) -> Any: ...
     def commit(self) -> None: ...
@@ -81,16 +104,34 @@ class _Connection(Protocol):
 
 
 class KeyStore:
-    """Users, keys and daily usage in a SQL database. Thread-safe (one connection behind a lock)."""
+    """Users, keys and daily usage in a SQL database. Thread-safe: a connection per thread, no lock shared
+    between them, so one thread's wait for the database never holds up another thread's query."""
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self._lock = threading.Lock()
         self._postgres = url.startswith(("postgres://", "postgresql://"))
-        self._connection = self._connect(url)
+        if not self._postgres:
+            if not url.startswith("sqlite:///"):
+                raise ValueError("database_url must start with sqlite:/// or postgresql://")
+            self._path = Path(url.removeprefix("sqlite:///"))
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        self._connections: list[_Connection] = []
+        self._connections_lock = threading.Lock()  # guards the list only; never held across a query
         self._migrate()
 
-    def _connect(self, url: str) -> _Connection:
+    def _connection(self) -> _Connection:
+        """This thread's connection, opened on its first call."""
+        connection: _Connection | None = getattr(self._local, "connection", None)
+        if connection is None:
+            connection = self._connect(BUSY_TIMEOUT_SECONDS)
+            self._local.connection = connection
+            with self._connections_lock:
+                self._connections.append(connection)
+        return connection
+
+    def _connect(self, busy_timeout: float) -> _Connection:
+        """A new connection whose writes wait at most ``busy_timeout`` seconds for another's lock."""
         if self._postgres:
             try:
                 import psycopg
@@ -98,29 +139,38 @@ class KeyStore:
                 raise RuntimeError(
                     "a PostgreSQL database_url needs psycopg: pip install 'streamscribe[postgres]'"
                 ) from None
-            return psycopg.connect(url)
-        if not url.startswith("sqlite:///"):
-            raise ValueError("database_url must start with sqlite:/// or postgresql://")
-        path = Path(url.removeprefix("sqlite:///"))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Replicas on one machine may share the file: wait for each other's locks instead of failing.
-        connection = sqlite3.connect(path, timeout=10, check_same_thread=False, isolation_level=None)
-        connection.execute("PRAGMA journal_mode=WAL")
-        connection.execute("PRAGMA foreign_keys=ON")
-        return _SqliteTransactions(connection)
+            postgres = psycopg.connect(self.url)
+            postgres.execute(f"SET lock_timeout = {int(busy_timeout * 1000)}")
+            postgres.commit()
+            return postgres
+        # check_same_thread=False only so that close() may close every thread's connection.
+        sqlite = sqlite3.connect(
+            self._path, timeout=busy_timeout, check_same_thread=False, isolation_level=None
+        )
+        # WAL: readers never wait for a writer (in rollback-journal mode a writer's EXCLUSIVE lock shuts them
+        # all out). It stays with the file; on a file already in WAL mode this takes no lock.
+        sqlite.execute("PRAGMA journal_mode=WAL")
+        sqlite.execute("PRAGMA foreign_keys=ON")
+        return _SqliteTransactions(sqlite)
 
     @contextmanager
-    def _transaction(self, write: bool = False) -> Iterator[_Connection]:
-        with self._lock:
+    def _transaction(
+        self, write: bool = False, connection: _Connection | None = None
+    ) -> Iterator[_Connection]:
+        """A transaction on ``connection`` (default: this thread's)."""
+        if connection is None:
+            connection = self._connection()
+        try:
             if not self._postgres:
                 # A writer takes SQLite's write lock up front, so two writers queue instead of deadlocking.
-                self._connection.execute("BEGIN IMMEDIATE" if write else "BEGIN")
-            try:
-                yield self._connection
-            except BaseException:
-                self._connection.rollback()
-                raise
-            self._connection.commit()
+                connection.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            yield connection
+        except BaseException as exc:
+            connection.rollback()
+            if _is_busy(exc):
+                raise StoreBusy("the database is busy: another process holds its write lock") from exc
+            raise
+        connection.commit()
 
     def _sql(self, sql: str) -> str:
         return sql.replace("?", "%s") if self._postgres else sql
@@ -129,24 +179,43 @@ class KeyStore:
         return connection.execute(self._sql(sql), params)
 
     def _migrate(self) -> None:
-        with self._transaction(write=True) as connection:
-            if self._postgres:
-                # Two replicas starting together must not both migrate.
-                connection.execute("SELECT pg_advisory_xact_lock(5150412)")
-            self._run(connection, "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        if self._version() == len(MIGRATIONS):
+            return  # up to date: start without the write lock, which another process may be holding
+        connection = self._connect(MIGRATION_WAIT_SECONDS)
+        try:
+            with self._transaction(write=True, connection=connection):
+                if self._postgres:
+                    # Two replicas starting together must not both migrate.
+                    connection.execute("SELECT pg_advisory_xact_lock(5150412)")
+                self._run(connection, "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+                row = self._run(connection, "SELECT version FROM schema_version").fetchone()
+                version = row[0] if row else 0
+                if row is None:
+                    self._run(connection, "INSERT INTO schema_version (version) VALUES (0)")
+                for number, statements in enumerate(MIGRATIONS[version:], start=version + 1):
+                    for statement in statements:
+                        self._run(connection, statement)
+                    self._run(connection, "UPDATE schema_version SET version = ?", (number,))
+        finally:
+            connection.close()
+
+    def _version(self) -> int | None:
+        """The schema version, or None for a database without one yet."""
+        with self._transaction() as connection:
+            exists = self._run(
+                connection,
+                "SELECT to_regclass('schema_version')"
+                if self._postgres
+                else "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'",
+            ).fetchone()
+            if exists is None or exists[0] is None:
+                return None
             row = self._run(connection, "SELECT version FROM schema_version").fetchone()
-            version = row[0] if row else 0
-            if row is None:
-                self._run(connection, "INSERT INTO schema_version (version) VALUES (0)")
-            for number, statements in enumerate(MIGRATIONS[version:], start=version + 1):
-                for statement in statements:
-                    self._run(connection, statement)
-                self._run(connection, "UPDATE schema_version SET version = ?", (number,))
+        return int(row[0]) if row else None
 
     @property
     def schema_version(self) -> int:
-        with self._transaction() as connection:
-            return int(self._run(connection, "SELECT version FROM schema_version").fetchone()[0])
+        return self._version() or 0
 
     def add_key(
         self, key_id: str, user_id: str, key_hash: str, tier: str | None, scope: str, expires_at: float | None
@@ -228,8 +297,12 @@ class KeyStore:
         return float(row[0]) if row else 0.0
 
     def close(self) -> None:
-        with self._lock:
-            self._connection.close()
+        """Close every thread's connection; a thread that calls the store afterwards opens a new one."""
+        with self._connections_lock:
+            connections, self._connections = self._connections, []
+        for connection in connections:
+            connection.close()
+        self._local = threading.local()
 
 
 class _SqliteTransactions:
