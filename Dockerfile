@@ -1,6 +1,8 @@
 # streamscribe on CPU: the server with its bundled Whisper weights (tiny.en and base), no download at run time.
 #   docker build -t streamscribe .
-#   docker run -p 8000:8000 -e STREAMSCRIBE_API_KEY=change-me streamscribe
+#   docker run -p 8000:8000 -e STREAMSCRIBE_API_KEY=$(python3 -c "import secrets; print(secrets.token_urlsafe(32))") streamscribe
+# (a key shorter than 16 characters is refused). PostgreSQL support (the postgres extra) is included for
+# multi-user replicas: deploy/compose.yaml.
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -14,7 +16,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY src ./src
-RUN pip install . \
+RUN pip install ".[postgres]" \
  && useradd --system --uid 10001 --home-dir /nonexistent streamscribe \
  && mkdir -p "$STREAMSCRIBE_CACHE_DIR" \
  && python -c "from pathlib import Path; from streamscribe.engines.bundled import BUNDLED_WHISPER_MODELS as m; \

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import unicodedata
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from tests.audio_files import encode, file_name, wav_bytes, with_data_size
 from tests.conftest import (
     DATA,
     RunningServer,
+    ServerProcess,
     normalize_text,
     read_wav,
     word_error_rate,
@@ -158,6 +160,27 @@ def test_serve_with_a_missing_model_fails_fast_and_clearly() -> None:
     )
     assert done.returncode == 2
     assert "/models/gone" in done.stderr and "neither a bundled model" in done.stderr
+
+
+def test_serve_refuses_a_weak_api_key() -> None:
+    """The single key is the server's whole protection: a short one is refused (issue 16, item 7)."""
+    done = run_cli("serve", "--port", "0", env={"STREAMSCRIBE_API_KEY": "change-me"}, timeout=30)
+    assert done.returncode == 2
+    assert "STREAMSCRIBE_API_KEY is too weak: 9 characters, at least 16" in done.stderr
+
+
+def test_serve_checks_the_trusted_proxies_flag() -> None:
+    done = run_cli("serve", "--trusted-proxies", "10.0.0.0/8,proxy.local", timeout=30)
+    assert done.returncode == 2 and "not an address or CIDR range: proxy.local" in done.stderr
+
+
+def test_serve_warns_about_unknown_settings(server_process: Callable[..., ServerProcess]) -> None:
+    """A misspelt variable is silently ignored by the settings: the server says so (issue 16, item 10)."""
+    running = server_process(STREAMSCRIBE_REDIS_URL="redis://127.0.0.1:1/0", STREAMSCRIBE_PRELOAD="false")
+    warnings = [line for line in running.log_lines() if "unknown setting" in line]
+    assert len(warnings) == 1, running.log_lines()
+    assert "STREAMSCRIBE_REDIS_URL" in warnings[0]
+    assert "did you mean STREAMSCRIBE_SHARED_STORE__REDIS_URL" in warnings[0]
 
 
 def test_transcribe_translates_with_word_timestamps() -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from streamscribe.config import Settings
+from streamscribe.config import Settings, unknown_variables
 
 
 def test_environment_and_nested_groups(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -36,3 +36,19 @@ def test_invalid_values_are_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("STREAMSCRIBE_VAD__THRESHOLD", "2")
     with pytest.raises(ValueError, match="threshold"):
         Settings.load()
+
+
+def test_unknown_variables_are_found_with_the_setting_meant() -> None:
+    environ = {
+        "STREAMSCRIBE_REDIS_URL": "redis://redis:6379/0",
+        "STREAMSCRIBE_SHARED_STORE__REDIS_URL": "redis://redis:6379/0",
+        "STREAMSCRIBE_ACCESS": "{}",  # a whole group as JSON
+        "streamscribe_port": "1",  # the settings read names in any case
+        "STREAMSCRIBE_CONFIG_FILE": "x.toml",
+        "STREAMSCRIBE_MAX_STRAEMS": "4",
+        "OTHER": "1",
+    }
+    assert unknown_variables(environ) == [
+        ("STREAMSCRIBE_MAX_STRAEMS", "STREAMSCRIBE_MAX_STREAMS"),
+        ("STREAMSCRIBE_REDIS_URL", "STREAMSCRIBE_SHARED_STORE__REDIS_URL"),
+    ]

@@ -25,11 +25,27 @@ def _settings_epilog() -> str:
     return "\n".join(lines)
 
 
+def _address_list(value: str) -> list[str]:
+    """``10.0.0.0/8,127.0.0.1`` as a list, each entry checked as an address or network (or ``*``)."""
+    import ipaddress
+
+    entries = [entry.strip() for entry in value.split(",") if entry.strip()]
+    for entry in entries:
+        if entry != "*":
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"not an address or CIDR range: {entry}") from None
+    return entries
+
+
 def _serve(args: argparse.Namespace) -> int:
-    from streamscribe.config import Settings
+    import logging
+
+    from streamscribe.config import Settings, unknown_variables
     from streamscribe.engines.registry import EngineRegistry
     from streamscribe.server.app import STREAM_PATH, create_app
-    from streamscribe.server.auth import generate_api_key
+    from streamscribe.server.auth import MIN_API_KEY_LENGTH, generate_api_key
     from streamscribe.server.logs import configure_logging
     from streamscribe.server.serving import GracefulServer, uvicorn_config
 
@@ -41,9 +57,20 @@ def _serve(args: argparse.Namespace) -> int:
             log_level=args.log_level,
             ssl_certfile=args.ssl_certfile,
             ssl_keyfile=args.ssl_keyfile,
+            trusted_proxies=args.trusted_proxies,
         )
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    configured_key = settings.api_key.get_secret_value() if settings.api_key else None
+    single_user = settings.auth_mode == "single_user"
+    if single_user and configured_key is not None and len(configured_key) < MIN_API_KEY_LENGTH:
+        print(
+            f"error: STREAMSCRIBE_API_KEY is too weak: {len(configured_key)} characters, at least "
+            f"{MIN_API_KEY_LENGTH} are needed; make one with: python -c "
+            '"import secrets; print(secrets.token_urlsafe(32))"',
+            file=sys.stderr,
+        )
         return 2
     if bool(settings.ssl_certfile) != bool(settings.ssl_keyfile):
         print("error: TLS needs both --ssl-certfile and --ssl-keyfile", file=sys.stderr)
@@ -58,6 +85,11 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     api_key = settings.api_key.get_secret_value() if settings.api_key else generate_api_key()
     configure_logging(settings.log_level, settings.log_format)
+    for variable, meant in unknown_variables(os.environ):
+        hint = f" (did you mean {meant}?)" if meant else ""
+        logging.getLogger("streamscribe.config").warning(
+            "unknown setting %s is ignored%s", variable, hint, extra={"event": "unknown_setting"}
+        )
     shown_host = "localhost" if settings.host in ("0.0.0.0", "::", "127.0.0.1") else settings.host
     http, ws = ("https", "wss") if settings.ssl_certfile else ("http", "ws")
     base = f"{http}://{shown_host}:{settings.port}"
@@ -336,6 +368,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--ssl-certfile", type=Path, help="PEM certificate: serve https/wss (STREAMSCRIBE_SSL_CERTFILE)"
     )
     serve.add_argument("--ssl-keyfile", type=Path, help="PEM private key (STREAMSCRIBE_SSL_KEYFILE)")
+    serve.add_argument(
+        "--trusted-proxies",
+        type=_address_list,
+        metavar="ADDR[,ADDR...]",
+        help="proxies whose X-Forwarded-For is believed, addresses or CIDR ranges "
+        "(STREAMSCRIBE_TRUSTED_PROXIES; default: none)",
+    )
     serve.set_defaults(handler=_serve)
 
     stream = commands.add_parser(

@@ -6,7 +6,9 @@ Nested groups use a double underscore: ``STREAMSCRIBE_VAD__MIN_SILENCE_MS=400``.
 
 from __future__ import annotations
 
+import difflib
 import os
+from collections.abc import Mapping
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
@@ -223,6 +225,13 @@ class AccessSettings(BaseModel):
         ge=0,
         description="Connection attempts an address may make per minute (multi-user mode); 0: no limit.",
     )
+    failed_auth_per_minute_per_ip: int = Field(
+        30,
+        ge=0,
+        description="Wrong or missing keys an address may present per minute (HTTP and WebSocket, both "
+        "modes); past it every attempt from the address, right key or not, gets rate_limited (429, 4429) "
+        "for the rest of the minute. 0: no limit.",
+    )
 
 
 class SharedStoreSettings(BaseModel):
@@ -269,7 +278,8 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535, description="Port to listen on.")
     api_key: SecretStr | None = Field(
         None,
-        description="The single user's API key. When unset, a random key is generated and printed at start.",
+        description="The single user's API key, at least 16 characters (serve refuses a shorter one). When "
+        "unset, a random key is generated and printed at start.",
     )
     auth_mode: Literal["single_user", "multi_user"] = Field(
         "single_user",
@@ -345,6 +355,31 @@ class Settings(BaseSettings):
         "(CORS) and open the WebSocket. Requests without an Origin header (non-browser clients) and "
         'same-origin pages are always allowed; ["*"] allows every site.',
     )
+    allowed_hosts: list[str] | None = Field(
+        None,
+        description='Server names a request\'s Host header may carry (JSON list, e.g. ["stt.example.com"]; '
+        '"*.example.com" matches subdomains); others get 400, WebSocket upgrades included, which stops '
+        "DNS rebinding. Unset: the loopback names (localhost, 127.0.0.1, [::1]) and the listening address; "
+        'any name when listening on 0.0.0.0 or ::. ["*"] allows every name.',
+    )
+    trusted_proxies: list[str] = Field(
+        default_factory=list,
+        description='Addresses or CIDR ranges of proxies (JSON list, e.g. ["10.0.0.0/8"]) whose '
+        "X-Forwarded-For and X-Forwarded-Proto are believed: the client address (allowlist, rate limits) "
+        'is then the one they report. Empty: the headers are ignored. ["*"] trusts every peer.',
+    )
+    header_timeout_seconds: float = Field(
+        10.0,
+        gt=0,
+        description="A connection must send a whole request line and headers within this time (from "
+        "opening, or from its next request's first byte), or it is closed (slowloris).",
+    )
+    limit_concurrency: int = Field(
+        0,
+        ge=0,
+        description="Connections and requests this process handles at once (WebSocket streams included); "
+        "past it new requests get 503 from uvicorn. 0: no limit.",
+    )
     ws_ping_interval_seconds: float = Field(
         10.0, gt=0, description="Server WebSocket pings keep proxies from closing idle streams."
     )
@@ -398,6 +433,32 @@ class Settings(BaseSettings):
             return cls(**{k: v for k, v in overrides.items() if v is not None})
         finally:
             _config_file.reset(token)
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[tuple[str, str | None]]:
+    """Each ``STREAMSCRIBE_*`` variable in ``environ`` that names no setting (the settings ignore it
+    silently), with the setting it most likely meant, if any."""
+    known = {CONFIG_FILE_VARIABLE, *_setting_variables(Settings, ENV_PREFIX)}
+    unknown = []
+    for name in sorted(environ):
+        upper = name.upper()
+        if upper.startswith(ENV_PREFIX) and upper not in known:
+            suffix = upper.removeprefix(ENV_PREFIX)
+            endings = sorted(k for k in known if k.endswith(f"__{suffix}") or k.endswith(f"_{suffix}"))
+            close = endings or difflib.get_close_matches(upper, known, n=1)
+            unknown.append((name, close[0] if close else None))
+    return unknown
+
+
+def _setting_variables(model: type[BaseModel], prefix: str) -> list[str]:
+    """Every variable a settings model reads: each field, and each nested group as a whole (JSON)."""
+    names = []
+    for name, field in model.model_fields.items():
+        names.append(f"{prefix}{name.upper()}")
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            names.extend(_setting_variables(annotation, f"{prefix}{name.upper()}__"))
+    return names
 
 
 def describe_settings() -> list[tuple[str, str, str]]:

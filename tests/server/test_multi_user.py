@@ -140,6 +140,38 @@ def test_limits_only_key_may_not_stream(mu_server: RunningServer) -> None:
     assert report["user_id"] == "dashboard" and report["can_start_stream"] is False
 
 
+def test_limits_only_key_may_not_use_the_file_api(mu_server: RunningServer) -> None:
+    """Scope is checked on every HTTP route that does work, not only on the WebSocket (issue 16, item 5)."""
+    key = new_key(mu_server, "dashboard", scope="limits")
+    headers = {"Authorization": f"Bearer {key}"}
+    models = httpx.get(f"{mu_server.base_url}/v1/models", headers=headers)
+    assert models.status_code == 403 and models.json()["error"]["code"] == "forbidden"
+    upload = httpx.post(
+        f"{mu_server.base_url}/v1/audio/transcriptions",
+        headers=headers,
+        files={"file": ("silence.wav", _wav_bytes(SILENCE), "audio/wav")},
+        data={"model": "whisper-1"},
+    )
+    assert upload.status_code == 403 and upload.json()["error"]["code"] == "forbidden"
+    assert limits(mu_server, key)["used_today_minutes"] == 0
+    stream_key = new_key(mu_server, "alice")
+    allowed = httpx.get(f"{mu_server.base_url}/v1/models", headers={"X-API-KEY": stream_key})
+    assert allowed.status_code == 200
+
+
+def _wav_bytes(samples: np.ndarray) -> bytes:
+    import io
+    import wave
+
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as wav:
+        wav.setnchannels(1)
+        wav.setsampwidth(2)
+        wav.setframerate(16000)
+        wav.writeframes((samples * 32767).astype("<i2").tobytes())
+    return buffer.getvalue()
+
+
 def test_ip_allowlist(make_server: Callable[..., RunningServer], tmp_path: Path) -> None:
     outside = make_server(**multi_user(tmp_path, access={"ip_allowlist": ["10.0.0.0/8", "192.168.1.7"]}))
     key = new_key(outside, "alice")

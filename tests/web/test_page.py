@@ -45,7 +45,11 @@ def test_page_and_its_files_are_served_from_the_package(server: Any) -> None:
     index = httpx.get(server.base_url + "/")
     assert index.status_code == 200
     assert index.headers["content-type"].startswith("text/html")
-    assert "default-src 'self'" in index.headers["content-security-policy"]
+    policy = index.headers["content-security-policy"]
+    assert "default-src 'self'" in policy
+    # Page scripts may open sockets to this server only ('self' covers its ws: and wss:).
+    assert "connect-src 'self';" in policy and "ws:" not in policy
+    assert index.headers["x-content-type-options"] == "nosniff"
     # Nothing external: every src/href is relative to this server.
     references = re.findall(r'(?:src|href)="([^"]+)"', index.text)
     assert references and all(not re.match(r"^[a-z]+:", ref) or ref.startswith("#") for ref in references)
@@ -295,3 +299,23 @@ def test_unavailable_engines_cannot_be_chosen_when_the_server_does_not_fall_back
     expect(page.locator("#engine-hint")).to_contain_text("language code")
     page.fill("#language-other", "it")
     expect(page.locator("#start")).to_be_enabled()
+
+
+def test_page_streams_with_the_key_in_the_first_message_not_the_url(
+    page: Page, make_server: Callable[..., Any]
+) -> None:
+    """The key never goes in a URL a proxy would log, so the page works with ?token= turned off
+    (issue 16, item 6); connect-src 'self' lets it reach its own server's socket (item 16)."""
+    strict = make_server(access={"allow_query_token": False})
+    sockets: list[str] = []
+    page.on("websocket", lambda socket: sockets.append(socket.url))
+    open_page(page, strict.base_url, strict.api_key)
+    page.click("#start")
+    expect(page.locator("#connection")).to_have_attribute("data-state", "ready")
+    expect(page.locator("#finals")).to_contain_text("friday", ignore_case=True)
+    page.click("#stop")
+    expect(page.locator("#full-state")).to_have_text("complete")
+    assert sockets and all("token" not in url and strict.api_key not in url for url in sockets), sockets
+    page.click("#debug summary")
+    expect(page.locator("#debug-log li[data-direction=out][data-type=auth]")).to_have_count(1)
+    assert strict.api_key not in page.inner_text("#debug")

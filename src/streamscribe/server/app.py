@@ -19,6 +19,7 @@ from streamscribe import __version__
 from streamscribe.config import Settings
 from streamscribe.protocol import ERRORS, ErrorType, StreamError, StreamLimitsReport
 from streamscribe.server import metrics
+from streamscribe.server.hosts import add_host_check
 from streamscribe.server.logs import install_log_redaction, new_request_id
 from streamscribe.server.openai_api import (
     error_body,
@@ -160,4 +161,5 @@ def create_app(settings: Settings, api_key: str) -> FastAPI:
     app.add_exception_handler(StreamError, stream_error_response)
     app.add_exception_handler(RequestValidationError, openai_validation_error)
     add_web_page(app)
+    add_host_check(app, settings)  # outermost: a request for another name gets no further
     return app

@@ -24,6 +24,8 @@ from streamscribe.server.store import KeyRecord, KeyStore, open_store
 
 SCOPES = ("stream", "limits")
 SINGLE_USER = "default"
+# A single-user key shorter than this is refused at start-up: the server's whole protection is the key.
+MIN_API_KEY_LENGTH = 16
 
 
 def generate_api_key() -> str:
@@ -205,6 +207,7 @@ def presented_key(connection: HTTPConnection, allow_query_token: bool = True) ->
 
 
 ReceiveText = Callable[[], Awaitable[str]]
+_TOO_MANY_FAILURES = "too many attempts with a wrong or missing key from this address; try again in a minute"
 
 
 class AccessControl:
@@ -222,6 +225,9 @@ class AccessControl:
         else:
             self.authenticator = SingleUserAuth(api_key)
         self.quotas = Quotas(settings, self.store)
+        # Addresses past the failed-key limit, until the end of its minute: refused before any key check,
+        # so that a right guess looks like a wrong one.
+        self._locked_out: dict[str, float] = {}
 
     @property
     def multi_user(self) -> bool:
@@ -249,8 +255,10 @@ class AccessControl:
             )
         if key is None:
             key = await self._receive_auth_message(receive_text)
+        self._check_lockout(host)
         principal = await self.authenticator.authenticate(key)
         if principal is None:
+            await self._count_failure(host)
             # Clients (CLI, browser page) show this text; wrong, revoked and expired look alike on purpose.
             raise StreamError(ErrorType.AUTH_FAILED, "missing or invalid API key")
         if self.multi_user:
@@ -279,11 +287,31 @@ class AccessControl:
     async def principal_for_request(self, connection: HTTPConnection) -> Principal:
         """The principal of an HTTP request (key as header or ?token=), or StreamError with its reason."""
         self._check_address(connection)
+        host = connection.client.host if connection.client else "unknown"
+        self._check_lockout(host)
         key = presented_key(connection, self.settings.access.allow_query_token)
         principal = await self.authenticator.authenticate(key) if key else None
         if principal is None:
+            await self._count_failure(host)
             raise StreamError(ErrorType.AUTH_FAILED, "missing or invalid API key")
         return principal
+
+    def _check_lockout(self, host: str) -> None:
+        until = self._locked_out.get(host)
+        if until is not None and time.time() < until:
+            raise StreamError(ErrorType.RATE_LIMITED, _TOO_MANY_FAILURES)
+
+    async def _count_failure(self, host: str) -> None:
+        """Count a wrong or missing key from ``host``; past the limit, lock the address out (rate_limited)
+        until the minute ends (the window the counters count in, shared through Redis)."""
+        per_minute = self.settings.access.failed_auth_per_minute_per_ip
+        try:
+            await self.quotas.check_rate("auth_failure", host, per_minute, "")
+        except StreamError:
+            now = time.time()
+            self._locked_out = {h: t for h, t in self._locked_out.items() if t > now}
+            self._locked_out[host] = (now // 60 + 1) * 60
+            raise StreamError(ErrorType.RATE_LIMITED, _TOO_MANY_FAILURES) from None
 
     async def close(self) -> None:
         await self.quotas.close()
@@ -292,10 +320,14 @@ class AccessControl:
 
 
 async def require_principal(request: Request) -> Principal:
-    """FastAPI dependency for authenticated HTTP routes: the caller's principal, or StreamError (auth_failed;
-    forbidden by address), answered with its type's status.
+    """FastAPI dependency for HTTP routes that transcribe (the file API): the caller's principal, or
+    StreamError (auth_failed; rate_limited; forbidden by address or by a key scoped to ``limits``), answered
+    with its type's status.
 
-    The same checks as a stream's (allowlist, key, expiry, revocation), for the file API.
+    The same checks as a stream's (allowlist, key, expiry, revocation, scope), for the file API.
     """
     access: AccessControl = request.app.state.runtime.access
-    return await access.principal_for_request(request)
+    principal = await access.principal_for_request(request)
+    if not principal.may_stream:
+        raise StreamError(ErrorType.FORBIDDEN, "this key may not transcribe (it may only read its limits)")
+    return principal

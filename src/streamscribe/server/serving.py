@@ -1,14 +1,101 @@
-"""Running the app: uvicorn options (TLS, WebSocket pings) and a graceful shutdown on SIGTERM."""
+"""Running the app: uvicorn options (TLS, WebSocket pings, proxies, connection limits), a deadline for
+request headers, and a graceful shutdown on SIGTERM."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 from fastapi import FastAPI
+from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 from streamscribe.config import Settings
+
+# Request line and headers larger than this are refused (431), whichever HTTP parser uvicorn uses.
+MAX_REQUEST_HEAD_BYTES = 64 * 1024
+
+if TYPE_CHECKING:
+    _ProtocolBase = asyncio.Protocol
+else:
+    _ProtocolBase = object
+
+
+class RequestHeadDeadline(_ProtocolBase):
+    """Mixed into uvicorn's HTTP protocol: a connection must send a whole request head (request line and
+    headers) within ``head_timeout_seconds`` of opening, or of its first byte after a keep-alive response,
+    and no more than ``MAX_REQUEST_HEAD_BYTES`` of it; otherwise it is closed.
+
+    uvicorn arms no timer until a first response is sent, and none while a request head is incomplete, so
+    without this a client trickling header bytes (slowloris) holds a descriptor for ever.
+    """
+
+    head_timeout_seconds: float = 10.0
+    transport: asyncio.Transport
+    cycle: Any
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._head_bytes = 0
+        self._awaiting_head = True
+        self._arm_head_timer()
+
+    def data_received(self, data: bytes) -> None:
+        if self._awaiting_head:
+            if self._head_timer is None:
+                self._arm_head_timer()
+            self._head_bytes += len(data)
+        cycle_before = self.cycle
+        super().data_received(data)
+        if not self._awaiting_head:
+            return
+        if self.cycle is not cycle_before or self.transport.get_protocol() is not self:
+            # A new request cycle, or a WebSocket upgrade (the transport has a new protocol): head complete.
+            self._awaiting_head = False
+            self._cancel_head_timer()
+        elif self._head_bytes > MAX_REQUEST_HEAD_BYTES and not self.transport.is_closing():
+            self.transport.write(
+                b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+                b"content-length: 0\r\nconnection: close\r\n\r\n"
+            )
+            self.transport.close()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()  # type: ignore[misc]
+        if self.cycle is None or self.cycle.response_complete:
+            # Waiting for the next request: uvicorn's keep-alive timer covers the idle time, and the
+            # deadline starts again with its first byte.
+            self._awaiting_head = True
+            self._head_bytes = 0
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_head_timer()
+        super().connection_lost(exc)
+
+    def _arm_head_timer(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._head_timer = loop.call_later(self.head_timeout_seconds, self._head_timed_out)
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self._awaiting_head and not self.transport.is_closing():
+            self.transport.close()
+
+
+def http_protocol(head_timeout_seconds: float) -> type[asyncio.Protocol]:
+    """uvicorn's HTTP protocol (httptools when installed, else h11) with a deadline for request heads."""
+    return type(
+        "DeadlineHTTPProtocol",
+        (RequestHeadDeadline, AutoHTTPProtocol),
+        {"head_timeout_seconds": head_timeout_seconds},
+    )
 
 
 def uvicorn_config(settings: Settings, app: FastAPI, **overrides: Any) -> uvicorn.Config:
@@ -25,6 +112,13 @@ def uvicorn_config(settings: Settings, app: FastAPI, **overrides: Any) -> uvicor
         "ws_ping_timeout": settings.ws_ping_timeout_seconds,
         # The app drains streams itself (GracefulServer); this bounds what is left after that.
         "timeout_graceful_shutdown": 5,
+        "http": http_protocol(settings.header_timeout_seconds),
+        "h11_max_incomplete_event_size": MAX_REQUEST_HEAD_BYTES,
+        "limit_concurrency": settings.limit_concurrency or None,
+        # X-Forwarded-For and -Proto are read only from the listed proxies; by default from nobody
+        # (uvicorn's own default trusts loopback, which lets any local process pick its address).
+        "proxy_headers": bool(settings.trusted_proxies),
+        "forwarded_allow_ips": settings.trusted_proxies or [],
     }
     if settings.ssl_certfile:
         options["ssl_certfile"] = str(settings.ssl_certfile)

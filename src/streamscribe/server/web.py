@@ -8,14 +8,16 @@ from pathlib import Path
 from fastapi import FastAPI
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.datastructures import MutableHeaders
 from starlette.responses import Response
-from starlette.types import Scope
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 
-# Everything the page loads comes from this server; the socket may be ws: or wss: behind a proxy.
+# Everything the page loads or connects to is this server: 'self' covers its own ws: and wss: (CSP 3),
+# so page scripts cannot open sockets to other hosts.
 CONTENT_SECURITY_POLICY = (
-    "default-src 'self'; connect-src 'self' ws: wss:; img-src 'self' data: blob:; "
+    "default-src 'self'; connect-src 'self'; img-src 'self' data: blob:; "
     "media-src 'self' blob:; style-src 'self'; script-src 'self'; object-src 'none'; base-uri 'none'; "
     "frame-ancestors 'none'"
 )
@@ -37,6 +39,26 @@ class RevalidatedStaticFiles(StaticFiles):
         return response
 
 
+class NoSniff:
+    """Sends ``X-Content-Type-Options: nosniff`` with every HTTP response: browsers then take each file
+    as the type the server names (a JSON answer or an upload's echo never runs as a script)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_header(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                MutableHeaders(scope=message).setdefault("X-Content-Type-Options", "nosniff")
+            await send(message)
+
+        await self.app(scope, receive, send_with_header)
+
+
 def add_web_page(app: FastAPI) -> None:
     """Serve the page at ``/`` and its files under ``/web`` (a sub-path, so no API route is shadowed)."""
 
@@ -48,3 +70,4 @@ def add_web_page(app: FastAPI) -> None:
         )
 
     app.mount("/web", RevalidatedStaticFiles(directory=WEB_DIR), name="web")
+    app.add_middleware(NoSniff)

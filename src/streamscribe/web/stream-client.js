@@ -39,11 +39,13 @@ export function encodeFloat32(samples) {
   return btoa(binary);
 }
 
-/** The socket URL for this page's server; the key goes in ?token= since browsers cannot set headers. */
-export function streamUrl(token) {
+/**
+ * The socket URL for this page's server. It carries no key: browsers cannot set headers on a WebSocket,
+ * and a ?token= would land in proxies' access logs, so the key goes in the first message instead.
+ */
+export function streamUrl() {
   const url = new URL(STREAM_PATH, document.baseURI);
   url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
-  url.searchParams.set("token", token);
   return url.toString();
 }
 
@@ -67,7 +69,7 @@ export class StreamClient extends EventTarget {
   }
 
   get displayUrl() {
-    return streamUrl("…").replace("token=%E2%80%A6", "token=•••");
+    return streamUrl();
   }
 
   setState(state) {
@@ -78,10 +80,13 @@ export class StreamClient extends EventTarget {
   /** Opens the socket and sends the config; audio sent before it opens is queued. */
   open() {
     this.setState("connecting");
-    const socket = new WebSocket(streamUrl(this.token));
+    const socket = new WebSocket(streamUrl());
     this.socket = socket;
     socket.addEventListener("open", () => {
       this.setState("configuring");
+      // The key first ({"type":"auth"}), sent past send() so that the debug panel never shows it.
+      socket.send(JSON.stringify({ type: "auth", token: this.token }));
+      this.dispatchEvent(new CustomEvent("sent", { detail: { type: "auth", token: "•••" } }));
       this.send(this.config);
       for (const frame of this.pending.splice(0)) this.send(frame);
     });
