@@ -130,6 +130,7 @@ def test_streams_through_nginx_reach_both_replicas(
 def test_file_api_and_readiness_through_nginx(behind_nginx: tuple[str, list[RunningServer]]) -> None:
     address, replicas = behind_nginx
     assert httpx.get(f"http://{address}/readyz").json()["status"] == "ready"
+    assert httpx.get(f"http://{address}/metrics").status_code == 404  # only on the internal network
     client = openai.OpenAI(base_url=f"http://{address}/v1", api_key=replicas[0].api_key, max_retries=0)
     with (DATA / "short.wav").open("rb") as audio:
         result = client.audio.transcriptions.create(model="whisper-1", file=audio)
