@@ -65,6 +65,16 @@ class Counters(Protocol):
 
     async def used(self, user: str, day: str, seed: float) -> float: ...
 
+    async def charge_if_fits(
+        self, user: str, day: str, seconds: float, limit: float | None, seed: float
+    ) -> Charge:
+        """Add ``seconds`` only when the day's usage stays within ``limit``; else change nothing."""
+        ...
+
+    async def refund(self, user: str, day: str, seconds: float, seed: float) -> float:
+        """Take back ``seconds`` charged earlier (never below zero); the day's new total."""
+        ...
+
     async def hit(self, bucket: str, now: float) -> int:
         """Count one attempt in ``bucket`` in the current minute; the count so far this minute."""
         ...
@@ -112,6 +122,22 @@ class LocalCounters:
 
     async def used(self, user: str, day: str, seed: float) -> float:
         return self._usage.setdefault((user, day), seed)
+
+    async def charge_if_fits(
+        self, user: str, day: str, seconds: float, limit: float | None, seed: float
+    ) -> Charge:
+        return self._adjust(user, day, seconds, limit, seed)
+
+    async def refund(self, user: str, day: str, seconds: float, seed: float) -> float:
+        return self._adjust(user, day, -seconds, None, seed).total
+
+    def _adjust(self, user: str, day: str, seconds: float, limit: float | None, seed: float) -> Charge:
+        used = self._usage.setdefault((user, day), seed)
+        if seconds > 0 and limit is not None and used + seconds > limit:
+            return Charge(False, 0.0, used)
+        total = max(0.0, used + seconds)
+        self._usage[(user, day)] = total
+        return Charge(True, total - used, total)
 
     async def hit(self, bucket: str, now: float) -> int:
         window = int(now // RATE_WINDOW_SECONDS)
@@ -167,6 +193,20 @@ redis.call('EXPIRE', KEYS[1], ARGV[4])
 return {1, ARGV[1], total}
 """
 
+# charge_if_fits (seconds > 0) and refund (seconds < 0, never below zero). ARGV: seconds, limit (negative:
+# none), seed, ttl. Returns {accepted, added, total}, like _CHARGE, but a charge that does not fit changes
+# nothing.
+_ADJUST = """
+if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('SET', KEYS[1], ARGV[3], 'EX', ARGV[4]) end
+local used = tonumber(redis.call('GET', KEYS[1]))
+local seconds = tonumber(ARGV[1])
+local limit = tonumber(ARGV[2])
+if seconds > 0 and limit >= 0 and used + seconds > limit then return {0, '0', tostring(used)} end
+local total = math.max(0, used + seconds)
+redis.call('SET', KEYS[1], tostring(total), 'EX', ARGV[4])
+return {1, tostring(total - used), tostring(total)}
+"""
+
 _USED = """
 if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2]) end
 return redis.call('GET', KEYS[1])
@@ -208,6 +248,7 @@ class RedisCounters:
                 "refresh": _REFRESH_STREAM,
                 "active": _ACTIVE_STREAMS,
                 "charge": _CHARGE,
+                "adjust": _ADJUST,
                 "used": _USED,
                 "hit": _HIT,
             }.items()
@@ -245,15 +286,28 @@ class RedisCounters:
         return int(await self._call("active", [f"ss:streams:{user}"], []))
 
     async def charge(self, user: str, day: str, seconds: float, limit: float | None, seed: float) -> Charge:
+        return await self._add_usage("charge", user, day, seconds, limit, seed)
+
+    async def used(self, user: str, day: str, seed: float) -> float:
+        return float(await self._call("used", [f"ss:usage:{user}:{day}"], [repr(seed), USAGE_TTL_SECONDS]))
+
+    async def charge_if_fits(
+        self, user: str, day: str, seconds: float, limit: float | None, seed: float
+    ) -> Charge:
+        return await self._add_usage("adjust", user, day, seconds, limit, seed)
+
+    async def refund(self, user: str, day: str, seconds: float, seed: float) -> float:
+        return (await self._add_usage("adjust", user, day, -seconds, None, seed)).total
+
+    async def _add_usage(
+        self, script: str, user: str, day: str, seconds: float, limit: float | None, seed: float
+    ) -> Charge:
         accepted, added, total = await self._call(
-            "charge",
+            script,
             [f"ss:usage:{user}:{day}"],
             [repr(seconds), -1 if limit is None else repr(limit), repr(seed), USAGE_TTL_SECONDS],
         )
         return Charge(bool(int(accepted)), float(added), float(total))
-
-    async def used(self, user: str, day: str, seed: float) -> float:
-        return float(await self._call("used", [f"ss:usage:{user}:{day}"], [repr(seed), USAGE_TTL_SECONDS]))
 
     async def hit(self, bucket: str, now: float) -> int:
         window = int(now // RATE_WINDOW_SECONDS)
