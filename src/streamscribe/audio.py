@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import itertools
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import BinaryIO, Literal
 
@@ -105,9 +105,22 @@ def audio_file_seconds(source: AudioSource) -> float:
         return sum(frame.samples / frame.sample_rate for frame in _decoded_frames(container))
 
 
+def declared_seconds(source: AudioSource) -> float | None:
+    """The length of a file's audio as its header gives it, read without decoding (None when it gives
+    none). A first check only: a header may lie, so whoever decodes must still count. Raises ValueError
+    when the file has no audio stream."""
+    with _open(source) as container:
+        if not container.streams.audio:
+            raise ValueError("the file has no audio stream")
+        stream = container.streams.audio[0]
+        if stream.duration is not None and stream.time_base is not None:
+            return float(stream.duration * stream.time_base)
+        return container.duration / av.time_base if container.duration is not None else None
+
+
 def iter_audio_file(
     source: AudioSource, sample_rate: int = SAMPLE_RATE, chunk_seconds: float = 10.0
-) -> Iterator[np.ndarray]:
+) -> Generator[np.ndarray, None, None]:
     """Decode any file PyAV reads (wav, flac, mp3, ogg, m4a, webm; any rate, any channels) piece by piece,
     by path or as an open binary file, as mono float32 chunks at ``sample_rate``: a long recording is
     never held whole."""

@@ -395,6 +395,13 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(
         25 * 1024 * 1024, ge=1024, description="Largest audio file accepted by the /v1/audio/* HTTP API."
     )
+    max_upload_seconds: float = Field(
+        7200.0,
+        gt=0,
+        description="Longest audio file accepted by the /v1/audio/* HTTP API, in seconds of audio: refused "
+        "from the file's header when it says so, and decoding stops here whatever the header said (a few "
+        "MiB of compressed silence can hold days of audio).",
+    )
     whisper: WhisperSettings = Field(default_factory=WhisperSettings)
     vad: VadOptions = Field(default_factory=VadOptions)
     streaming: StreamingSettings = Field(default_factory=StreamingSettings)

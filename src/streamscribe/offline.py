@@ -3,16 +3,15 @@ and the engine decodes each one."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 import numpy as np
 
 from streamscribe.engines.base import AudioWindow, Engine, Transcript, Word
-from streamscribe.streaming.segmenter import Closed, Segmenter, Utterance
+from streamscribe.streaming.segmenter import Closed, Segmenter, Utterance, UtteranceEvent
 
 
 @dataclass(frozen=True)
@@ -54,8 +53,26 @@ def file_utterances(chunks: Iterable[np.ndarray], segmenter: Segmenter) -> Itera
     3.8% over the seven English ones, 9.4% against 3.1% on the noisy one). Only the open utterance is
     held, however long the file."""
     for chunk in chunks:
-        yield from (event.utterance for event in segmenter.feed(chunk) if isinstance(event, Closed))
-    yield from (event.utterance for event in segmenter.flush() if isinstance(event, Closed))
+        yield from _closed(segmenter.feed(chunk))
+    yield from _closed(segmenter.flush())
+
+
+async def file_utterances_async(
+    chunks: AsyncIterator[np.ndarray],
+    segmenter: Segmenter,
+    run: Callable[..., Awaitable[list[UtteranceEvent]]],
+) -> AsyncGenerator[Utterance, None]:
+    """``file_utterances`` for a server: each piece is cut by ``run`` (off the event loop, on threads the
+    caller picks), and whoever makes the pieces may stop between them."""
+    async for chunk in chunks:
+        for utterance in _closed(await run(segmenter.feed, chunk)):
+            yield utterance
+    for utterance in _closed(segmenter.flush()):
+        yield utterance
+
+
+def _closed(events: list[UtteranceEvent]) -> list[Utterance]:
+    return [event.utterance for event in events if isinstance(event, Closed)]
 
 
 def _window(samples: np.ndarray, pieces: list[TimedText], options: FileOptions) -> AudioWindow:
@@ -96,19 +113,22 @@ def transcribe_file(
 
 
 async def transcribe_file_async(
-    utterances: Iterator[Utterance],
+    utterances: AsyncIterator[Utterance],
     decode: Callable[[AudioWindow], Awaitable[Transcript]],
     options: FileOptions,
     rate: int,
+    progress: Callable[[float], None] | None = None,
 ) -> list[TimedText]:
-    """Like ``transcribe_file`` for a server: the file is read and cut off the event loop, utterance by
-    utterance, and each goes through ``decode`` (the shared decode queue), so a long file takes
-    turns with live streams instead of holding the engine."""
+    """Like ``transcribe_file`` for a server: utterances come as the file is read and cut (see
+    ``file_utterances_async``), and each goes through ``decode`` (the shared decode queue), so a long
+    file takes turns with live streams instead of holding the engine."""
     pieces: list[TimedText] = []
-    while (utterance := await asyncio.to_thread(next, utterances, None)) is not None:
+    async for utterance in utterances:
         transcript = await decode(_window(utterance.samples, pieces, options))
         if transcript.text:
             pieces.append(_piece(utterance, rate, transcript))
+        if progress:
+            progress(utterance.end / rate)
     return pieces
 
 

@@ -17,12 +17,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from streamscribe import __version__
 from streamscribe.config import Settings
-from streamscribe.protocol import ERRORS, ErrorType, StreamError, StreamLimitsReport
+from streamscribe.protocol import StreamError, StreamLimitsReport
 from streamscribe.server import metrics
 from streamscribe.server.hosts import add_host_check
 from streamscribe.server.logs import install_log_redaction, new_request_id
 from streamscribe.server.openai_api import (
-    error_body,
     openai_http_error,
     openai_validation_error,
     stream_error_response,
@@ -30,6 +29,7 @@ from streamscribe.server.openai_api import (
 from streamscribe.server.openai_api import router as openai_router
 from streamscribe.server.runtime import Runtime
 from streamscribe.server.stream import StreamConnection
+from streamscribe.server.uploads import UploadGate
 from streamscribe.server.web import add_web_page
 
 STREAM_PATH = "/api/v1/audio/stream/transcribe"
@@ -52,6 +52,8 @@ def create_app(settings: Settings, api_key: str) -> FastAPI:
         await runtime.close()
 
     app = FastAPI(title="streamscribe", version=__version__, lifespan=lifespan)
+    # Innermost of the middleware: CORS headers and the request log cover what it refuses.
+    app.add_middleware(UploadGate)
     if settings.allowed_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -65,16 +67,6 @@ def create_app(settings: Settings, api_key: str) -> FastAPI:
         """One log line per request, with an id (also sent back as X-Request-ID) and no query string."""
         request_id = new_request_id("http")
         started = time.perf_counter()
-        length = request.headers.get("content-length", "")
-        limit = settings.max_upload_bytes + 64 * 1024  # the file plus the form's other fields
-        if request.url.path.startswith("/v1/audio/") and length.isdigit() and int(length) > limit:
-            # Refused before the body is read (the form parser would spool it all to disk first).
-            message = f"the file is larger than the limit of {settings.max_upload_bytes} bytes"
-            return JSONResponse(
-                error_body(message, ErrorType.FILE_TOO_LARGE, "file"),
-                status_code=ERRORS[ErrorType.FILE_TOO_LARGE].http_status,
-                headers={"X-Request-ID": request_id},
-            )
         response = await call_next(request)
         response.headers["X-Request-ID"] = request_id
         route = request.scope.get("route")

@@ -70,6 +70,16 @@ class Counters(Protocol):
         """The day's usage; ``seed`` as for ``charge``."""
         ...
 
+    async def charge_if_fits(
+        self, user: str, day: str, seconds: float, limit: float | None, seed: Seed
+    ) -> Charge:
+        """Add ``seconds`` only when the day's usage stays within ``limit``; else change nothing."""
+        ...
+
+    async def refund(self, user: str, day: str, seconds: float, seed: Seed) -> float:
+        """Take back ``seconds`` charged earlier (never below zero); the day's new total."""
+        ...
+
     async def hit(self, bucket: str, now: float) -> int:
         """Count one attempt in ``bucket`` in the current minute; the count so far this minute."""
         ...
@@ -123,6 +133,22 @@ class LocalCounters:
 
     async def used(self, user: str, day: str, seed: Seed) -> float:
         return await self._counter(user, day, seed)
+
+    async def charge_if_fits(
+        self, user: str, day: str, seconds: float, limit: float | None, seed: Seed
+    ) -> Charge:
+        return await self._adjust(user, day, seconds, limit, seed)
+
+    async def refund(self, user: str, day: str, seconds: float, seed: Seed) -> float:
+        return (await self._adjust(user, day, -seconds, None, seed)).total
+
+    async def _adjust(self, user: str, day: str, seconds: float, limit: float | None, seed: Seed) -> Charge:
+        used = await self._counter(user, day, seed)
+        if seconds > 0 and limit is not None and used + seconds > limit:
+            return Charge(False, 0.0, used)
+        total = max(0.0, used + seconds)
+        self._usage[(user, day)] = total
+        return Charge(True, total - used, total)
 
     async def hit(self, bucket: str, now: float) -> int:
         window = int(now // RATE_WINDOW_SECONDS)
@@ -185,6 +211,22 @@ redis.call('EXPIRE', KEYS[1], ARGV[3])
 return {1, ARGV[1], total}
 """
 
+# charge_if_fits (seconds > 0) and refund (seconds < 0, never below zero). ARGV as for _CHARGE. Returns
+# {accepted, added, total} like _CHARGE, but a charge that does not fit changes nothing; or MISSING.
+_ADJUST = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  if ARGV[4] == '' then return 'missing' end
+  redis.call('SET', KEYS[1], ARGV[4], 'EX', ARGV[3])
+end
+local used = tonumber(redis.call('GET', KEYS[1]))
+local seconds = tonumber(ARGV[1])
+local limit = tonumber(ARGV[2])
+if seconds > 0 and limit >= 0 and used + seconds > limit then return {0, '0', tostring(used)} end
+local total = math.max(0, used + seconds)
+redis.call('SET', KEYS[1], tostring(total), 'EX', ARGV[3])
+return {1, tostring(total - used), tostring(total)}
+"""
+
 # ARGV: ttl, seed. Returns the usage, or MISSING.
 _USED = """
 if redis.call('EXISTS', KEYS[1]) == 0 then
@@ -230,6 +272,7 @@ class RedisCounters:
                 "refresh": _REFRESH_STREAM,
                 "active": _ACTIVE_STREAMS,
                 "charge": _CHARGE,
+                "adjust": _ADJUST,
                 "used": _USED,
                 "hit": _HIT,
             }.items()
@@ -274,16 +317,29 @@ class RedisCounters:
         return result
 
     async def charge(self, user: str, day: str, seconds: float, limit: float | None, seed: Seed) -> Charge:
+        return await self._add_usage("charge", user, day, seconds, limit, seed)
+
+    async def used(self, user: str, day: str, seed: Seed) -> float:
+        return float(await self._seeded("used", f"ss:usage:{user}:{day}", [USAGE_TTL_SECONDS], seed))
+
+    async def charge_if_fits(
+        self, user: str, day: str, seconds: float, limit: float | None, seed: Seed
+    ) -> Charge:
+        return await self._add_usage("adjust", user, day, seconds, limit, seed)
+
+    async def refund(self, user: str, day: str, seconds: float, seed: Seed) -> float:
+        return (await self._add_usage("adjust", user, day, -seconds, None, seed)).total
+
+    async def _add_usage(
+        self, script: str, user: str, day: str, seconds: float, limit: float | None, seed: Seed
+    ) -> Charge:
         accepted, added, total = await self._seeded(
-            "charge",
+            script,
             f"ss:usage:{user}:{day}",
             [repr(seconds), -1 if limit is None else repr(limit), USAGE_TTL_SECONDS],
             seed,
         )
         return Charge(bool(int(accepted)), float(added), float(total))
-
-    async def used(self, user: str, day: str, seed: Seed) -> float:
-        return float(await self._seeded("used", f"ss:usage:{user}:{day}", [USAGE_TTL_SECONDS], seed))
 
     async def hit(self, bucket: str, now: float) -> int:
         window = int(now // RATE_WINDOW_SECONDS)

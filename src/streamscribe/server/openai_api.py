@@ -7,22 +7,31 @@ each piece goes through the same decode queue as live streams.
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import logging
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
 from typing import Annotated, Any, Literal
 
 import av
+import numpy as np
 from fastapi import APIRouter, Depends, File, Form, HTTPException, Request, UploadFile
 from fastapi.exception_handlers import http_exception_handler, request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from streamscribe.audio import audio_file_seconds, iter_audio_file
+from streamscribe.audio import declared_seconds, iter_audio_file
 from streamscribe.engines.base import AudioWindow, Engine, EngineUnavailable, Transcript, UnsupportedLanguage
 from streamscribe.engines.registry import UnknownModel, resolve_model
-from streamscribe.offline import FileOptions, TimedText, file_utterances, render, transcribe_file_async
-from streamscribe.protocol import ERRORS, ErrorType, StreamError
+from streamscribe.offline import (
+    FileOptions,
+    TimedText,
+    file_utterances_async,
+    render,
+    transcribe_file_async,
+)
+from streamscribe.protocol import ERRORS, ErrorType, Quota, StreamError, quota_exceeded
 from streamscribe.server.auth import Principal, require_principal
 from streamscribe.server.quotas import StreamLease
 from streamscribe.server.runtime import Runtime
@@ -112,36 +121,95 @@ def _undecodable(exc: Exception) -> ApiError:
     return ApiError(ErrorType.INVALID_AUDIO, message, "file")
 
 
-async def _upload_seconds(upload: UploadFile, limit: int) -> float:
-    """The upload's audio length, decoded once without keeping it (a header's length may lie)."""
-    if upload.size is not None and upload.size > limit:
-        raise ApiError(
-            ErrorType.FILE_TOO_LARGE, f"the file is larger than the limit of {limit} bytes", "file"
-        )
+def file_too_large(limit: int) -> ApiError:
+    return ApiError(ErrorType.FILE_TOO_LARGE, f"the file is larger than the limit of {limit} bytes", "file")
+
+
+class ClientGone(Exception):
+    """The client of an upload disconnected: its file is not worked on any further."""
+
+
+class FileBudget:
+    """What one file may use of its key's minutes and of ``max_upload_seconds``, and what it has used.
+
+    A file is checked before it is charged: first from its header (refused before any decoding), then as
+    it decodes, since a header may lie: each decoded piece is charged only if it fits, and decoding stops
+    at the first that does not. A refusal leaves the day's usage as it was; a file that fails once
+    charged (engine error, client gone, shutdown) gets back what was not transcribed.
+    """
+
+    def __init__(self, lease: StreamLease, max_seconds: float) -> None:
+        self._lease = lease
+        self._max_seconds = max_seconds
+        self.decoded = 0.0
+        self.transcribed = 0.0
+        self._charged = 0.0
+        self._refused = False
+
+    async def check_declared(self, declared: float | None) -> None:
+        """Refuse, before decoding, a file whose header says it is too long."""
+        remaining = await self._lease.remaining_seconds()
+        if declared is None:
+            return
+        if declared > self._max_seconds:
+            raise self._too_long()
+        if remaining is not None and declared > remaining:
+            message = (
+                f"the file holds {declared:.1f} s of audio; {remaining:.1f} s of today's quota are left "
+                "(it resets at 00:00 UTC)"
+            )
+            raise quota_exceeded(Quota.DAILY_MINUTES, message)
+
+    async def take(self, seconds: float) -> None:
+        """Charge one decoded piece, or refuse the file (nothing of it charged)."""
+        self.decoded += seconds
+        try:
+            if self.decoded > self._max_seconds:
+                raise self._too_long()
+            await self._lease.charge_if_fits(seconds)
+        except (StreamError, ApiError):
+            self._refused = True
+            raise
+        self._charged += seconds
+
+    def done_until(self, seconds: float) -> None:
+        """The file is transcribed up to ``seconds``."""
+        self.transcribed = seconds
+
+    async def give_back(self) -> None:
+        """After a failure: refund what was charged and not transcribed (all of it for a refusal)."""
+        keep = 0.0 if self._refused else min(self.transcribed, self._charged)
+        if self._charged > keep:
+            await self._lease.refund(self._charged - keep)
+
+    def _too_long(self) -> ApiError:
+        message = f"the file is longer than the limit of {self._max_seconds:g} seconds of audio"
+        return ApiError(ErrorType.FILE_TOO_LARGE, message, "file")
+
+
+async def _declared_seconds(runtime: Runtime, upload: UploadFile) -> float | None:
     try:
-        seconds = await asyncio.to_thread(audio_file_seconds, upload.file)
+        return await runtime.run_file_work(declared_seconds, upload.file)
     except Exception as exc:
         raise _undecodable(exc) from None
-    if seconds <= 0:
-        raise ApiError(ErrorType.INVALID_AUDIO, "the file contains no audio", "file")
-    return seconds
 
 
-async def _charged_lease(runtime: Runtime, principal: Principal, seconds: float) -> StreamLease:
-    """A file takes a stream slot and is charged up front, like a stream's audio: same quotas (a refusal
-    is a StreamError, answered with its type's status)."""
-    quotas = runtime.access.quotas
-    lease: StreamLease | None = None
+async def _charged_chunks(
+    request: Request, runtime: Runtime, upload: UploadFile, rate: int, budget: FileBudget
+) -> AsyncGenerator[np.ndarray, None]:
+    """The file's audio piece by piece, decoded on the file threads, each charged before it is used;
+    stops when the client has gone."""
+    chunks = iter_audio_file(upload.file, rate)
     try:
-        lease = await quotas.open_stream(principal.user_id, principal.limits)
-        await lease.charge(seconds)
-        return lease
-    except StreamError as error:
-        if lease is not None:
-            await lease.close()
-        if error.error_type is ErrorType.QUOTA_EXCEEDED:
-            runtime.metrics.quota_rejections.labels(error.quota or "unknown").inc()
-        raise
+        while (chunk := await runtime.run_file_work(next, chunks, None)) is not None:
+            if await request.is_disconnected():
+                raise ClientGone
+            await budget.take(len(chunk) / rate)
+            yield chunk
+    finally:
+        # After a cancel the piece being decoded may still run on its thread: then it closes when collected.
+        with contextlib.suppress(ValueError):
+            chunks.close()
 
 
 async def _transcribe_upload(
@@ -154,31 +222,35 @@ async def _transcribe_upload(
     granularities: list[str],
 ) -> Response:
     runtime: Runtime = request.app.state.runtime
-    duration = await _upload_seconds(upload, runtime.settings.max_upload_bytes)
+    settings = runtime.settings
+    if upload.size is not None and upload.size > settings.max_upload_bytes:
+        raise file_too_large(settings.max_upload_bytes)
     engine = await _engine(runtime, model, options.language, options.task)
-    segmenter = Segmenter(
-        runtime.vad, runtime.settings.vad, runtime.settings.streaming.max_segment_seconds, engine.sample_rate
-    )
-    utterances = file_utterances(iter_audio_file(upload.file, engine.sample_rate), segmenter)
-    scheduler = runtime.scheduler(engine)
-    languages: list[str] = []
-    lease = await _charged_lease(runtime, principal, duration)
-
-    async def decode(window: AudioWindow) -> Transcript:
-        try:
-            transcript = await scheduler.submit(window, Priority.FINAL)
-        except Exception:
-            log.exception("engine failure on a file")
-            raise ApiError(ErrorType.INTERNAL_ERROR, "the speech engine failed") from None
-        languages.append(transcript.language)
-        return transcript
-
+    try:  # a stream slot, like a stream's (same quotas; a key whose day is used up is refused)
+        lease = await runtime.access.quotas.open_stream(principal.user_id, principal.limits)
+    except StreamError as error:
+        _count_refusal(runtime, error)
+        raise
+    budget = FileBudget(lease, settings.max_upload_seconds)
     try:
-        pieces = await transcribe_file_async(utterances, decode, options, rate=engine.sample_rate)
-    except (ValueError, OSError, av.error.FFmpegError) as exc:
-        raise _undecodable(exc) from None
+        await budget.check_declared(await _declared_seconds(runtime, upload))
+        pieces, language = await _transcribe(request, runtime, engine, upload, options, budget)
+    except StreamError as error:
+        _count_refusal(runtime, error)
+        await budget.give_back()
+        raise
+    except ClientGone:
+        await budget.give_back()
+        log.info("client gone before its file was transcribed", extra={"event": "file_abandoned"})
+        return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+    except BaseException:
+        await budget.give_back()
+        raise
     finally:
         await lease.close()
+    if budget.decoded <= 0:
+        raise ApiError(ErrorType.INVALID_AUDIO, "the file contains no audio", "file")
+    duration = budget.decoded
     runtime.metrics.audio_seconds.labels("file").inc(duration)
     log.info(
         "file transcribed",
@@ -190,8 +262,51 @@ async def _transcribe_upload(
             "pieces": len(pieces),
         },
     )
-    language = languages[0] if languages else options.language
     return _respond(pieces, response_format, granularities, options, language, duration)
+
+
+def _count_refusal(runtime: Runtime, error: StreamError) -> None:
+    if error.error_type is ErrorType.QUOTA_EXCEEDED:
+        runtime.metrics.quota_rejections.labels(error.quota or "unknown").inc()
+
+
+async def _transcribe(
+    request: Request,
+    runtime: Runtime,
+    engine: Engine,
+    upload: UploadFile,
+    options: FileOptions,
+    budget: FileBudget,
+) -> tuple[list[TimedText], str]:
+    """The file's pieces of text and their language; the budget follows what is decoded and transcribed."""
+    segmenter = Segmenter(
+        runtime.vad, runtime.settings.vad, runtime.settings.streaming.max_segment_seconds, engine.sample_rate
+    )
+    scheduler = runtime.scheduler(engine)
+    languages: list[str] = []
+
+    async def decode(window: AudioWindow) -> Transcript:
+        if await request.is_disconnected():
+            raise ClientGone
+        try:
+            transcript = await scheduler.submit(window, Priority.FINAL)
+        except Exception:
+            log.exception("engine failure on a file")
+            raise ApiError(ErrorType.INTERNAL_ERROR, "the speech engine failed") from None
+        languages.append(transcript.language)
+        return transcript
+
+    try:
+        async with (
+            aclosing(_charged_chunks(request, runtime, upload, engine.sample_rate, budget)) as chunks,
+            aclosing(file_utterances_async(chunks, segmenter, runtime.run_file_work)) as utterances,
+        ):
+            pieces = await transcribe_file_async(
+                utterances, decode, options, rate=engine.sample_rate, progress=budget.done_until
+            )
+    except (ValueError, OSError, av.error.FFmpegError) as exc:
+        raise _undecodable(exc) from None
+    return pieces, languages[0] if languages else options.language
 
 
 def _respond(

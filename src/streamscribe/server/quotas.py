@@ -303,6 +303,7 @@ class StreamLease:
         self._allowance_seconds = allowance_seconds
         self._known_used: dict[str, float] = {}  # day -> last total seen in the counters, or estimated
         self._unsynced: dict[str, float] = defaultdict(float)  # day -> seconds charged while Redis was away
+        self._refundable: dict[str, float] = {}  # day -> seconds charge_if_fits charged (files)
         self._heartbeat: asyncio.Task[None] | None = None
         self._closed = False
 
@@ -358,6 +359,63 @@ class StreamLease:
             await self._counters.release_stream(self._user, self._stream_id)
         await self._usage.flush()
 
+    # Files: refused without side effects, and refunded when they fail (see openai_api.py). A stream's
+    # ``charge`` above spends what is left of the day on a frame that does not fit; a file is checked first.
+
+    async def remaining_seconds(self) -> float | None:
+        """Seconds this stream may still be charged today (None: no limit); changes nothing."""
+        day, limit, seed = await self._file_terms()
+        try:
+            used = await self._counters.used(self._user, day, seed)
+        except SharedStoreUnavailable:
+            raise _store_unreachable() from None
+        return None if limit is None else max(0.0, limit - used)
+
+    async def charge_if_fits(self, seconds: float) -> None:
+        """Charge received audio when it fits what is left today; else StreamError (quota_exceeded), and
+        nothing is charged."""
+        day, limit, seed = await self._file_terms()
+        try:
+            charge = await self._counters.charge_if_fits(self._user, day, seconds, limit, seed)
+        except SharedStoreUnavailable:
+            raise _store_unreachable() from None
+        if not charge.accepted:
+            raise _minutes_used_up(self._limits)
+        self._usage.record(self._user, day, charge.added)
+        self._refundable[day] = self._refundable.get(day, 0.0) + charge.added
+
+    async def refund(self, seconds: float) -> None:
+        """Take back up to ``seconds`` of what ``charge_if_fits`` charged, the latest day first."""
+        for day in reversed(list(self._refundable)):
+            amount = min(seconds, self._refundable[day])
+            if amount <= 0:
+                continue
+            try:
+                await self._counters.refund(self._user, day, amount, self._refund_seed(day))
+            except SharedStoreUnavailable:
+                log.warning("could not refund %.1f s of audio: shared quota store unreachable", amount)
+                return
+            self._usage.record(self._user, day, -amount)
+            self._refundable[day] -= amount
+            seconds -= amount
+
+    def _refund_seed(self, day: str) -> Seed:
+        return _nothing_used if self._allowance_seconds is not None else self._usage.seed(self._user, day)
+
+    async def _file_terms(self) -> tuple[str, float | None, Seed]:
+        """Today's day, the limit to charge against and the seed, as ``charge`` has them."""
+        day = utc_day(self._clock())
+        if day not in self._stored_usage:
+            self._stored_usage[day] = await self._usage.stored(self._user, day)
+        stored = self._stored_usage[day]
+        limit = _daily_seconds(self._limits)
+        if self._allowance_seconds is None:
+            return day, limit, self._usage.seed(self._user, day)
+        # On the fail_open allowance (counted from zero): bounded by it, and by the tier as far as the
+        # database knows.
+        allowance = self._allowance_seconds
+        return day, allowance if limit is None else min(allowance, max(0.0, limit - stored)), _nothing_used
+
 
 async def _nothing_used() -> float:
     """The seed of the fail_open allowance: it counts only what this replica admits."""
@@ -380,6 +438,11 @@ def _minutes_used_up(limits: TierLimits | None) -> StreamError:
     minutes = limits.daily_minutes if limits and limits.daily_minutes is not None else 0
     message = f"daily quota of {minutes:g} minutes used up; it resets at 00:00 UTC"
     return quota_exceeded(Quota.DAILY_MINUTES, message)
+
+
+def _store_unreachable() -> StreamError:
+    message = "usage limits cannot be checked right now (shared store unreachable); try again later"
+    return StreamError(ErrorType.UNAVAILABLE, message)
 
 
 def _too_many_streams(limit: int) -> StreamError:

@@ -4,9 +4,12 @@ the VAD model, metrics, and the shutdown state."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import os
 from collections.abc import Awaitable, Callable
-from typing import Any
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 from streamscribe.config import Settings
 from streamscribe.engines.base import AudioWindow, Engine, StreamingEngine, StreamUpdate, Transcript
@@ -21,6 +24,7 @@ from streamscribe.streaming.vad import SileroVad
 from streamscribe.streaming.windows import window_session
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class Runtime:
@@ -40,6 +44,14 @@ class Runtime:
         self._open_streams = 0  # open sockets (graceful shutdown waits for them)
         self._no_streams = asyncio.Event()
         self._no_streams.set()
+        self._open_uploads = 0  # file API requests in flight (graceful shutdown waits for them too)
+        self._no_uploads = asyncio.Event()
+        self._no_uploads.set()
+        # Decoding and cutting uploaded files: threads of their own, so a burst of uploads takes turns
+        # there instead of starving key lookups and live streams on the default executor.
+        self._file_work = ThreadPoolExecutor(
+            max_workers=max(1, (os.cpu_count() or 1) // 2), thread_name_prefix="file-decode"
+        )
 
     async def choose_engine(
         self, model: str, variant: str, language: str, task: str = "transcribe"
@@ -113,23 +125,47 @@ class Runtime:
         if self._open_streams == 0:
             self._no_streams.set()
 
+    def upload_started(self) -> None:
+        self._open_uploads += 1
+        self._no_uploads.clear()
+
+    def upload_finished(self) -> None:
+        self._open_uploads -= 1
+        if self._open_uploads == 0:
+            self._no_uploads.set()
+
+    async def run_file_work(self, function: Callable[..., T], *args: Any) -> T:
+        """``function(*args)`` on the file-decoding threads (one piece of a file at a time)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._file_work, functools.partial(function, *args))
+
+    async def _idle(self) -> None:
+        await self._no_streams.wait()
+        await self._no_uploads.wait()
+
     async def drain(self) -> None:
         """Tell every stream to finish (see StreamConnection) and wait up to the grace time for them."""
         grace = self.settings.shutdown_grace_seconds
         self.draining.set()
         log.info(
-            "draining %d stream(s) within %g s",
+            "draining %d stream(s) and %d upload(s) within %g s",
             self._open_streams,
+            self._open_uploads,
             grace,
-            extra={"event": "drain", "streams": self._open_streams},
+            extra={"event": "drain", "streams": self._open_streams, "uploads": self._open_uploads},
         )
         try:
-            await asyncio.wait_for(self._no_streams.wait(), grace)
+            await asyncio.wait_for(self._idle(), grace)
         except TimeoutError:
-            log.warning("%d stream(s) still open after the grace time", self._open_streams)
+            log.warning(
+                "%d stream(s) and %d upload(s) still open after the grace time",
+                self._open_streams,
+                self._open_uploads,
+            )
 
     async def close(self) -> None:
         await self.access.close()
         schedulers: list[Scheduler[Any, Any]] = [*self._schedulers.values(), *self._steppers.values()]
         for scheduler in schedulers:
             await scheduler.close()
+        self._file_work.shutdown(wait=False, cancel_futures=True)
