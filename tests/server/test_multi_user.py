@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sqlite3
+import stat
 import time
 import urllib.request
 from collections.abc import Callable
@@ -70,6 +72,21 @@ def test_store_keeps_hashes_only_and_migrates_once(tmp_path: Path) -> None:
     assert all(secret not in path.read_bytes() for path in database.parent.iterdir())
     rows = sqlite3.connect(database).execute("SELECT version FROM schema_version").fetchall()
     assert rows == [(len(MIGRATIONS),)]
+
+
+def test_the_data_folder_is_the_servers_alone_whatever_the_umask(tmp_path: Path) -> None:
+    previous = os.umask(0o022)  # a common default: others could read what it creates
+    try:
+        settings = Settings(**multi_user(tmp_path))
+        store = open_store(settings)
+        create_key(store, KeyHasher(load_pepper(settings)), "alice")
+        store.close()
+    finally:
+        os.umask(previous)
+    folder = tmp_path / "data"
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    for path in folder.iterdir():  # the database, its -wal and -shm files, the key pepper
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path.name
 
 
 def test_wrong_revoked_and_expired_keys_are_refused(mu_server: RunningServer) -> None:

@@ -123,7 +123,7 @@ def load_pepper(settings: Settings) -> bytes:
         raise ValueError("STREAMSCRIBE_KEY_PEPPER must be set with a shared database (replicas share it)")
     path = settings.data_dir / "key_pepper"
     if not path.exists():
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         try:
             descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except FileExistsError:

@@ -14,6 +14,7 @@ its ``lock_timeout``.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 import time
@@ -114,7 +115,10 @@ class KeyStore:
             if not url.startswith("sqlite:///"):
                 raise ValueError("database_url must start with sqlite:/// or postgresql://")
             self._path = Path(url.removeprefix("sqlite:///"))
-            self._path.parent.mkdir(parents=True, exist_ok=True)
+            # Hashes and usage are the server's alone, whatever the umask: SQLite gives its -wal and -shm
+            # files the database file's permissions.
+            self._path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.close(os.open(self._path, os.O_WRONLY | os.O_CREAT, 0o600))
         self._local = threading.local()
         self._connections: list[_Connection] = []
         self._connections_lock = threading.Lock()  # guards the list only; never held across a query
