@@ -339,6 +339,11 @@ class Settings(BaseSettings):
         description="Where bundled models that ship in parts are assembled (once).",
     )
     preload: bool = Field(True, description="Load the default English model at start-up, not on first use.")
+    metrics_require_key: bool = Field(
+        False,
+        description="Require an API key (any scope) for /metrics; Prometheus then sends it as a bearer "
+        "token. Off: keep /metrics on an internal network.",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log verbosity.")
     log_format: Literal["json", "text"] = Field(
         "json",

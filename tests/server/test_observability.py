@@ -37,6 +37,13 @@ def test_healthz_and_readyz(server: RunningServer, make_server: Callable[..., Ru
     assert httpx.get(f"{lazy.base_url}/readyz").json()["loaded"] == []
 
 
+def test_metrics_can_require_a_key(make_server: Callable[..., RunningServer]) -> None:
+    server = make_server(preload=False, metrics_require_key=True)
+    assert httpx.get(f"{server.base_url}/metrics").status_code == 401
+    keyed = httpx.get(f"{server.base_url}/metrics", headers={"Authorization": f"Bearer {server.api_key}"})
+    assert keyed.status_code == 200 and "streamscribe_active_streams" in keyed.text
+
+
 def test_metrics_count_streams_audio_decodes_and_errors(
     make_server: Callable[..., RunningServer], clip: Callable[[str], np.ndarray]
 ) -> None:

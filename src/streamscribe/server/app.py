@@ -143,9 +143,11 @@ def create_app(settings: Settings, api_key: str) -> FastAPI:
         return JSONResponse(body, status_code=200 if ready else 503)
 
     @app.get("/metrics")
-    async def prometheus_metrics() -> Response:
-        """Prometheus text format; unauthenticated, like /healthz: expose it on an internal network."""
+    async def prometheus_metrics(request: Request) -> Response:
+        """Prometheus text format; without a key unless ``metrics_require_key`` (then keep it internal)."""
         runtime: Runtime = app.state.runtime
+        if settings.metrics_require_key:
+            await runtime.access.principal_for_request(request)
         return Response(runtime.metrics.render(), media_type=metrics.CONTENT_TYPE)
 
     app.include_router(openai_router)
