@@ -123,7 +123,14 @@ def start_server(token: str, stderr: Any = None) -> tuple[subprocess.Popen[bytes
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    env = {**os.environ, "STREAMSCRIBE_API_KEY": token, "STREAMSCRIBE_PORT": str(port), "HF_HUB_OFFLINE": "1"}
+    env = {
+        # Benchmarks measure the engine: streams faster than real time are not paced (--speed 0, robustness).
+        "STREAMSCRIBE_STREAMING__MAX_AUDIO_SPEED": "0",
+        **os.environ,
+        "STREAMSCRIBE_API_KEY": token,
+        "STREAMSCRIBE_PORT": str(port),
+        "HF_HUB_OFFLINE": "1",
+    }
     process = subprocess.Popen(
         [sys.executable, "-m", "streamscribe.cli", "serve", "--log-level", "warning"],
         env=env,

@@ -102,6 +102,35 @@ class StreamingSettings(BaseModel):
     max_frame_bytes: int = Field(
         1_048_576, ge=1024, description="Largest decoded audio payload accepted in one frame."
     )
+    max_audio_speed: float = Field(
+        4.0,
+        ge=0,
+        description="Audio a stream may send, in times real time, once its burst is spent; a faster client "
+        "is read more slowly (TCP backpressure), never cut off. 0: no limit.",
+    )
+    audio_burst_seconds: float = Field(
+        30.0,
+        ge=0,
+        description="Seconds of audio a stream may send at once beyond max_audio_speed (at the start, or "
+        "after it sent less for a while).",
+    )
+    max_messages_per_second: float = Field(
+        100.0,
+        ge=0,
+        description="Frames of any kind a stream may send per second (a second's worth at once); faster "
+        "clients are read more slowly. 0: no limit.",
+    )
+    max_bytes_per_second: int = Field(
+        2 * 1_048_576,
+        ge=0,
+        description="Bytes of frames a stream may send per second, counted as received (a second's worth at "
+        "once); faster clients are read more slowly. 0: no limit.",
+    )
+    permessage_deflate: bool = Field(
+        False,
+        description="Accept WebSocket compression. Off by default: it saves about a quarter of base64 audio, "
+        "but the server inflates frames before it can pace them, and silence inflates about 1000 times.",
+    )
 
 
 class NemoSettings(BaseModel):
@@ -258,7 +287,7 @@ class SharedStoreSettings(BaseModel):
         30.0,
         gt=0,
         description="Lifetime of a stream's slot in Redis, refreshed while it streams (a crashed "
-        "replica's slots free themselves after this).",
+        "replica's slots free themselves after this). Every third of it, open streams re-check their key.",
     )
     timeout_seconds: float = Field(1.0, gt=0, description="Longest wait for one Redis command.")
 

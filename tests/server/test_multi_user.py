@@ -4,6 +4,7 @@ endpoint, access rules, and no key in any log line."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import sqlite3
@@ -17,7 +18,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from websockets.asyncio.client import connect
+from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from streamscribe.client import StreamResult, encode_samples, stream_audio
@@ -401,3 +402,72 @@ def test_no_key_in_any_log_line(
     assert any("/api/v1/audio/stream" in line for line in captured_logs), "no access log captured"
     for secret in (key, revoked, key.split("_", 2)[2], revoked.split("_", 2)[2]):
         assert not [line for line in captured_logs if secret in line]
+
+
+Frames = list[dict[str, Any]]
+
+
+async def _stream_until_closed(
+    ws: ClientConnection, speech: np.ndarray, then: Callable[[], None] | None = None
+) -> tuple[Frames, float]:
+    """Send ``speech`` in real time (then call ``then``), then pings, until the server closes (10 s at
+    most): its frames, and when it closed."""
+    frames: Frames = []
+
+    async def send() -> None:
+        with contextlib.suppress(ConnectionClosed):
+            for start in range(0, len(speech), 1600):
+                data = encode_samples(speech[start : start + 1600])
+                await ws.send(json.dumps({"type": "audio", "data": data}))
+                await asyncio.sleep(0.1)
+            if then is not None:
+                then()
+            while True:  # pings alone used to keep a stream open
+                await ws.send(json.dumps({"type": "ping"}))
+                await asyncio.sleep(0.2)
+
+    sender = asyncio.create_task(send())
+    with contextlib.suppress(ConnectionClosed, TimeoutError):
+        async with asyncio.timeout(10):
+            async for raw in ws:
+                frames.append(json.loads(raw))
+    sender.cancel()
+    return frames, time.time()
+
+
+def test_open_streams_end_when_their_key_is_revoked_or_expires(
+    make_server: Callable[..., RunningServer], tmp_path: Path, clip: Callable[[str], np.ndarray]
+) -> None:
+    # Slots refreshed (and keys re-checked) every 0.5 s.
+    running = make_server(**multi_user(tmp_path, shared_store={"stream_ttl_seconds": 1.5}))
+    revoked = new_key(running, "alice", tier="standard")
+    expires_at = time.time() + 4
+    expiring = new_key(running, "bob", tier="standard", expires_at=expires_at)
+    speech = clip("short.wav")[: int(16000 * 1.6)]  # the utterance is still open when the key is revoked
+    revoked_at: list[float] = []
+
+    def revoke() -> None:
+        store = open_store(running.settings)  # as `streamscribe keys revoke` does, from outside the server
+        assert store.revoke_key(store.list_keys("alice")[0].key_id)
+        store.close()
+        revoked_at.append(time.time())
+
+    async def scenario() -> list[tuple[ClientConnection, Frames, float]]:
+        alice = await open_stream(running.ws_url(revoked))
+        bob = await open_stream(running.ws_url(expiring))
+        (alice_frames, alice_closed), (bob_frames, bob_closed) = await asyncio.gather(
+            _stream_until_closed(alice, speech, then=revoke), _stream_until_closed(bob, speech[:1600])
+        )
+        return [
+            (alice, alice_frames, alice_closed - revoked_at[0]),
+            (bob, bob_frames, bob_closed - expires_at),
+        ]
+
+    streams = asyncio.run(scenario())
+    for ws, frames, closed_after in streams:
+        assert ws.close_code == 4401, frames[-3:]
+        assert frames[-1]["type"] == "error" and frames[-1]["error_type"] == "auth_failed"
+        assert 0 <= closed_after < 4
+    # The revoked stream's open utterance got its final before the error.
+    kinds = [frame["type"] for frame in streams[0][1]]
+    assert "final" in kinds and kinds.index("final") < kinds.index("error"), kinds

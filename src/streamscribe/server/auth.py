@@ -8,6 +8,7 @@ import asyncio
 import hashlib
 import hmac
 import ipaddress
+import logging
 import os
 import secrets
 import time
@@ -21,6 +22,8 @@ from streamscribe.config import Settings, TierLimits
 from streamscribe.protocol import AddressRefused, AuthMessage, ErrorType, StreamError, parse_client_message
 from streamscribe.server.quotas import Quotas
 from streamscribe.server.store import KeyRecord, KeyStore, open_store
+
+log = logging.getLogger(__name__)
 
 SCOPES = ("stream", "limits")
 SINGLE_USER = "default"
@@ -47,6 +50,7 @@ class Principal:
         tier: The user's tier, or ``single_user`` in single-user mode.
         limits: The tier's limits; None in single-user mode (usage is counted, never refused).
         scope: ``stream`` or ``limits`` (a key that may only read its limits).
+        expires_at: Unix time the key expires, or None.
     """
 
     user_id: str
@@ -54,6 +58,7 @@ class Principal:
     tier: str
     limits: TierLimits | None
     scope: str = "stream"
+    expires_at: float | None = None
 
     @property
     def may_stream(self) -> bool:
@@ -63,6 +68,10 @@ class Principal:
 class Authenticator(Protocol):
     async def authenticate(self, presented: str) -> Principal | None:
         """The principal for this key, or None when it is wrong, revoked or expired."""
+        ...
+
+    async def still_usable(self, principal: Principal) -> bool:
+        """Whether an admitted principal's key is still neither revoked nor expired (open streams ask)."""
         ...
 
 
@@ -80,6 +89,9 @@ class SingleUserAuth:
         if not self.is_valid(presented):
             return None
         return Principal(SINGLE_USER, SINGLE_USER, "single_user", None)
+
+    async def still_usable(self, principal: Principal) -> bool:
+        return True  # the one key comes from the settings: it changes only with a restart
 
 
 KEY_PREFIX = "ssk"
@@ -172,8 +184,22 @@ class MultiUserAuth:
         if record is None or not matches or not record.is_usable(time.time()):
             return None
         return Principal(
-            record.user_id, record.key_id, record.tier, self._settings.tiers.limits(record.tier), record.scope
+            record.user_id,
+            record.key_id,
+            record.tier,
+            self._settings.tiers.limits(record.tier),
+            record.scope,
+            record.expires_at,
         )
+
+    async def still_usable(self, principal: Principal) -> bool:
+        try:
+            record = await asyncio.to_thread(self._store.find_key, principal.key_id)
+        except Exception:
+            # A database hiccup must not end every open stream: the next check asks again.
+            log.warning("could not re-check an open stream's key", exc_info=True)
+            return True
+        return record is not None and record.is_usable(time.time())
 
 
 class IpAllowlist:

@@ -307,12 +307,17 @@ class StreamLease:
         self._heartbeat: asyncio.Task[None] | None = None
         self._closed = False
 
+    @property
+    def heartbeat_seconds(self) -> float:
+        """How often the slot is refreshed (the stream's key is re-checked as often: see stream.py)."""
+        return self._ttl / 3
+
     def start_heartbeat(self) -> None:
         self._heartbeat = asyncio.create_task(self._refresh_periodically())
 
     async def _refresh_periodically(self) -> None:
         while True:
-            await asyncio.sleep(self._ttl / 3)
+            await asyncio.sleep(self.heartbeat_seconds)
             with contextlib.suppress(SharedStoreUnavailable):
                 await self._counters.refresh_stream(self._user, self._stream_id, self._ttl)
 

@@ -108,6 +108,8 @@ def uvicorn_config(settings: Settings, app: FastAPI, **overrides: Any) -> uvicor
         "access_log": False,  # the app logs each request itself, without its query string (tokens)
         "lifespan": "on",
         "ws_max_size": 4 * settings.streaming.max_frame_bytes,
+        # Off unless configured: inflating happens before the app can pace a stream (see server/pacing.py).
+        "ws_per_message_deflate": settings.streaming.permessage_deflate,
         "ws_ping_interval": settings.ws_ping_interval_seconds,
         "ws_ping_timeout": settings.ws_ping_timeout_seconds,
         # The app drains streams itself (GracefulServer); this bounds what is left after that.

@@ -8,9 +8,10 @@ import logging
 import time
 from collections import deque
 
+import numpy as np
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from streamscribe.audio import StreamResampler, decode_audio_payload
+from streamscribe.audio import AudioFormat, StreamResampler, decode_audio_payload
 from streamscribe.engines.base import Engine, EngineUnavailable, UnsupportedLanguage
 from streamscribe.engines.registry import UnknownModel, resolve_model
 from streamscribe.protocol import (
@@ -33,8 +34,10 @@ from streamscribe.protocol import (
     WordTiming,
     parse_client_message,
 )
+from streamscribe.server.auth import Principal
 from streamscribe.server.logs import new_request_id
 from streamscribe.server.origins import origin_allowed
+from streamscribe.server.pacing import StreamPacing
 from streamscribe.server.quotas import StreamLease
 from streamscribe.server.runtime import Runtime
 from streamscribe.streaming.session import (
@@ -46,6 +49,9 @@ from streamscribe.streaming.session import (
 )
 
 log = logging.getLogger(__name__)
+
+# A stream whose key is revoked or expires gets the final of its open utterance if it takes no longer.
+LAPSED_KEY_FINAL_SECONDS = 5.0
 
 
 class _SessionEnded(Exception):
@@ -59,8 +65,10 @@ class StreamConnection:
         self._ws = websocket
         self._runtime = runtime
         self._send_lock = asyncio.Lock()
-        self._closed = False
-        self._going_away = False
+        self._ended = asyncio.Event()  # the socket is closed, by us or the peer
+        self._ending = False  # shutting down or the key lapsed: audio from now on is not transcribed
+        self._pacing = StreamPacing(runtime.settings.streaming)
+        self._paced = False  # whether the stream has been read more slowly (logged once)
         # (seconds of stream audio received, monotonic time then): for the emission-delay metric.
         self._received_at: deque[tuple[float, float]] = deque(maxlen=2000)
 
@@ -80,7 +88,7 @@ class StreamConnection:
             return
         await self._ws.accept()
         session: LiveSession | None = None
-        watcher: asyncio.Task[None] | None = None
+        watchers: list[asyncio.Task[None]] = []
         lease: StreamLease | None = None
         admitted = False
         started = time.monotonic()
@@ -105,7 +113,10 @@ class StreamConnection:
                 },
             )
             session = self._new_session(config, engine)
-            watcher = asyncio.create_task(self._finish_on_shutdown(session))
+            watchers = [
+                asyncio.create_task(self._finish_on_shutdown(session)),
+                asyncio.create_task(self._end_when_key_lapses(principal, session, lease.heartbeat_seconds)),
+            ]
             await self._serve(config, session, resampler, lease)
         except StreamError as error:
             await self._fail(error)
@@ -115,9 +126,9 @@ class StreamConnection:
             log.exception("unexpected error in stream")
             await self._fail(StreamError(ErrorType.INTERNAL_ERROR, "internal server error"))
         finally:
-            if watcher is not None:
+            for watcher in watchers:
                 watcher.cancel()
-                await asyncio.gather(watcher, return_exceptions=True)
+            await asyncio.gather(*watchers, return_exceptions=True)
             if session is not None:
                 await session.close()
             if lease is not None:
@@ -141,10 +152,29 @@ class StreamConnection:
         deadline = time.monotonic() + self._runtime.settings.shutdown_grace_seconds / 2
         while session.in_utterance and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        self._going_away = True
+        self._ending = True
         with contextlib.suppress(_SessionEnded):
             await self._send(FullTranscriptFrame(text=await session.flush()))
         await self._close(CloseCode.GOING_AWAY)
+
+    async def _end_when_key_lapses(self, principal: Principal, session: LiveSession, every: float) -> None:
+        """Re-check the key as often as the lease refreshes its slot, and when it expires. Once it is
+        revoked or expired: the open utterance's final (if it comes within LAPSED_KEY_FINAL_SECONDS),
+        then auth_failed and close 4401."""
+        authenticator = self._runtime.access.authenticator
+        while True:
+            delay = every
+            if principal.expires_at is not None:
+                delay = min(delay, max(0.0, principal.expires_at - time.time()))
+            await asyncio.sleep(delay)
+            if not await authenticator.still_usable(principal):
+                break
+        self._ending = True
+        log.info("the stream's key was revoked or expired", extra={"event": "key_lapsed"})
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(LAPSED_KEY_FINAL_SECONDS):
+                await session.flush()
+        await self._fail(StreamError(ErrorType.AUTH_FAILED, "this API key was revoked or has expired"))
 
     async def _receive_config(self) -> ConfigMessage:
         timeout = self._runtime.settings.streaming.config_timeout_seconds
@@ -153,6 +183,7 @@ class StreamConnection:
                 message = parse_client_message(await self._receive_unless_draining())
                 while isinstance(message, PingMessage):
                     await self._send(PongFrame())
+                    await self._pace()
                     message = parse_client_message(await self._receive_unless_draining())
         except TimeoutError:
             raise ConfigRefused(ErrorType.TIMEOUT, f"no config message within {timeout:g} s") from None
@@ -250,6 +281,7 @@ class StreamConnection:
         max_bytes = self._runtime.settings.streaming.max_frame_bytes
         idle_timeout = self._runtime.settings.access.idle_timeout_seconds
         while True:
+            await self._pace()
             try:
                 try:
                     async with asyncio.timeout(idle_timeout):
@@ -259,13 +291,17 @@ class StreamConnection:
                         ErrorType.TIMEOUT, f"no message for {idle_timeout:g} s: closing"
                     ) from None
                 message = parse_client_message(text)
-                if self._going_away:
+                if self._ending:
                     continue  # shutting down: audio after the last utterance is not transcribed
                 if isinstance(message, AudioMessage):
-                    samples = decode_audio_payload(message.data, config.audio_format, max_bytes)
-                    await lease.charge(len(samples) / config.sample_rate)
-                    await session.feed(resampler(samples))
-                    seconds = len(samples) / config.sample_rate
+                    # Decoding and resampling run in a thread, off the event loop (the VAD too: feed).
+                    count, samples = await asyncio.to_thread(
+                        _decode_and_resample, message.data, config.audio_format, max_bytes, resampler
+                    )
+                    seconds = count / config.sample_rate
+                    self._pacing.audio(seconds)
+                    await lease.charge(seconds)
+                    await session.feed(samples)
                     self._runtime.metrics.audio_seconds.labels("stream").inc(seconds)
                     self._received_at.append((session.received_seconds, time.monotonic()))
                 elif isinstance(message, CommitMessage):
@@ -309,20 +345,36 @@ class StreamConnection:
     async def _receive_text(self) -> str:
         message = await self._ws.receive()
         if message["type"] == "websocket.disconnect":
-            self._closed = True
+            self._ended.set()
             raise _SessionEnded
+        self._pacing.received(len(message.get("text") or message.get("bytes") or ""))
         if message.get("text") is None:
             raise StreamError(ErrorType.BAD_REQUEST, "binary frames are not supported: send JSON text frames")
         return str(message["text"])
 
+    async def _pace(self) -> None:
+        """Wait until the stream is back within its budget before reading on (see server/pacing.py), or
+        until the socket closes."""
+        delay = self._pacing.wait()
+        if delay <= 0:
+            return
+        if not self._paced:
+            self._paced = True
+            log.info(
+                "stream sends faster than its budget: reading it more slowly",
+                extra={"event": "stream_paced"},
+            )
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._ended.wait(), delay)
+
     async def _send(self, frame: ServerFrame) -> None:
-        if self._closed:
+        if self._ended.is_set():
             raise _SessionEnded
         async with self._send_lock:
             try:
                 await self._ws.send_text(frame.to_json())
             except (WebSocketDisconnect, RuntimeError):
-                self._closed = True
+                self._ended.set()
                 raise _SessionEnded from None
 
     def _observe_emission(self, kind: str, end: float) -> None:
@@ -345,9 +397,17 @@ class StreamConnection:
         await self._close(error.close_code or CloseCode.ENGINE_FAILURE)
 
     async def _close(self, code: CloseCode) -> None:
-        if self._closed or self._ws.client_state != WebSocketState.CONNECTED:
+        if self._ended.is_set() or self._ws.client_state != WebSocketState.CONNECTED:
             return
-        self._closed = True
+        self._ended.set()
         async with self._send_lock:
             with contextlib.suppress(RuntimeError, WebSocketDisconnect):
                 await self._ws.close(code=int(code))
+
+
+def _decode_and_resample(
+    data: str, audio_format: AudioFormat, max_bytes: int, resampler: StreamResampler
+) -> tuple[int, np.ndarray]:
+    """(samples in the frame as sent, the frame at the engine's rate)."""
+    samples = decode_audio_payload(data, audio_format, max_bytes)
+    return len(samples), resampler(samples)

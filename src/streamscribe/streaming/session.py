@@ -132,6 +132,9 @@ class LiveSession:
         self._idle = asyncio.Event()
         self._idle.set()
         self._drained = asyncio.Event()
+        # Held while the segmenter runs in a thread (``feed``): the decoder reads the segmenter when a step
+        # starts, and ``flush`` changes it, so neither may happen meanwhile.
+        self._segmenting = asyncio.Lock()
         self._worker = asyncio.create_task(self._decode_loop())
 
     @property
@@ -152,20 +155,25 @@ class LiveSession:
         return self._decoder.backlog_samples / self._rate
 
     async def feed(self, samples: np.ndarray) -> None:
-        """Add audio; waits (backpressure) while too much audio is waiting for the engine."""
+        """Add audio; waits (backpressure) while too much audio is waiting for the engine. The VAD runs in
+        a thread, off the event loop; one task feeds a session (and resets it), one call at a time."""
         while self._decoder.backlog_samples > self._max_backlog and self._decoder.owes_finals:
             self._drained.clear()
             await self._drained.wait()
-        self._take(self._segmenter.feed(samples))
+        async with self._segmenting:
+            events = await asyncio.to_thread(self._segmenter.feed, samples)
+        self._take(events)
 
     async def flush(self) -> str:
         """Finish everything received so far: emit its finals, then return the full transcript."""
-        self._take(self._segmenter.flush())
+        async with self._segmenting:
+            self._take(self._segmenter.flush())
         await self._idle.wait()
         return self.full_transcript
 
     def reset(self) -> None:
-        """Drop buffered audio, pending work and the transcript; the stream's clock keeps running."""
+        """Drop buffered audio, pending work and the transcript; the stream's clock keeps running. Called by
+        the task that feeds the session, so never while the segmenter runs in a thread."""
         self._segmenter.reset()
         self._decoder.reset()
         self._finals.clear()
@@ -185,6 +193,13 @@ class LiveSession:
         while self._transcript_chars > self._max_transcript_chars and len(self._finals) > 1:
             self._transcript_chars -= len(self._finals.popleft()) + 1
 
+    async def _next_step(self) -> list[SessionEvent] | None:
+        """The decoder's next step, started while the segmenter is not in a thread: a step reads it before
+        its first wait, and between the lock's release and that read nothing else runs on the loop."""
+        async with self._segmenting:
+            pass
+        return await self._decoder.step()
+
     def _take(self, events: list[UtteranceEvent]) -> None:
         self._decoder.take(events)
         if self._decoder.owes_finals:
@@ -196,7 +211,7 @@ class LiveSession:
             while True:
                 await self._wake.wait()
                 self._wake.clear()
-                while (events := await self._decoder.step()) is not None:
+                while (events := await self._next_step()) is not None:
                     self._drained.set()
                     for event in events:
                         if isinstance(event, FinalText):
