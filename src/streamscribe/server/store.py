@@ -14,6 +14,7 @@ its ``lock_timeout``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import threading
@@ -118,7 +119,10 @@ class KeyStore:
             # Hashes and usage are the server's alone, whatever the umask: SQLite gives its -wal and -shm
             # files the database file's permissions.
             self._path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            os.close(os.open(self._path, os.O_WRONLY | os.O_CREAT, 0o600))
+            # Only a new file: closing any descriptor of a file drops every POSIX lock this process's
+            # SQLite connections hold on it.
+            with contextlib.suppress(FileExistsError):
+                os.close(os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         self._local = threading.local()
         self._connections: list[_Connection] = []
         self._connections_lock = threading.Lock()  # guards the list only; never held across a query
