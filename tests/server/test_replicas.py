@@ -282,3 +282,55 @@ def test_redis_outage_fail_closed_and_fail_open(
     assert ok.close_code == 1000
     assert closed.status()["access"]["shared_store_healthy"] is True
     assert "reachable again" in closed.log()
+
+
+def test_a_hung_redis_does_not_hold_up_running_streams(
+    start_replicas: Callable[..., list[Replica]], redis_server: RedisServer
+) -> None:
+    [replica] = start_replicas({})
+    key = new_key(replica, "alice", tier="standard")
+    frame = json.dumps({"type": "audio", "data": encode_samples(np.zeros(1600, dtype=np.float32))})
+    assert redis_server.process is not None
+    sent = 0
+
+    async def worst_pong(ws: Any, seconds: float) -> float:
+        """Stream 0.1 s frames in real time, each followed by a ping; the longest wait for a pong."""
+        nonlocal sent
+        worst = 0.0
+        until = time.monotonic() + seconds
+        while time.monotonic() < until:
+            await ws.send(frame)
+            sent += 1
+            pinged = time.monotonic()
+            await ws.send(json.dumps({"type": "ping"}))
+            while json.loads(await ws.recv())["type"] != "pong":
+                pass
+            worst = max(worst, time.monotonic() - pinged)
+            await asyncio.sleep(0.1)
+        return worst
+
+    async def scenario() -> tuple[float, int | None]:
+        ws = await open_stream(replica.ws_url(key))
+        assert json.loads(await ws.recv())["state"] == "ready"
+        await worst_pong(ws, 1.0)
+        redis_server.process.send_signal(signal.SIGSTOP)  # up, connected, answering nothing
+        try:
+            worst = await worst_pong(ws, 4.0)
+        finally:
+            redis_server.process.send_signal(signal.SIGCONT)
+        await worst_pong(ws, 1.0)
+        await ws.send(json.dumps({"type": "stop"}))
+        async for _ in ws:
+            pass
+        return worst, ws.close_code
+
+    worst, close_code = asyncio.run(scenario())
+    assert worst < 0.5
+    assert close_code == 1000
+    # What was charged while Redis did not answer reached it afterwards, once.
+    expected = sent * 0.1 / 60
+    deadline = time.monotonic() + 5
+    while (used := limits(replica, key)["used_today_minutes"]) < expected - 1e-4:  # 4 decimals
+        assert time.monotonic() < deadline, (used, expected)
+        time.sleep(0.1)
+    assert used == pytest.approx(expected, abs=1e-4)

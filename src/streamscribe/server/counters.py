@@ -9,6 +9,8 @@ Redis keys (``ss:`` prefix):
                                so the slots of a crashed replica lapse after ``stream_ttl_seconds``.
     ss:usage:{user}:{day}      seconds of audio used that UTC day (float), kept for two days.
     ss:rate:{kind}:{id}:{win}  connection attempts in one minute window (key id or address).
+    ss:charged:{stream}        the last batch of a stream's seconds added to its usage, so that a batch
+                               sent again (its answer lost to a timeout) is not added twice.
 Every check-and-change is one Lua script, so replicas never race each other.
 """
 
@@ -28,6 +30,7 @@ Clock = Callable[[], float]
 T = TypeVar("T")
 
 USAGE_TTL_SECONDS = 2 * 86400
+BATCH_TTL_SECONDS = 3600  # how long a stream's last batch number is kept after its last charge
 RATE_WINDOW_SECONDS = 60
 
 
@@ -56,11 +59,20 @@ class Counters(Protocol):
 
     async def active_streams(self, user: str) -> int: ...
 
-    async def charge(self, user: str, day: str, seconds: float, limit: float | None, seed: float) -> Charge:
+    async def charge(
+        self,
+        user: str,
+        day: str,
+        seconds: float,
+        limit: float | None,
+        seed: float,
+        batch: tuple[str, int] | None = None,
+    ) -> Charge:
         """Add ``seconds`` to the day's usage. When that would pass ``limit`` the frame is refused and the
         usage set to the limit: what was left cannot be used by a frame that does not fit, and the next
         stream is refused at once. ``seed`` is the day's usage from the database, used when the counter
-        does not exist yet."""
+        does not exist yet. ``batch``: (stream id, batch number, rising); a batch already added is not
+        added again (the day's total is returned)."""
         ...
 
     async def used(self, user: str, day: str, seed: float) -> float: ...
@@ -102,7 +114,16 @@ class LocalCounters:
     async def active_streams(self, user: str) -> int:
         return len(self._live(user))
 
-    async def charge(self, user: str, day: str, seconds: float, limit: float | None, seed: float) -> Charge:
+    async def charge(
+        self,
+        user: str,
+        day: str,
+        seconds: float,
+        limit: float | None,
+        seed: float,
+        batch: tuple[str, int] | None = None,
+    ) -> Charge:
+        # ``batch`` is not needed here: a call in this process never loses its answer.
         used = self._usage.setdefault((user, day), seed)
         if limit is not None and used + seconds > limit:
             self._usage[(user, day)] = max(used, limit)
@@ -151,10 +172,16 @@ _ACTIVE_STREAMS = (
 """
 )
 
-# ARGV: seconds, limit (negative: none), seed, ttl. Returns {accepted, added, total} (numbers as strings:
-# Lua numbers would reach Python as integers).
+# ARGV: seconds, limit (negative: none), seed, ttl, and with KEYS[2] (ss:charged:{stream}) the batch number.
+# Returns {accepted, added, total} (numbers as strings: Lua numbers would reach Python as integers).
 _CHARGE = """
 if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('SET', KEYS[1], ARGV[3], 'EX', ARGV[4]) end
+if KEYS[2] then
+  if tonumber(redis.call('GET', KEYS[2]) or '-1') >= tonumber(ARGV[5]) then
+    return {1, '0', redis.call('GET', KEYS[1])}
+  end
+  redis.call('SET', KEYS[2], ARGV[5], 'EX', ARGV[6])
+end
 local used = tonumber(redis.call('GET', KEYS[1]))
 local limit = tonumber(ARGV[2])
 if limit >= 0 and used + tonumber(ARGV[1]) > limit then
@@ -244,12 +271,21 @@ class RedisCounters:
     async def active_streams(self, user: str) -> int:
         return int(await self._call("active", [f"ss:streams:{user}"], []))
 
-    async def charge(self, user: str, day: str, seconds: float, limit: float | None, seed: float) -> Charge:
-        accepted, added, total = await self._call(
-            "charge",
-            [f"ss:usage:{user}:{day}"],
-            [repr(seconds), -1 if limit is None else repr(limit), repr(seed), USAGE_TTL_SECONDS],
-        )
+    async def charge(
+        self,
+        user: str,
+        day: str,
+        seconds: float,
+        limit: float | None,
+        seed: float,
+        batch: tuple[str, int] | None = None,
+    ) -> Charge:
+        keys = [f"ss:usage:{user}:{day}"]
+        args: list[Any] = [repr(seconds), -1 if limit is None else repr(limit), repr(seed), USAGE_TTL_SECONDS]
+        if batch is not None:
+            keys.append(f"ss:charged:{batch[0]}")
+            args += [batch[1], BATCH_TTL_SECONDS]
+        accepted, added, total = await self._call("charge", keys, args)
         return Charge(bool(int(accepted)), float(added), float(total))
 
     async def used(self, user: str, day: str, seed: float) -> float:
