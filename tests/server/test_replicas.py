@@ -24,7 +24,7 @@ import redis
 from streamscribe.client import encode_samples, stream_audio, stream_url
 from streamscribe.config import Settings
 from tests.conftest import free_port
-from tests.server.ws_helpers import limits, new_key, open_stream, refused
+from tests.server.ws_helpers import limits, new_key, open_stream, refused, worst_pong
 
 STREAM_TTL_SECONDS = 1.5
 
@@ -291,40 +291,24 @@ def test_a_hung_redis_does_not_hold_up_running_streams(
     key = new_key(replica, "alice", tier="standard")
     frame = json.dumps({"type": "audio", "data": encode_samples(np.zeros(1600, dtype=np.float32))})
     assert redis_server.process is not None
-    sent = 0
 
-    async def worst_pong(ws: Any, seconds: float) -> float:
-        """Stream 0.1 s frames in real time, each followed by a ping; the longest wait for a pong."""
-        nonlocal sent
-        worst = 0.0
-        until = time.monotonic() + seconds
-        while time.monotonic() < until:
-            await ws.send(frame)
-            sent += 1
-            pinged = time.monotonic()
-            await ws.send(json.dumps({"type": "ping"}))
-            while json.loads(await ws.recv())["type"] != "pong":
-                pass
-            worst = max(worst, time.monotonic() - pinged)
-            await asyncio.sleep(0.1)
-        return worst
-
-    async def scenario() -> tuple[float, int | None]:
+    async def scenario() -> tuple[float, int, int | None]:
+        """Stream 0.1 s frames, each followed by a ping, before, while and after Redis is paused."""
         ws = await open_stream(replica.ws_url(key))
         assert json.loads(await ws.recv())["state"] == "ready"
-        await worst_pong(ws, 1.0)
+        _, before = await worst_pong(ws, 1.0, frame)
         redis_server.process.send_signal(signal.SIGSTOP)  # up, connected, answering nothing
         try:
-            worst = await worst_pong(ws, 4.0)
+            worst, during = await worst_pong(ws, 4.0, frame)
         finally:
             redis_server.process.send_signal(signal.SIGCONT)
-        await worst_pong(ws, 1.0)
+        _, after = await worst_pong(ws, 1.0, frame)
         await ws.send(json.dumps({"type": "stop"}))
         async for _ in ws:
             pass
-        return worst, ws.close_code
+        return worst, before + during + after, ws.close_code
 
-    worst, close_code = asyncio.run(scenario())
+    worst, sent, close_code = asyncio.run(scenario())
     assert worst < 0.5
     assert close_code == 1000
     # What was charged while Redis did not answer reached it afterwards, once.

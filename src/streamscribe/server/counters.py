@@ -9,8 +9,8 @@ Redis keys (``ss:`` prefix):
                                so the slots of a crashed replica lapse after ``stream_ttl_seconds``.
     ss:usage:{user}:{day}      seconds of audio used that UTC day (float), kept for two days.
     ss:rate:{kind}:{id}:{win}  connection attempts in one minute window (key id or address).
-    ss:charged:{stream}        the last batch of a stream's seconds added to its usage, so that a batch
-                               sent again (its answer lost to a timeout) is not added twice.
+    ss:charged:{stream}        the number of the last batch of a stream's seconds added to its usage, so
+                               that a batch sent again (its answer lost to a timeout) is not added twice.
 Every check-and-change is one Lua script, so replicas never race each other.
 """
 
@@ -27,10 +27,11 @@ from typing import Any, NamedTuple, Protocol, TypeVar
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
+Batch = tuple[str, int]  # (stream id, batch number): a stream's batches are numbered from 1 up
 T = TypeVar("T")
 
 USAGE_TTL_SECONDS = 2 * 86400
-BATCH_TTL_SECONDS = 3600  # how long a stream's last batch number is kept after its last charge
+BATCH_TTL_SECONDS = 3600  # how long a stream's last batch number is kept after its last batch
 RATE_WINDOW_SECONDS = 60
 
 
@@ -59,20 +60,16 @@ class Counters(Protocol):
 
     async def active_streams(self, user: str) -> int: ...
 
-    async def charge(
-        self,
-        user: str,
-        day: str,
-        seconds: float,
-        limit: float | None,
-        seed: float,
-        batch: tuple[str, int] | None = None,
-    ) -> Charge:
+    async def charge(self, user: str, day: str, seconds: float, limit: float | None, seed: float) -> Charge:
         """Add ``seconds`` to the day's usage. When that would pass ``limit`` the frame is refused and the
         usage set to the limit: what was left cannot be used by a frame that does not fit, and the next
         stream is refused at once. ``seed`` is the day's usage from the database, used when the counter
-        does not exist yet. ``batch``: (stream id, batch number, rising); a batch already added is not
-        added again (the day's total is returned)."""
+        does not exist yet."""
+        ...
+
+    async def add_batch(self, user: str, day: str, seconds: float, seed: float, batch: Batch) -> float:
+        """Add a stream's ``batch`` of seconds to the day's usage, whatever the limit; the day's total. A
+        batch is added once: sent again (its first answer was lost), it only returns the total."""
         ...
 
     async def used(self, user: str, day: str, seed: float) -> float: ...
@@ -114,22 +111,17 @@ class LocalCounters:
     async def active_streams(self, user: str) -> int:
         return len(self._live(user))
 
-    async def charge(
-        self,
-        user: str,
-        day: str,
-        seconds: float,
-        limit: float | None,
-        seed: float,
-        batch: tuple[str, int] | None = None,
-    ) -> Charge:
-        # ``batch`` is not needed here: a call in this process never loses its answer.
+    async def charge(self, user: str, day: str, seconds: float, limit: float | None, seed: float) -> Charge:
         used = self._usage.setdefault((user, day), seed)
         if limit is not None and used + seconds > limit:
             self._usage[(user, day)] = max(used, limit)
             return Charge(False, max(0.0, limit - used), max(used, limit))
         self._usage[(user, day)] = used + seconds
         return Charge(True, seconds, used + seconds)
+
+    async def add_batch(self, user: str, day: str, seconds: float, seed: float, batch: Batch) -> float:
+        # A call in this process never loses its answer, so no batch comes twice.
+        return (await self.charge(user, day, seconds, None, seed)).total
 
     async def used(self, user: str, day: str, seed: float) -> float:
         return self._usage.setdefault((user, day), seed)
@@ -172,16 +164,10 @@ _ACTIVE_STREAMS = (
 """
 )
 
-# ARGV: seconds, limit (negative: none), seed, ttl, and with KEYS[2] (ss:charged:{stream}) the batch number.
-# Returns {accepted, added, total} (numbers as strings: Lua numbers would reach Python as integers).
+# ARGV: seconds, limit (negative: none), seed, ttl. Returns {accepted, added, total} (numbers as strings:
+# Lua numbers would reach Python as integers).
 _CHARGE = """
 if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('SET', KEYS[1], ARGV[3], 'EX', ARGV[4]) end
-if KEYS[2] then
-  if tonumber(redis.call('GET', KEYS[2]) or '-1') >= tonumber(ARGV[5]) then
-    return {1, '0', redis.call('GET', KEYS[1])}
-  end
-  redis.call('SET', KEYS[2], ARGV[5], 'EX', ARGV[6])
-end
 local used = tonumber(redis.call('GET', KEYS[1]))
 local limit = tonumber(ARGV[2])
 if limit >= 0 and used + tonumber(ARGV[1]) > limit then
@@ -192,6 +178,16 @@ end
 local total = redis.call('INCRBYFLOAT', KEYS[1], ARGV[1])
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 return {1, ARGV[1], total}
+"""
+
+# KEYS: usage, ss:charged:{stream}. ARGV: seconds, seed, usage ttl, batch number, its ttl. Returns the total.
+_ADD_BATCH = """
+if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3]) end
+if tonumber(redis.call('GET', KEYS[2]) or '0') >= tonumber(ARGV[4]) then return redis.call('GET', KEYS[1]) end
+redis.call('SET', KEYS[2], ARGV[4], 'EX', ARGV[5])
+local total = redis.call('INCRBYFLOAT', KEYS[1], ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return total
 """
 
 _USED = """
@@ -235,6 +231,7 @@ class RedisCounters:
                 "refresh": _REFRESH_STREAM,
                 "active": _ACTIVE_STREAMS,
                 "charge": _CHARGE,
+                "add_batch": _ADD_BATCH,
                 "used": _USED,
                 "hit": _HIT,
             }.items()
@@ -271,22 +268,19 @@ class RedisCounters:
     async def active_streams(self, user: str) -> int:
         return int(await self._call("active", [f"ss:streams:{user}"], []))
 
-    async def charge(
-        self,
-        user: str,
-        day: str,
-        seconds: float,
-        limit: float | None,
-        seed: float,
-        batch: tuple[str, int] | None = None,
-    ) -> Charge:
-        keys = [f"ss:usage:{user}:{day}"]
-        args: list[Any] = [repr(seconds), -1 if limit is None else repr(limit), repr(seed), USAGE_TTL_SECONDS]
-        if batch is not None:
-            keys.append(f"ss:charged:{batch[0]}")
-            args += [batch[1], BATCH_TTL_SECONDS]
-        accepted, added, total = await self._call("charge", keys, args)
+    async def charge(self, user: str, day: str, seconds: float, limit: float | None, seed: float) -> Charge:
+        accepted, added, total = await self._call(
+            "charge",
+            [f"ss:usage:{user}:{day}"],
+            [repr(seconds), -1 if limit is None else repr(limit), repr(seed), USAGE_TTL_SECONDS],
+        )
         return Charge(bool(int(accepted)), float(added), float(total))
+
+    async def add_batch(self, user: str, day: str, seconds: float, seed: float, batch: Batch) -> float:
+        stream_id, number = batch
+        keys = [f"ss:usage:{user}:{day}", f"ss:charged:{stream_id}"]
+        args = [repr(seconds), repr(seed), USAGE_TTL_SECONDS, number, BATCH_TTL_SECONDS]
+        return float(await self._call("add_batch", keys, args))
 
     async def used(self, user: str, day: str, seed: float) -> float:
         return float(await self._call("used", [f"ss:usage:{user}:{day}"], [repr(seed), USAGE_TTL_SECONDS]))

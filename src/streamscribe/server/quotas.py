@@ -361,14 +361,14 @@ class StreamLease:
                 self._batch = (self._batches, day, seconds)
             number, day, seconds = self._batch
             try:
-                charge = await self._counters.charge(
-                    self._user, day, seconds, None, self._stored_usage[day], (self._stream_id, number)
+                total = await self._counters.add_batch(
+                    self._user, day, seconds, self._stored_usage[day], (self._stream_id, number)
                 )
             except SharedStoreUnavailable:
                 self._resend_at = time.monotonic() + RESEND_AFTER_SECONDS
                 return
             self._batch = None
-            self._known_used[day] = charge.total
+            self._known_used[day] = total
 
     async def close(self) -> None:
         """Free the slot and write the usage out."""
