@@ -17,6 +17,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from streamscribe.client import encode_samples
 from tests.conftest import RunningServer
 from tests.server.test_observability import scrape
+from tests.server.ws_helpers import worst_pong
 
 FLOOD_SECONDS = 3.0
 
@@ -48,19 +49,6 @@ def _flood(url: str, frame: str, ready: threading.Event, seconds: float) -> int:
     return asyncio.run(flood())
 
 
-async def _worst_pong(ws: ClientConnection, until: float) -> float:
-    """The longest wait for a pong, pinging the whole time until ``until``."""
-    worst = 0.0
-    while time.monotonic() < until:
-        sent = time.monotonic()
-        await ws.send(json.dumps({"type": "ping"}))
-        while json.loads(await ws.recv())["type"] != "pong":
-            pass
-        worst = max(worst, time.monotonic() - sent)
-        await asyncio.sleep(0.05)
-    return worst
-
-
 # 1 MiB frames of silence (16 s of audio each; tiny once compressed), and frames of one sample.
 FLOODS = {
     "large_silent_frames": encode_samples(np.zeros(262_144, dtype=np.float32)),
@@ -82,7 +70,7 @@ def test_another_streams_pings_are_answered_while_one_floods(
             asyncio.to_thread(_flood, running.ws_url(), frame, ready, FLOOD_SECONDS)
         )
         await asyncio.to_thread(ready.wait, 30)
-        worst = await _worst_pong(quiet, time.monotonic() + FLOOD_SECONDS)
+        worst, _ = await worst_pong(quiet, FLOOD_SECONDS)
         sent = await flooding
         await quiet.close()
         return worst, sent

@@ -26,7 +26,7 @@ from streamscribe.config import Settings
 from streamscribe.server.quotas import utc_day
 from streamscribe.server.store import open_store
 from tests.conftest import free_port
-from tests.server.ws_helpers import limits, new_key, open_stream, refused
+from tests.server.ws_helpers import limits, new_key, open_stream, refused, worst_pong
 
 STREAM_TTL_SECONDS = 1.5
 
@@ -325,3 +325,39 @@ def test_redis_losing_its_data_keeps_the_days_usage(
     store = open_store(replica.settings)
     assert store.usage_seconds("alice", day) == pytest.approx(5.0)
     store.close()
+
+
+def test_a_hung_redis_does_not_hold_up_running_streams(
+    start_replicas: Callable[..., list[Replica]], redis_server: RedisServer
+) -> None:
+    [replica] = start_replicas({})
+    key = new_key(replica, "alice", tier="standard")
+    frame = json.dumps({"type": "audio", "data": encode_samples(np.zeros(1600, dtype=np.float32))})
+    assert redis_server.process is not None
+
+    async def scenario() -> tuple[float, int, int | None]:
+        """Stream 0.1 s frames, each followed by a ping, before, while and after Redis is paused."""
+        ws = await open_stream(replica.ws_url(key))
+        assert json.loads(await ws.recv())["state"] == "ready"
+        _, before = await worst_pong(ws, 1.0, frame)
+        redis_server.process.send_signal(signal.SIGSTOP)  # up, connected, answering nothing
+        try:
+            worst, during = await worst_pong(ws, 4.0, frame)
+        finally:
+            redis_server.process.send_signal(signal.SIGCONT)
+        _, after = await worst_pong(ws, 1.0, frame)
+        await ws.send(json.dumps({"type": "stop"}))
+        async for _ in ws:
+            pass
+        return worst, before + during + after, ws.close_code
+
+    worst, sent, close_code = asyncio.run(scenario())
+    assert worst < 0.5
+    assert close_code == 1000
+    # What was charged while Redis did not answer reached it afterwards, once.
+    expected = sent * 0.1 / 60
+    deadline = time.monotonic() + 5
+    while (used := limits(replica, key)["used_today_minutes"]) < expected - 1e-4:  # 4 decimals
+        assert time.monotonic() < deadline, (used, expected)
+        time.sleep(0.1)
+    assert used == pytest.approx(expected, abs=1e-4)

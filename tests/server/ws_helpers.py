@@ -3,8 +3,10 @@ WebSocket connections that are held open or refused."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import time
 from typing import Any, Protocol
 
 import httpx
@@ -65,3 +67,21 @@ async def refused(
                 if frame["type"] == "error":
                     error = frame
     return ws.close_code, error
+
+
+async def worst_pong(ws: ClientConnection, seconds: float, frame: str | None = None) -> tuple[float, int]:
+    """Ping about every 0.1 s for ``seconds``, each ping after ``frame`` when given: (the longest wait for a
+    pong, pings sent)."""
+    worst, pings = 0.0, 0
+    until = time.monotonic() + seconds
+    while time.monotonic() < until:
+        if frame is not None:
+            await ws.send(frame)
+        pinged = time.monotonic()
+        await ws.send(json.dumps({"type": "ping"}))
+        pings += 1
+        while json.loads(await ws.recv())["type"] != "pong":
+            pass
+        worst = max(worst, time.monotonic() - pinged)
+        await asyncio.sleep(0.1)
+    return worst, pings

@@ -9,6 +9,8 @@ Redis keys (``ss:`` prefix):
                                so the slots of a crashed replica lapse after ``stream_ttl_seconds``.
     ss:usage:{user}:{day}      seconds of audio used that UTC day (float), kept for two days.
     ss:rate:{kind}:{id}:{win}  connection attempts in one minute window (key id or address).
+    ss:charged:{stream}        the number of the last batch of a stream's seconds added to its usage, so
+                               that a batch sent again (its answer lost to a timeout) is not added twice.
 Every check-and-change is one Lua script, so replicas never race each other.
 """
 
@@ -28,9 +30,11 @@ Clock = Callable[[], float]
 # The day's usage to start a missing counter from, read when it is found missing (not when a stream opened:
 # by then the database and the other streams may have moved on).
 Seed = Callable[[], Awaitable[float]]
+Batch = tuple[str, int]  # (stream id, batch number): a stream's batches are numbered from 1 up
 T = TypeVar("T")
 
 USAGE_TTL_SECONDS = 2 * 86400
+BATCH_TTL_SECONDS = 3600  # how long a stream's last batch number is kept after its last batch
 RATE_WINDOW_SECONDS = 60
 
 
@@ -78,6 +82,11 @@ class Counters(Protocol):
 
     async def refund(self, user: str, day: str, seconds: float, seed: Seed) -> float:
         """Take back ``seconds`` charged earlier (never below zero); the day's new total."""
+        ...
+
+    async def add_batch(self, user: str, day: str, seconds: float, seed: Seed, batch: Batch) -> float:
+        """Add a stream's ``batch`` of seconds to the day's usage, whatever the limit; the day's total. A
+        batch is added once: sent again (its first answer was lost), it only returns the total."""
         ...
 
     async def hit(self, bucket: str, now: float) -> int:
@@ -149,6 +158,10 @@ class LocalCounters:
         total = max(0.0, used + seconds)
         self._usage[(user, day)] = total
         return Charge(True, total - used, total)
+
+    async def add_batch(self, user: str, day: str, seconds: float, seed: Seed, batch: Batch) -> float:
+        # A call in this process never loses its answer, so no batch comes twice.
+        return (await self.charge(user, day, seconds, None, seed)).total
 
     async def hit(self, bucket: str, now: float) -> int:
         window = int(now // RATE_WINDOW_SECONDS)
@@ -227,6 +240,20 @@ redis.call('SET', KEYS[1], tostring(total), 'EX', ARGV[3])
 return {1, tostring(total - used), tostring(total)}
 """
 
+# KEYS: usage, ss:charged:{stream}. ARGV: seconds, usage ttl, batch number, its ttl, seed. Returns the
+# total, or MISSING.
+_ADD_BATCH = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  if ARGV[5] == '' then return 'missing' end
+  redis.call('SET', KEYS[1], ARGV[5], 'EX', ARGV[2])
+end
+if tonumber(redis.call('GET', KEYS[2]) or '0') >= tonumber(ARGV[3]) then return redis.call('GET', KEYS[1]) end
+redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[4])
+local total = redis.call('INCRBYFLOAT', KEYS[1], ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return total
+"""
+
 # ARGV: ttl, seed. Returns the usage, or MISSING.
 _USED = """
 if redis.call('EXISTS', KEYS[1]) == 0 then
@@ -273,6 +300,7 @@ class RedisCounters:
                 "active": _ACTIVE_STREAMS,
                 "charge": _CHARGE,
                 "adjust": _ADJUST,
+                "add_batch": _ADD_BATCH,
                 "used": _USED,
                 "hit": _HIT,
             }.items()
@@ -309,11 +337,12 @@ class RedisCounters:
     async def active_streams(self, user: str) -> int:
         return int(await self._call("active", [f"ss:streams:{user}"], []))
 
-    async def _seeded(self, name: str, key: str, args: list[Any], seed: Seed) -> Any:
+    async def _seeded(self, name: str, keys: str | list[str], args: list[Any], seed: Seed) -> Any:
         """Run a usage script; when it finds the counter missing, again with a seed read just now."""
-        result = await self._call(name, [key], [*args, ""])
+        keys = [keys] if isinstance(keys, str) else keys
+        result = await self._call(name, keys, [*args, ""])
         if result == MISSING:
-            result = await self._call(name, [key], [*args, repr(await seed())])
+            result = await self._call(name, keys, [*args, repr(await seed())])
         return result
 
     async def charge(self, user: str, day: str, seconds: float, limit: float | None, seed: Seed) -> Charge:
@@ -340,6 +369,12 @@ class RedisCounters:
             seed,
         )
         return Charge(bool(int(accepted)), float(added), float(total))
+
+    async def add_batch(self, user: str, day: str, seconds: float, seed: Seed, batch: Batch) -> float:
+        stream_id, number = batch
+        keys = [f"ss:usage:{user}:{day}", f"ss:charged:{stream_id}"]
+        args = [repr(seconds), USAGE_TTL_SECONDS, number, BATCH_TTL_SECONDS]
+        return float(await self._seeded("add_batch", keys, args, seed))
 
     async def hit(self, bucket: str, now: float) -> int:
         window = int(now // RATE_WINDOW_SECONDS)

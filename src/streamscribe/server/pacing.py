@@ -2,8 +2,10 @@
 
 A stream that sends faster is not cut off: the connection reads its next frame only once it is back
 within its budget, so the excess waits in the client's socket (TCP backpressure) and costs this server
-nothing. Without this, one client's audio work (decoding, resampling, the VAD) could take the event loop
-and the CPUs from every other stream: a minute of silence compresses to a few hundred bytes.
+nothing. Without this, one client's audio work (decoding, resampling, the VAD) could take the CPUs from
+every other stream. Frames are counted as inflated: with WebSocket compression, 16 s of silence (1 MiB of
+base64) arrives as about 1 KB and is inflated before the app sees it, which is why compression is off
+unless ``streaming.permessage_deflate`` is set.
 """
 
 from __future__ import annotations

@@ -20,7 +20,6 @@ from datetime import UTC, datetime
 from streamscribe.config import Settings, TierLimits
 from streamscribe.protocol import ErrorType, Quota, StreamError, StreamLimitsReport, quota_exceeded
 from streamscribe.server.counters import (
-    Charge,
     Clock,
     Counters,
     LocalCounters,
@@ -31,6 +30,9 @@ from streamscribe.server.counters import (
 from streamscribe.server.store import KeyStore, StoreBusy
 
 log = logging.getLogger(__name__)
+
+# After the shared counters failed to take a stream's seconds, the next try waits this long.
+RESEND_AFTER_SECONDS = 1.0
 
 
 def utc_day(now: float) -> str:
@@ -177,7 +179,9 @@ class Quotas:
             return await self._open_on_allowance(
                 user, limits, stream_id, day, await self._usage.total(user, day)
             )
-        return self._lease(user, limits, stream_id, counters, {day: used}, allowance_seconds=None)
+        return self._lease(
+            user, limits, stream_id, counters, {day: used}, allowance_seconds=None, known_used={day: used}
+        )
 
     async def _open_on_allowance(
         self, user: str, limits: TierLimits | None, stream_id: str, day: str, seed: float
@@ -206,6 +210,7 @@ class Quotas:
         counters: Counters,
         stored_usage: dict[str, float],
         allowance_seconds: float | None,
+        known_used: dict[str, float] | None = None,
     ) -> StreamLease:
         lease = StreamLease(
             user,
@@ -217,6 +222,7 @@ class Quotas:
             ttl=self._settings.shared_store.stream_ttl_seconds,
             stored_usage=stored_usage,
             allowance_seconds=allowance_seconds,
+            known_used=known_used,
         )
         lease.start_heartbeat()
         return lease
@@ -270,6 +276,11 @@ class Quotas:
 class StreamLease:
     """One admitted stream: holds its slot (refreshed while open) and charges the audio it receives.
 
+    A frame is checked against the day's total as last known plus what this stream has charged since, and
+    the seconds go to the counters in the background, one batch at a time (whatever came in while the
+    previous batch was on its way): a slow or hung Redis never holds up a frame. A batch whose answer is
+    lost is sent again under its number, which Redis adds once.
+
     Args:
         counters: Where the slot and the minutes are counted: the shared counters, or this replica's
             fail_open allowance.
@@ -277,6 +288,7 @@ class StreamLease:
         ttl: Seconds a slot lives unless refreshed.
         stored_usage: Day -> the day's usage when first seen (what is known if Redis goes away first).
         allowance_seconds: What a user may use per day on the fail_open allowance; None: not on it.
+        known_used: Day -> the day's total as the counters gave it when the stream was admitted.
     """
 
     def __init__(
@@ -291,6 +303,7 @@ class StreamLease:
         ttl: float,
         stored_usage: dict[str, float],
         allowance_seconds: float | None,
+        known_used: dict[str, float] | None = None,
     ) -> None:
         self._user = user
         self._limits = limits
@@ -301,8 +314,12 @@ class StreamLease:
         self._ttl = ttl
         self._stored_usage = stored_usage
         self._allowance_seconds = allowance_seconds
-        self._known_used: dict[str, float] = {}  # day -> last total seen in the counters, or estimated
-        self._unsynced: dict[str, float] = defaultdict(float)  # day -> seconds charged while Redis was away
+        self._known_used = dict(known_used or {})  # day -> the last total the counters gave
+        self._unsent: dict[str, float] = defaultdict(float)  # day -> seconds charged, in no batch yet
+        self._batch: tuple[int, str, float] | None = None  # (number, day, seconds) on its way
+        self._batches = 0
+        self._sender: asyncio.Task[None] | None = None
+        self._resend_at = 0.0  # monotonic time before which a failed batch is not sent again
         self._refundable: dict[str, float] = {}  # day -> seconds charge_if_fits charged (files)
         self._heartbeat: asyncio.Task[None] | None = None
         self._closed = False
@@ -334,24 +351,41 @@ class StreamLease:
             if limit is not None:
                 allowance = min(allowance, max(0.0, limit - seed))
             charge = await self._counters.charge(self._user, day, seconds, allowance, _nothing_used)
-        else:
-            fresh_seed = self._usage.seed(self._user, day)
-            try:
-                if self._unsynced.get(day):
-                    backlog = self._unsynced.pop(day)
-                    await self._counters.charge(self._user, day, backlog, None, fresh_seed)
-                charge = await self._counters.charge(self._user, day, seconds, limit, fresh_seed)
-            except SharedStoreUnavailable:
-                # A running stream goes on while Redis is away, checked against what was last known.
-                used = self._known_used.get(day, seed)
-                fits = limit is None or used + seconds <= limit
-                added = seconds if fits else max(0.0, (limit or 0.0) - used)
-                charge = Charge(fits, added, used + added)
-                self._unsynced[day] += added
-            self._known_used[day] = charge.total
-        self._usage.record(self._user, day, charge.added)
-        if not charge.accepted:
+            self._usage.record(self._user, day, charge.added)
+            if not charge.accepted:
+                raise _minutes_used_up(self._limits)
+            return
+        # While Redis is away this goes on against what was last known.
+        used = self._known_used.get(day, seed) + self._unsent.get(day, 0.0)
+        if self._batch is not None and self._batch[1] == day:
+            used += self._batch[2]
+        fits = limit is None or used + seconds <= limit
+        added = seconds if fits else max(0.0, (limit or 0.0) - used)
+        if added:
+            self._unsent[day] += added
+            self._usage.record(self._user, day, added)
+            if (self._sender is None or self._sender.done()) and time.monotonic() >= self._resend_at:
+                self._sender = asyncio.create_task(self._send_batches())
+        if not fits:
             raise _minutes_used_up(self._limits)
+
+    async def _send_batches(self) -> None:
+        """Add the seconds charged to the counters, a batch at a time, until none is left or one fails."""
+        while self._batch is not None or self._unsent:
+            if self._batch is None:
+                day, seconds = self._unsent.popitem()
+                self._batches += 1
+                self._batch = (self._batches, day, seconds)
+            number, day, seconds = self._batch
+            try:
+                total = await self._counters.add_batch(
+                    self._user, day, seconds, self._usage.seed(self._user, day), (self._stream_id, number)
+                )
+            except SharedStoreUnavailable:
+                self._resend_at = time.monotonic() + RESEND_AFTER_SECONDS
+                return
+            self._batch = None
+            self._known_used[day] = total
 
     async def close(self) -> None:
         """Free the slot and write the usage out."""
@@ -360,6 +394,10 @@ class StreamLease:
         self._closed = True
         if self._heartbeat is not None:
             self._heartbeat.cancel()
+        if self._sender is not None:
+            await self._sender
+        if time.monotonic() >= self._resend_at:  # one last try, unless one has just failed
+            await self._send_batches()
         with contextlib.suppress(SharedStoreUnavailable):
             await self._counters.release_stream(self._user, self._stream_id)
         await self._usage.flush()

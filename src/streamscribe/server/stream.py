@@ -292,7 +292,7 @@ class StreamConnection:
                     ) from None
                 message = parse_client_message(text)
                 if self._ending:
-                    continue  # shutting down: audio after the last utterance is not transcribed
+                    continue  # shutting down, or the key lapsed: audio after the last utterance is dropped
                 if isinstance(message, AudioMessage):
                     # Decoding and resampling run in a thread, off the event loop (the VAD too: feed).
                     count, samples = await asyncio.to_thread(
