@@ -47,6 +47,8 @@ class UsageLedger:
         self._store = store
         self._flush_seconds = flush_seconds
         self._unflushed: dict[tuple[str, str], float] = defaultdict(float)
+        # Recorded here but not yet in the live counters (a stream's batch on its way): not part of a seed.
+        self._uncounted: dict[tuple[str, str], float] = defaultdict(float)
         self._lock = asyncio.Lock()
         self._flusher: asyncio.Task[None] | None = None
 
@@ -64,17 +66,29 @@ class UsageLedger:
         is missing. (Other replicas' unwritten seconds are not known here.)"""
         # Under the flush lock: seconds being written are then either in the database or still unflushed.
         async with self._lock:
-            return await self.stored(user, day) + self.unflushed(user, day)
+            return await self.stored(user, day) + self.unflushed(user, day) - self._uncounted.get((user, day), 0.0)
 
     def seed(self, user: str, day: str) -> Seed:
         """``total`` for one user and day, read only when called (when a counter is found missing)."""
         return lambda: self.total(user, day)
 
-    def record(self, user: str, day: str, seconds: float) -> None:
-        """Add charged seconds; the first call starts the periodic writer."""
+    def record(self, user: str, day: str, seconds: float, in_counters: bool = True) -> None:
+        """Add charged seconds; the first call starts the periodic writer. ``in_counters`` False: they reach
+        the live counters later (``counted``), so a counter seeded meanwhile must not hold them yet."""
         self._unflushed[(user, day)] += seconds
+        if not in_counters:
+            self._uncounted[(user, day)] += seconds
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush_periodically())
+
+    def counted(self, user: str, day: str, seconds: float) -> None:
+        """Seconds recorded with ``in_counters=False`` reached the counters, or never will (then a seed
+        should hold them: they are in the database)."""
+        left = self._uncounted[(user, day)] - seconds
+        if left > 1e-9:
+            self._uncounted[(user, day)] = left
+        else:
+            del self._uncounted[(user, day)]
 
     async def flush(self) -> None:
         """Write the seconds recorded since the last flush to the database."""
@@ -363,7 +377,7 @@ class StreamLease:
         added = seconds if fits else max(0.0, (limit or 0.0) - used)
         if added:
             self._unsent[day] += added
-            self._usage.record(self._user, day, added)
+            self._usage.record(self._user, day, added, in_counters=False)
             if (self._sender is None or self._sender.done()) and time.monotonic() >= self._resend_at:
                 self._sender = asyncio.create_task(self._send_batches())
         if not fits:
@@ -386,6 +400,7 @@ class StreamLease:
                 return
             self._batch = None
             self._known_used[day] = total
+            self._usage.counted(self._user, day, seconds)
 
     async def close(self) -> None:
         """Free the slot and write the usage out."""
@@ -398,6 +413,10 @@ class StreamLease:
             await self._sender
         if time.monotonic() >= self._resend_at:  # one last try, unless one has just failed
             await self._send_batches()
+        # What did not reach the counters never will: it is in the database, where a seed reads it.
+        undelivered = [*self._unsent.items(), *([self._batch[1:]] if self._batch else [])]
+        for day, seconds in undelivered:
+            self._usage.counted(self._user, day, seconds)
         with contextlib.suppress(SharedStoreUnavailable):
             await self._counters.release_stream(self._user, self._stream_id)
         await self._usage.flush()
