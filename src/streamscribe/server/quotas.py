@@ -66,7 +66,8 @@ class UsageLedger:
         is missing. (Other replicas' unwritten seconds are not known here.)"""
         # Under the flush lock: seconds being written are then either in the database or still unflushed.
         async with self._lock:
-            return await self.stored(user, day) + self.unflushed(user, day) - self._uncounted.get((user, day), 0.0)
+            uncounted = self._uncounted.get((user, day), 0.0)
+            return await self.stored(user, day) + self.unflushed(user, day) - uncounted
 
     def seed(self, user: str, day: str) -> Seed:
         """``total`` for one user and day, read only when called (when a counter is found missing)."""
