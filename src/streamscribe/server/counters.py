@@ -205,13 +205,22 @@ _ACTIVE_STREAMS = (
 # script answers MISSING: the caller then reads a fresh seed and runs it again with that.
 MISSING = "missing"
 
+
+def _seeded_counter(seed: int, ttl: int) -> str:
+    """Lua that starts a missing counter KEYS[1] from ARGV[seed] (to live ARGV[ttl] s), or, when that
+    seed is '', answers MISSING."""
+    return f"""
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  if ARGV[{seed}] == '' then return '{MISSING}' end
+  redis.call('SET', KEYS[1], ARGV[{seed}], 'EX', ARGV[{ttl}])
+end"""
+
+
 # ARGV: seconds, limit (negative: none), ttl, seed. Returns {accepted, added, total} (numbers as strings:
 # Lua numbers would reach Python as integers), or MISSING.
-_CHARGE = """
-if redis.call('EXISTS', KEYS[1]) == 0 then
-  if ARGV[4] == '' then return 'missing' end
-  redis.call('SET', KEYS[1], ARGV[4], 'EX', ARGV[3])
-end
+_CHARGE = (
+    _seeded_counter(seed=4, ttl=3)
+    + """
 local used = tonumber(redis.call('GET', KEYS[1]))
 local limit = tonumber(ARGV[2])
 if limit >= 0 and used + tonumber(ARGV[1]) > limit then
@@ -223,14 +232,13 @@ local total = redis.call('INCRBYFLOAT', KEYS[1], ARGV[1])
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 return {1, ARGV[1], total}
 """
+)
 
 # charge_if_fits (seconds > 0) and refund (seconds < 0, never below zero). ARGV as for _CHARGE. Returns
 # {accepted, added, total} like _CHARGE, but a charge that does not fit changes nothing; or MISSING.
-_ADJUST = """
-if redis.call('EXISTS', KEYS[1]) == 0 then
-  if ARGV[4] == '' then return 'missing' end
-  redis.call('SET', KEYS[1], ARGV[4], 'EX', ARGV[3])
-end
+_ADJUST = (
+    _seeded_counter(seed=4, ttl=3)
+    + """
 local used = tonumber(redis.call('GET', KEYS[1]))
 local seconds = tonumber(ARGV[1])
 local limit = tonumber(ARGV[2])
@@ -239,29 +247,28 @@ local total = math.max(0, used + seconds)
 redis.call('SET', KEYS[1], tostring(total), 'EX', ARGV[3])
 return {1, tostring(total - used), tostring(total)}
 """
+)
 
 # KEYS: usage, ss:charged:{stream}. ARGV: seconds, usage ttl, batch number, its ttl, seed. Returns the
 # total, or MISSING.
-_ADD_BATCH = """
-if redis.call('EXISTS', KEYS[1]) == 0 then
-  if ARGV[5] == '' then return 'missing' end
-  redis.call('SET', KEYS[1], ARGV[5], 'EX', ARGV[2])
-end
+_ADD_BATCH = (
+    _seeded_counter(seed=5, ttl=2)
+    + """
 if tonumber(redis.call('GET', KEYS[2]) or '0') >= tonumber(ARGV[3]) then return redis.call('GET', KEYS[1]) end
 redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[4])
 local total = redis.call('INCRBYFLOAT', KEYS[1], ARGV[1])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 return total
 """
+)
 
 # ARGV: ttl, seed. Returns the usage, or MISSING.
-_USED = """
-if redis.call('EXISTS', KEYS[1]) == 0 then
-  if ARGV[2] == '' then return 'missing' end
-  redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[1])
-end
+_USED = (
+    _seeded_counter(seed=2, ttl=1)
+    + """
 return redis.call('GET', KEYS[1])
 """
+)
 
 _HIT = """
 local count = redis.call('INCR', KEYS[1])
