@@ -162,12 +162,13 @@ class ServerProcess:
         return [line for line in self.log.read_text().splitlines() if line.strip()]
 
 
-def start_process(tmp_path: Path, **env: str) -> ServerProcess:
-    """``streamscribe serve`` in a process of its own on a loopback port, ready when this returns."""
+def start_process(tmp_path: Path, *args: str, **env: str) -> ServerProcess:
+    """``streamscribe serve`` (with ``args``) in a process of its own on a loopback port, ready when this
+    returns."""
     port = free_port()
     log = tmp_path / "server.log"
     process = subprocess.Popen(
-        [sys.executable, "-m", "streamscribe.cli", "serve", "--port", str(port)],
+        [sys.executable, "-m", "streamscribe.cli", "serve", "--port", str(port), *args],
         env={
             **os.environ,
             "HF_HUB_OFFLINE": "1",
@@ -197,8 +198,8 @@ def server_process(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
     """Starts server processes with extra environment variables; kills them after the test."""
     started: list[ServerProcess] = []
 
-    def start(**env: str) -> ServerProcess:
-        started.append(start_process(tmp_path, **env))
+    def start(*args: str, **env: str) -> ServerProcess:
+        started.append(start_process(tmp_path, *args, **env))
         return started[-1]
 
     yield start

@@ -43,6 +43,35 @@ def decode_audio_payload(data: str, audio_format: AudioFormat, max_bytes: int) -
     return np.clip(samples, -1.0, 1.0).astype(np.float32, copy=False)
 
 
+# Sample widths of raw PCM (Wyoming's audio chunks): 8-bit unsigned, 16- and 32-bit signed, little-endian.
+_PCM_DTYPES: dict[int, np.dtype] = {1: np.dtype("u1"), 2: np.dtype("<i2"), 4: np.dtype("<i4")}
+PCM_WIDTHS = tuple(_PCM_DTYPES)
+MAX_PCM_CHANNELS = 8
+
+
+def decode_pcm(raw: bytes, width: int, channels: int) -> np.ndarray:
+    """Interleaved raw PCM of ``width`` bytes a sample and ``channels`` channels -> mono float32 in [-1, 1]
+    (channels averaged). Raises StreamError(invalid_audio)."""
+    dtype = _PCM_DTYPES.get(width)
+    if dtype is None:
+        raise StreamError(ErrorType.INVALID_AUDIO, f"sample width {width} is not one of {PCM_WIDTHS} bytes")
+    if not 1 <= channels <= MAX_PCM_CHANNELS:
+        raise StreamError(ErrorType.INVALID_AUDIO, f"{channels} channels: expected 1 to {MAX_PCM_CHANNELS}")
+    frame_bytes = width * channels
+    if len(raw) % frame_bytes:
+        raise StreamError(
+            ErrorType.INVALID_AUDIO,
+            f"audio has {len(raw)} bytes, not a multiple of {frame_bytes} ({channels} channels of {width})",
+        )
+    samples = np.frombuffer(raw, dtype=dtype).astype(np.float32)
+    if width == 1:
+        samples -= 128.0
+    samples /= float(1 << (8 * width - 1))
+    if channels > 1:
+        samples = samples.reshape(-1, channels).mean(axis=1)
+    return samples
+
+
 class StreamResampler:
     """Resamples a live stream chunk by chunk, keeping filter state across chunk borders."""
 

@@ -58,6 +58,8 @@ def _serve(args: argparse.Namespace) -> int:
             ssl_certfile=args.ssl_certfile,
             ssl_keyfile=args.ssl_keyfile,
             trusted_proxies=args.trusted_proxies,
+            wyoming_port=args.wyoming_port,
+            wyoming_host=args.wyoming_host,
         )
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -99,6 +101,12 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"  page:    {base}/#token={api_key}", flush=True)
     print(f"  stream:  {ws}://{shown_host}:{settings.port}{STREAM_PATH}?token=<API key>", flush=True)
     print(f"  files:   {base}/v1 (OpenAI-compatible)", flush=True)
+    if settings.wyoming_port:
+        print(
+            f"  wyoming: tcp://{settings.wyoming_host}:{settings.wyoming_port} (no keys: trusted "
+            "networks only)",
+            flush=True,
+        )
     if multi_user:
         print("  API keys: multi-user mode, keys from `streamscribe keys create --user NAME`", flush=True)
     else:
@@ -374,6 +382,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ADDR[,ADDR...]",
         help="proxies whose X-Forwarded-For is believed, addresses or CIDR ranges "
         "(STREAMSCRIBE_TRUSTED_PROXIES; default: none)",
+    )
+    serve.add_argument(
+        "--wyoming-port",
+        type=int,
+        help="also serve the Wyoming protocol (Home Assistant) on this TCP port; no keys, trusted network "
+        "only (STREAMSCRIBE_WYOMING_PORT; default: off)",
+    )
+    serve.add_argument(
+        "--wyoming-host", help="address of the Wyoming port (STREAMSCRIBE_WYOMING_HOST; default: 127.0.0.1)"
     )
     serve.set_defaults(handler=_serve)
 

@@ -305,6 +305,20 @@ class Settings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="Address to listen on.")
     port: int = Field(8000, ge=0, le=65535, description="Port to listen on.")
+    wyoming_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="Also serve speech-to-text over the Wyoming protocol (Home Assistant's voice "
+        "assistants) on this TCP port. Unset: off. Wyoming has no keys: anyone who reaches the port may "
+        "transcribe, so keep it on a trusted network.",
+    )
+    wyoming_host: str = Field(
+        "127.0.0.1",
+        description="Address the Wyoming port listens on: this machine only by default. Another address "
+        "(e.g. 0.0.0.0 for Home Assistant on another host) exposes it, without keys, to that network; "
+        "access.ip_allowlist still applies.",
+    )
     api_key: SecretStr | None = Field(
         None,
         description="The single user's API key, at least 16 characters (serve refuses a shorter one). When "

@@ -31,6 +31,7 @@ from streamscribe.server.runtime import Runtime
 from streamscribe.server.stream import StreamConnection
 from streamscribe.server.uploads import UploadGate
 from streamscribe.server.web import add_web_page
+from streamscribe.server.wyoming import WyomingServer
 
 STREAM_PATH = "/api/v1/audio/stream/transcribe"
 LIMITS_PATH = "/api/v1/audio/stream/limits"
@@ -48,7 +49,12 @@ def create_app(settings: Settings, api_key: str) -> FastAPI:
         app.state.runtime = runtime
         if settings.preload:
             await runtime.preload()
+        wyoming = WyomingServer(runtime) if settings.wyoming_port else None
+        if wyoming is not None:
+            await wyoming.start()
         yield
+        if wyoming is not None:
+            await wyoming.close()
         await runtime.close()
 
     app = FastAPI(title="streamscribe", version=__version__, lifespan=lifespan)
