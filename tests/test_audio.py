@@ -14,6 +14,7 @@ from streamscribe.audio import (
     StreamResampler,
     audio_file_seconds,
     decode_audio_payload,
+    decode_pcm,
     iter_audio_file,
 )
 from streamscribe.protocol import ErrorType, StreamError
@@ -52,6 +53,27 @@ def test_invalid_frames_are_rejected(payload: str, audio_format: str, reason: st
         decode_audio_payload(payload, audio_format, 256)  # type: ignore[arg-type]
     assert caught.value.error_type is ErrorType.INVALID_AUDIO and caught.value.close_code is None
     assert reason in caught.value.message
+
+
+def test_raw_pcm_of_every_width_decodes_to_the_same_mono_signal() -> None:
+    """Wyoming's chunks: 8-bit unsigned, 16- and 32-bit signed; channels averaged."""
+    signal = np.linspace(-0.5, 0.5, 64, dtype=np.float32)
+    as_8 = (signal * 128 + 128).astype("u1").tobytes()
+    as_16 = (signal * 32768).astype("<i2").tobytes()
+    stereo_32 = (np.stack([signal, -signal / 2], axis=1).reshape(-1) * 2**31).astype("<i4").tobytes()
+    np.testing.assert_allclose(decode_pcm(as_8, 1, 1), signal, atol=1 / 128)
+    np.testing.assert_allclose(decode_pcm(as_16, 2, 1), signal, atol=1e-4)
+    np.testing.assert_allclose(decode_pcm(stereo_32, 4, 2), signal / 4, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("raw", "width", "channels", "reason"),
+    [(b"\0" * 6, 3, 1, "width"), (b"\0" * 4, 2, 0, "channels"), (b"\0" * 6, 2, 2, "multiple")],
+)
+def test_invalid_raw_pcm_is_rejected(raw: bytes, width: int, channels: int, reason: str) -> None:
+    with pytest.raises(StreamError) as caught:
+        decode_pcm(raw, width, channels)
+    assert caught.value.error_type is ErrorType.INVALID_AUDIO and reason in caught.value.message
 
 
 def test_streamed_resampling_matches_length_and_tone() -> None:

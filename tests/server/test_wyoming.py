@@ -268,3 +268,16 @@ def test_wyoming_streams_count_against_max_streams(make_server: Callable[..., Ru
 
     refused = asyncio.run(scenario())
     assert [(e.type, Error.from_event(e).code) for e in refused] == [("error", "server_busy")]
+
+
+def test_addresses_off_the_allowlist_are_refused(make_server: Callable[..., RunningServer]) -> None:
+    """The allowlist is Wyoming's only access control (it has no keys)."""
+    port = free_port()
+    make_server(wyoming_port=port, access={"ip_allowlist": ["10.0.0.0/8"]})
+
+    async def scenario() -> list[Event]:
+        async with AsyncTcpClient("127.0.0.1", port, read_timeout=READ_TIMEOUT) as client:
+            await client.write_event(Describe().event())
+            return await read_until(client)
+
+    assert [(e.type, Error.from_event(e).code) for e in asyncio.run(scenario())] == [("error", "forbidden")]
