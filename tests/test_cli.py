@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -167,6 +168,15 @@ def test_serve_refuses_a_weak_api_key() -> None:
     done = run_cli("serve", "--port", "0", env={"STREAMSCRIBE_API_KEY": "change-me"}, timeout=30)
     assert done.returncode == 2
     assert "STREAMSCRIBE_API_KEY is too weak: 9 characters, at least 16" in done.stderr
+
+
+def test_serve_reports_a_taken_wyoming_port() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        done = run_cli("serve", "--port", "0", "--wyoming-port", str(port), timeout=30)
+    assert done.returncode == 2
+    assert f"error: cannot listen for Wyoming on 127.0.0.1:{port}" in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 def test_serve_checks_the_trusted_proxies_flag() -> None:

@@ -81,6 +81,16 @@ def _serve(args: argparse.Namespace) -> int:
         if path and not path.is_file():
             print(f"error: TLS file not found: {path}", file=sys.stderr)
             return 2
+    if settings.wyoming_port:
+        import socket
+
+        # Checked here, before the models load, so that a taken port is a message and not a traceback.
+        try:
+            socket.create_server((settings.wyoming_host, settings.wyoming_port)).close()
+        except OSError as exc:
+            where = f"{settings.wyoming_host}:{settings.wyoming_port}"
+            print(f"error: cannot listen for Wyoming on {where}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
     whisper = next(row for row in EngineRegistry(settings).status() if row.model == "whisper")
     if not whisper.available:
         print(f"error: the default Whisper engine cannot start: {whisper.reason}", file=sys.stderr)

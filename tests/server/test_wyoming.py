@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import httpx
@@ -19,6 +19,8 @@ from wyoming.event import Event, async_read_event
 from wyoming.info import Describe, Info
 from wyoming.ping import Ping
 
+from streamscribe.engines.base import AudioWindow
+from streamscribe.engines.base import Transcript as EngineTranscript
 from tests.conftest import DATA, RunningServer, ServerProcess, free_port, read_wav, word_error_rate
 
 SHORT = read_wav(DATA / "short.wav")[0]
@@ -281,3 +283,33 @@ def test_addresses_off_the_allowlist_are_refused(make_server: Callable[..., Runn
             return await read_until(client)
 
     assert [(e.type, Error.from_event(e).code) for e in asyncio.run(scenario())] == [("error", "forbidden")]
+
+
+class _BrokenEngine:
+    """Loads fine, fails on every decode (a model out of memory)."""
+
+    name = "whisper-broken"
+    sample_rate = 16000
+    languages = frozenset({"en"})
+
+    def transcribe(self, batch: Sequence[AudioWindow]) -> list[EngineTranscript]:
+        raise RuntimeError("out of memory")
+
+
+def test_an_engine_failure_is_an_internal_error(make_server: Callable[..., RunningServer]) -> None:
+    port = free_port()
+    running = make_server(wyoming_port=port)
+    running.app.state.runtime.registry.get = lambda *choice: _BrokenEngine()
+
+    async def scenario() -> Answer:
+        async with AsyncTcpClient("127.0.0.1", port, read_timeout=READ_TIMEOUT) as client:
+            answer = await transcribe(client, pcm16(SHORT))
+            assert await read_until(client) == []  # then the server hangs up, its stream freed
+            return answer
+
+    answer = asyncio.run(scenario())
+    assert [(error.code, error.text) for error in answer.errors] == [
+        ("internal_error", "the speech engine failed")
+    ]
+    assert "transcript" not in answer.types
+    assert running.app.state.runtime.active_streams == 0
