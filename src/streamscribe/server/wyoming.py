@@ -282,7 +282,10 @@ class WyomingConnection:
         elif Transcribe.is_type(event.type):
             if self._transcription is not None:
                 raise StreamError(ErrorType.BAD_REQUEST, "transcribe during a transcription: send audio-stop")
-            self._request = Transcribe.from_event(event)
+            request = Transcribe.from_event(event)
+            if not all(isinstance(value, str | None) for value in (request.name, request.language)):
+                raise StreamError(ErrorType.BAD_REQUEST, "transcribe: name and language must be strings")
+            self._request = request
         elif AudioStart.is_type(event.type):
             await self._start(event)
         elif AudioStop.is_type(event.type):
