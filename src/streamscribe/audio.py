@@ -95,11 +95,9 @@ class _G711Decoder:
         pass
 
     def __call__(self, raw: bytes) -> tuple[np.ndarray, int]:
-        if not raw:
-            return np.zeros(0, dtype=np.float32), self._rate
-        frames = self._codec.decode(av.Packet(raw))
-        pcm = np.concatenate([frame.to_ndarray().reshape(-1) for frame in frames])
-        return pcm.astype(np.float32) / 32768.0, self._rate
+        frames = self._codec.decode(av.Packet(raw)) if raw else []
+        pcm = [frame.to_ndarray().reshape(-1) for frame in frames]
+        return np.concatenate([np.zeros(0, dtype=np.int16), *pcm]).astype(np.float32) / 32768.0, self._rate
 
 
 class _PcmDecoder:
