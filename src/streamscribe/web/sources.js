@@ -64,6 +64,8 @@ export class MicrophoneSource {
   startRecorder() {
     const mimeType = opusRecorderType();
     this.recorder = new MediaRecorder(this.stream, { mimeType, audioBitsPerSecond: OPUS_BITS_PER_SECOND });
+    // Handed on as ArrayBuffers, in order. (A socket sends Blobs too, but DevTools, and so the tests, do not
+    // see Blob frames.)
     this.recorder.addEventListener("dataavailable", (event) => {
       if (!event.data.size) return;
       this.sending = this.sending.then(() => event.data.arrayBuffer()).then((bytes) => this.onFrame(bytes));
