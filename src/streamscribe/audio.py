@@ -69,6 +69,8 @@ def _g711_codec(audio_format: AudioFormat, sample_rate: int, mode: Literal["r", 
 def decode_audio_payload(data: str, audio_format: AudioFormat, max_bytes: int) -> np.ndarray:
     """Base64 samples (float32, pcm16, mulaw or alaw) -> float32 in [-1, 1], at the rate they were sent.
     Raises StreamError(invalid_audio). Opus needs a stream's state: use AudioInput."""
+    if audio_format is AudioFormat.OPUS:
+        raise ValueError("opus is decoded per stream: use AudioInput")
     raw = _base64_bytes(data, max_bytes)
     if audio_format in G711_FORMATS:
         return _G711Decoder(audio_format, G711_SAMPLE_RATE)(raw)[0]
