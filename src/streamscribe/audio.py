@@ -162,6 +162,7 @@ class _ContainerReader:
         self._decoded: list[np.ndarray] = []
         self._decoded_samples = 0
         self._error: str | None = None
+        self.finished = False  # the stream came to its end (the next bytes must start a new one)
         self._thread = threading.Thread(target=self._demux, args=(container_format,), daemon=True)
         self._thread.start()
 
@@ -172,7 +173,7 @@ class _ContainerReader:
             self._waiting = False
             self._lock.notify_all()
             caught_up = self._lock.wait_for(
-                lambda: (self._waiting and not self._pending) or self._error is not None,
+                lambda: (self._waiting and not self._pending) or self._error is not None or self.finished,
                 _OPUS_DECODE_TIMEOUT_SECONDS,
             )
             decoded, self._decoded, self._decoded_samples = self._decoded, [], 0
@@ -201,7 +202,7 @@ class _ContainerReader:
     def _demux(self, container_format: str) -> None:
         to_mono = av.audio.resampler.AudioResampler(format="flt", layout="mono", rate=OPUS_SAMPLE_RATE)
         limit = int(MAX_OPUS_FRAME_SECONDS * OPUS_SAMPLE_RATE)
-        error = "the opus stream ended: start a new one"
+        error: str | None = None
         try:
             with av.open(self, "r", format=container_format, options={"probesize": "32"}) as container:
                 if not container.streams.audio:
@@ -225,6 +226,7 @@ class _ContainerReader:
             error = f"not a valid Ogg or WebM Opus stream: {_ffmpeg_reason(exc)}"
         with self._lock:
             self._error = error
+            self.finished = True
             self._lock.notify_all()
 
 
@@ -236,6 +238,8 @@ class _ContainerOpusDecoder:
         self._reader: _ContainerReader | None = None
 
     def __call__(self, raw: bytes) -> tuple[np.ndarray, int]:
+        if self._reader is not None and self._reader.finished:
+            self.close()
         if self._reader is None:
             if not raw:
                 return np.zeros(0, dtype=np.float32), OPUS_SAMPLE_RATE
