@@ -9,8 +9,8 @@ type, picks the close code::
 
     StreamError
     ├── the session goes on: an error frame with "fatal": false
-    │   ├── bad_request          a message the server cannot use (bad JSON, unknown type, binary frame)
-    │   └── invalid_audio        a bad audio frame (base64, byte count, NaN, over the size limit)
+    │   ├── bad_request          a message the server cannot use (bad JSON, unknown type, second config)
+    │   └── invalid_audio        a bad audio frame (base64, byte count, NaN, over the size limit, not Opus)
     ├── the session ends: an error frame with "fatal": true, then the type's close code
     │   ├── auth_failed          missing, wrong, revoked or expired key
     │   ├── forbidden            a key that may not stream
@@ -22,8 +22,9 @@ type, picks the close code::
     │   ├── model_unavailable    the engine asked for is not here, and no fallback
     │   ├── timeout              no message for the idle timeout
     │   ├── internal_error       the engine failed, or a bug
-    │   └── ConfigRefused        the config is missing, late (timeout) or invalid (bad_request): 4400
-    │                            whatever the type, since nothing can follow a session that did not start
+    │   └── ConfigRefused        the config is missing, late (timeout) or invalid (bad_request; a binary
+    │                            frame before it, too): 4400 whatever the type, since nothing can follow
+    │                            a session that did not start
     └── the file API only (HTTP)
         ├── model_not_found      an unknown model name
         └── file_too_large       an upload over the size limit
