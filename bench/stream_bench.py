@@ -149,11 +149,11 @@ def start_server(token: str, stderr: Any = None) -> tuple[subprocess.Popen[bytes
 
 
 async def run_clients(
-    url: str, samples: np.ndarray, clients: int, speed: float, config: dict[str, Any]
+    url: str, samples: np.ndarray, clients: int, speed: float, config: dict[str, Any], binary: bool = False
 ) -> list[StreamResult]:
     async def one(index: int) -> StreamResult:
         await asyncio.sleep(index * 0.5 / clients)  # real users do not start in lockstep
-        return await stream_audio(url, samples, 16000, config=config, speed=speed, timeout=600)
+        return await stream_audio(url, samples, 16000, config=config, speed=speed, timeout=600, binary=binary)
 
     return await asyncio.gather(*(one(i) for i in range(clients)))
 
@@ -166,9 +166,10 @@ def measure(
     clients: int,
     speed: float,
     config: dict[str, Any],
+    binary: bool = False,
 ) -> dict[str, Any]:
     cpu_before = process_cpu_seconds(pid) if pid else None
-    results = asyncio.run(run_clients(url, samples, clients, speed, config))
+    results = asyncio.run(run_clients(url, samples, clients, speed, config, binary))
     cpu = process_cpu_seconds(pid) - cpu_before if pid and cpu_before is not None else None
     reference = " ".join(words(item["reference"]))
     first_word = item["segments"][0]["start"] / speed
@@ -220,6 +221,8 @@ def main() -> int:
     parser.add_argument("--server-pid", type=int, help="pid of an existing server, for CPU and memory")
     parser.add_argument("--model", help="model to request (server default if omitted)")
     parser.add_argument("--language", default="en")
+    parser.add_argument("--audio-format", choices=["float32", "pcm16", "mulaw", "alaw"], default="float32")
+    parser.add_argument("--binary", action="store_true", help="audio in binary frames, not base64 JSON")
     args = parser.parse_args()
 
     items = {i["path"]: i for i in json.loads(args.manifest.read_text())["items"]}
@@ -232,7 +235,7 @@ def main() -> int:
     if not args.keep_tail:
         # End the audio just after the last word, so the final lag includes decoding the last sentence.
         samples = samples[: int((item["segments"][-1]["end"] + 0.1) * 16000)]
-    config: dict[str, Any] = {"language": args.language}
+    config: dict[str, Any] = {"language": args.language, "audio_format": args.audio_format}
     if args.model:
         config["model"] = args.model
 
@@ -246,7 +249,8 @@ def main() -> int:
         pid = process.pid
     try:
         for clients in args.clients:
-            row = measure(stream_url(url, args.token), pid, samples, item, clients, args.speed, config)
+            url_with_key = stream_url(url, args.token)
+            row = measure(url_with_key, pid, samples, item, clients, args.speed, config, args.binary)
             print(json.dumps(row), flush=True)
     finally:
         if process:

@@ -8,10 +8,9 @@ import logging
 import time
 from collections import deque
 
-import numpy as np
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from streamscribe.audio import AudioFormat, StreamResampler, decode_audio_payload
+from streamscribe.audio import AudioInput, DecodedAudio
 from streamscribe.engines.base import Engine, EngineUnavailable, UnsupportedLanguage
 from streamscribe.engines.registry import UnknownModel, resolve_model
 from streamscribe.protocol import (
@@ -90,6 +89,7 @@ class StreamConnection:
         session: LiveSession | None = None
         watchers: list[asyncio.Task[None]] = []
         lease: StreamLease | None = None
+        audio_input: AudioInput | None = None
         admitted = False
         started = time.monotonic()
         self._runtime.stream_opened()
@@ -99,7 +99,7 @@ class StreamConnection:
             lease = await access.quotas.open_stream(principal.user_id, principal.limits)
             self._runtime.metrics.streams.inc()
             config = await self._receive_config()
-            engine, resampler = await self._start(config)
+            engine, audio_input = await self._start(config)
             self._runtime.admit(engine)
             admitted = True
             await self._send(StatusFrame(state="ready", model=engine.name))
@@ -117,7 +117,7 @@ class StreamConnection:
                 asyncio.create_task(self._finish_on_shutdown(session)),
                 asyncio.create_task(self._end_when_key_lapses(principal, session, lease.heartbeat_seconds)),
             ]
-            await self._serve(config, session, resampler, lease)
+            await self._serve(session, audio_input, lease)
         except StreamError as error:
             await self._fail(error)
         except (_SessionEnded, WebSocketDisconnect):
@@ -131,6 +131,8 @@ class StreamConnection:
             await asyncio.gather(*watchers, return_exceptions=True)
             if session is not None:
                 await session.close()
+            if audio_input is not None:
+                audio_input.close()
             if lease is not None:
                 await lease.close()
             if admitted:
@@ -195,8 +197,9 @@ class StreamConnection:
             )
         return message
 
-    async def _start(self, config: ConfigMessage) -> tuple[Engine, StreamResampler]:
-        """The engine for the config (a fallback announced with a warning frame) and the resampler to it."""
+    async def _start(self, config: ConfigMessage) -> tuple[Engine, AudioInput]:
+        """The engine for the config (a fallback announced with a warning frame) and the stream's audio
+        input, which decodes the config's format and resamples it to the engine's rate."""
         try:
             model, variant = resolve_model(
                 config.model or self._runtime.settings.default_model, config.variant
@@ -219,7 +222,8 @@ class StreamConnection:
                     message=choice.fallback_reason,
                 )
             )
-        return engine, StreamResampler(config.sample_rate, engine.sample_rate)
+        max_bytes = self._runtime.settings.streaming.max_frame_bytes
+        return engine, AudioInput(config.audio_format, config.sample_rate, engine.sample_rate, max_bytes)
 
     def _new_session(self, config: ConfigMessage, engine: Engine) -> LiveSession:
         settings = self._runtime.settings
@@ -271,50 +275,42 @@ class StreamConnection:
 
         return self._runtime.new_session(engine, options, emit)
 
-    async def _serve(
-        self,
-        config: ConfigMessage,
-        session: LiveSession,
-        resampler: StreamResampler,
-        lease: StreamLease,
-    ) -> None:
-        max_bytes = self._runtime.settings.streaming.max_frame_bytes
+    async def _serve(self, session: LiveSession, audio_input: AudioInput, lease: StreamLease) -> None:
         idle_timeout = self._runtime.settings.access.idle_timeout_seconds
         while True:
             await self._pace()
             try:
                 try:
                     async with asyncio.timeout(idle_timeout):
-                        text = await self._receive_text()
+                        received = await self._receive_frame()
                 except TimeoutError:
                     raise StreamError(
                         ErrorType.TIMEOUT, f"no message for {idle_timeout:g} s: closing"
                     ) from None
-                message = parse_client_message(text)
+                # A binary frame is audio in the configured format, as is; a text frame is JSON.
+                message = received if isinstance(received, bytes) else parse_client_message(received)
                 if self._ending:
                     continue  # shutting down, or the key lapsed: audio after the last utterance is dropped
-                if isinstance(message, AudioMessage):
+                if isinstance(message, bytes | AudioMessage):
                     # Decoding and resampling run in a thread, off the event loop (the VAD too: feed).
-                    count, samples = await asyncio.to_thread(
-                        _decode_and_resample, message.data, config.audio_format, max_bytes, resampler
-                    )
-                    seconds = count / config.sample_rate
+                    decoded = await asyncio.to_thread(_decode, audio_input, message)
+                    seconds = decoded.seconds
                     self._pacing.audio(seconds)
                     await lease.charge(seconds)
-                    await session.feed(samples)
+                    await session.feed(decoded.samples)
                     self._runtime.metrics.audio_seconds.labels("stream").inc(seconds)
                     self._received_at.append((session.received_seconds, time.monotonic()))
                 elif isinstance(message, CommitMessage):
-                    await session.feed(resampler.flush())
+                    await session.feed(audio_input.flush())
                     await self._send(FullTranscriptFrame(text=await session.flush()))
                 elif isinstance(message, ResetMessage):
-                    resampler.flush()  # audio from before the reset is dropped, the filter's too
+                    audio_input.flush()  # audio from before the reset is dropped, the filter's too
                     session.reset()
                     await self._send(StatusFrame(state="reset"))
                 elif isinstance(message, PingMessage):
                     await self._send(PongFrame())
                 elif isinstance(message, StopMessage):
-                    await session.feed(resampler.flush())
+                    await session.feed(audio_input.flush())
                     await self._send(FullTranscriptFrame(text=await session.flush()))
                     await self._close(CloseCode.NORMAL)
                     return
@@ -343,14 +339,24 @@ class StreamConnection:
         raise _SessionEnded
 
     async def _receive_text(self) -> str:
+        """The next frame, which must be text (before the config, binary frames have no format yet)."""
+        received = await self._receive_frame()
+        if isinstance(received, bytes):
+            raise StreamError(
+                ErrorType.BAD_REQUEST,
+                "binary frames are not supported before the config: send JSON text frames",
+            )
+        return received
+
+    async def _receive_frame(self) -> str | bytes:
+        """The next frame, text or binary, counted by the pacing either way."""
         message = await self._ws.receive()
         if message["type"] == "websocket.disconnect":
             self._ended.set()
             raise _SessionEnded
-        self._pacing.received(len(message.get("text") or message.get("bytes") or ""))
-        if message.get("text") is None:
-            raise StreamError(ErrorType.BAD_REQUEST, "binary frames are not supported: send JSON text frames")
-        return str(message["text"])
+        text, data = message.get("text"), message.get("bytes")
+        self._pacing.received(len(text) if text is not None else len(data or b""))
+        return str(text) if text is not None else bytes(data or b"")
 
     async def _pace(self) -> None:
         """Wait until the stream is back within its budget before reading on (see server/pacing.py), or
@@ -405,9 +411,8 @@ class StreamConnection:
                 await self._ws.close(code=int(code))
 
 
-def _decode_and_resample(
-    data: str, audio_format: AudioFormat, max_bytes: int, resampler: StreamResampler
-) -> tuple[int, np.ndarray]:
-    """(samples in the frame as sent, the frame at the engine's rate)."""
-    samples = decode_audio_payload(data, audio_format, max_bytes)
-    return len(samples), resampler(samples)
+def _decode(audio_input: AudioInput, message: bytes | AudioMessage) -> DecodedAudio:
+    """A binary frame's bytes, or a JSON audio frame's base64, decoded and at the engine's rate."""
+    if isinstance(message, bytes):
+        return audio_input.decode(message)
+    return audio_input.decode_base64(message.data)
