@@ -233,15 +233,30 @@ def _transcribe(args: argparse.Namespace) -> int:
     except (UnknownModel, EngineUnavailable) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    segmenter = Segmenter(
-        SileroVad(), settings.vad, settings.streaming.max_segment_seconds, engine.sample_rate
-    )
+    diarizer = None
+    vad = settings.vad
+    if args.diarize:
+        from streamscribe.streaming.diarization import (
+            DiarizationUnavailable,
+            Diarizer,
+            load_speaker_model,
+            turn_vad,
+        )
+
+        try:
+            diarizer = Diarizer(load_speaker_model())
+        except DiarizationUnavailable as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        vad = turn_vad(vad)
+    segmenter = Segmenter(SileroVad(), vad, settings.streaming.max_segment_seconds, engine.sample_rate)
     options = FileOptions(
         language=args.language,
         task=args.task,
         prompt=args.prompt,
         word_timestamps=args.word_timestamps,
         prompt_chars=settings.streaming.prompt_chars,
+        diarization=args.diarize,
     )
     with Progress(
         TextColumn("{task.description}"),
@@ -254,7 +269,11 @@ def _transcribe(args: argparse.Namespace) -> int:
         task = progress.add_task(f"{engine.name}", total=duration)
         utterances = file_utterances(iter_audio_file(args.file, engine.sample_rate), segmenter)
         pieces = transcribe_file(
-            utterances, engine, options, progress=lambda done: progress.update(task, completed=done)
+            utterances,
+            engine,
+            options,
+            progress=lambda done: progress.update(task, completed=done),
+            label=diarizer.label if diarizer else None,
         )
         progress.update(task, completed=duration)
     text = render(pieces, args.format)
@@ -408,6 +427,9 @@ def build_parser() -> argparse.ArgumentParser:
     transcribe.add_argument("--task", choices=["transcribe", "translate"], default="transcribe")
     transcribe.add_argument("--prompt", help="context text: vocabulary, spelling, style")
     transcribe.add_argument("--word-timestamps", action="store_true", help="words with times in json output")
+    transcribe.add_argument(
+        "--diarize", action="store_true", help="label speakers: SRT 'S1: ', VTT <v S1>, JSON speaker"
+    )
     transcribe.add_argument("--format", choices=["txt", "srt", "vtt", "json"], default="txt")
     transcribe.add_argument("--output", "-o", type=Path, help="write here instead of standard output")
     transcribe.add_argument("--config", type=Path)
