@@ -162,6 +162,8 @@ def _stream(args: argparse.Namespace) -> int:
         config["prompt"] = args.prompt
     if args.hotwords:
         config["hotwords"] = args.hotwords
+    if args.diarize:
+        config["diarization"] = True
     interactive = sys.stdout.isatty()
 
     def show(received: ReceivedFrame) -> None:
@@ -171,7 +173,11 @@ def _stream(args: argparse.Namespace) -> int:
             print(f"\r\x1b[K… {shown(frame['text'])}", end="", flush=True)
         elif kind == "final":
             prefix = "\r\x1b[K" if interactive else ""
-            print(f"{prefix}[{frame['start']:7.2f}-{frame['end']:7.2f}] {shown(frame['text'])}", flush=True)
+            speaker = f"{frame['speaker']}: " if "speaker" in frame else ""
+            print(
+                f"{prefix}[{frame['start']:7.2f}-{frame['end']:7.2f}] {speaker}{shown(frame['text'])}",
+                flush=True,
+            )
         elif kind == "warning":
             print(f"warning: {shown(frame['message'])}", file=sys.stderr)
         elif kind == "status" and args.verbose:
@@ -414,6 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     stream.add_argument("--audio-format", choices=["float32", "pcm16"], default="float32")
     stream.add_argument("--task", choices=["transcribe", "translate"], default="transcribe")
     stream.add_argument("--word-timestamps", action="store_true", help="ask for word timing in finals")
+    stream.add_argument("--diarize", action="store_true", help="ask for speaker labels on finals")
     stream.add_argument("--prompt", help="context text: vocabulary, spelling, style")
     stream.add_argument("--hotwords", help="words or phrases to favour, comma-separated")
     stream.add_argument("--verbose", action="store_true", help="also print status frames")
