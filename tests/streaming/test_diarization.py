@@ -17,10 +17,13 @@ from streamscribe.streaming.diarization import (
     Diarizer,
     SpeakerLabel,
     SpeakerModel,
+    StreamSpeakers,
     load_speaker_model,
     turn_vad,
     window_spans,
 )
+from streamscribe.streaming.segmenter import Closed, Utterance
+from streamscribe.streaming.session import FinalText
 
 RATE = 16000
 
@@ -92,3 +95,48 @@ def test_the_real_model_tells_the_dialogs_two_voices_apart(
     label = diarizer.label(joined)
     assert label is not None and label.speakers == ("S1", "S2"), label
     assert diarizer.speaker_count == 2
+
+
+class CountingDiarizer:
+    """Labels utterances S1, S2, ... in the order it is asked; raises for an utterance of NaNs."""
+
+    def __init__(self) -> None:
+        self.asked: list[float] = []
+
+    def label(self, samples: np.ndarray) -> SpeakerLabel | None:
+        if np.isnan(samples).any():
+            raise RuntimeError("bad audio")
+        self.asked.append(float(samples[0]))
+        return SpeakerLabel(f"S{len(self.asked)}", (f"S{len(self.asked)}",))
+
+
+def closed(index: int, value: float) -> Closed:
+    return Closed(Utterance(index, 0, RATE, np.full(RATE, value, dtype=np.float32)))
+
+
+def final(index: int) -> FinalText:
+    return FinalText(index, f"text {index}", 0.0, 1.0, "en")
+
+
+async def test_finals_get_their_own_utterances_label_learnt_in_utterance_order() -> None:
+    diarizer = CountingDiarizer()
+    speakers = StreamSpeakers(diarizer)  # type: ignore[arg-type]
+    speakers.take([closed(0, 0.0), closed(1, 0.1)])
+    speakers.take([closed(2, 0.2)])
+
+    # Utterance 0 gave no final (no text): its label is dropped, not given to the next final.
+    labelled = await speakers.attach(final(1))
+    assert (labelled.text, labelled.speaker, labelled.speakers) == ("text 1", "S2", ("S2",))
+    assert (await speakers.attach(final(2))).speaker == "S3"
+    assert diarizer.asked == pytest.approx([0.0, 0.1, 0.2])
+    assert (await speakers.attach(final(3))).speaker is None, "no utterance, no label"
+
+
+async def test_a_failed_label_leaves_the_final_unlabelled_and_reset_forgets_queued_ones() -> None:
+    speakers = StreamSpeakers(CountingDiarizer())  # type: ignore[arg-type]
+    speakers.take([closed(0, float("nan"))])
+    assert (await speakers.attach(final(0))).speaker is None
+    speakers.take([closed(0, 0.5)])
+    speakers.reset()  # indexes start again: the old utterance 0 is not the new one
+    assert (await speakers.attach(final(0))).speaker is None
+    speakers.close()

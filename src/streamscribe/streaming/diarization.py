@@ -19,6 +19,7 @@ decodes them, so the event loop never runs the model and a stream without diariz
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections import Counter
 from dataclasses import dataclass, replace
@@ -30,6 +31,8 @@ from streamscribe.config import VadOptions
 from streamscribe.engines import SAMPLE_RATE
 from streamscribe.streaming.segmenter import Closed, UtteranceEvent
 from streamscribe.streaming.session import FinalText
+
+log = logging.getLogger(__name__)
 
 WINDOW_SECONDS = 1.5  # senko's own subsegment length: long enough for a stable voice print
 STEP_SECONDS = 0.75
@@ -212,7 +215,11 @@ class StreamSpeakers:
         for index in [index for index in self._labels if index < final.index]:
             del self._labels[index]  # utterances that gave no final (no text)
         task = self._labels.pop(final.index, None)
-        label = await task if task is not None else None
+        try:
+            label = await task if task is not None else None
+        except Exception:  # the text matters more than its label: the final goes out without one
+            log.exception("speaker labelling failed")
+            label = None
         if label is None:
             return final
         return replace(final, speaker=label.speaker, speakers=label.speakers)
