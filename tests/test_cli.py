@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from streamscribe.offline import TimedText, render
 from tests.audio_files import encode, file_name, wav_bytes, with_data_size
 from tests.conftest import (
     DATA,
@@ -315,3 +316,18 @@ def test_keys_commands_on_a_database_another_process_is_writing(tmp_path: Path) 
     assert listed.returncode == 0 and "alice" in listed.stdout
     assert busy.returncode == 1
     assert "the database is busy" in busy.stderr and "Traceback" not in busy.stderr
+
+
+def test_transcribe_diarize_labels_the_turns_in_json_and_subtitles(tmp_path: Path) -> None:
+    out = tmp_path / "dialog.json"
+    done = run_cli("transcribe", str(DATA / "dialog.wav"), "--diarize", "--format", "json", "-o", str(out))
+    assert done.returncode == 0, done.stderr
+    segments = json.loads(out.read_text())["segments"]
+    assert [s["speaker"] for s in segments] == ["S1", "S2", "S1", "S2"], segments
+    assert all(s["speakers"] == [s["speaker"]] for s in segments)
+    pieces = [TimedText(s["start"], s["end"], s["text"], (), s["speaker"], (s["speaker"],)) for s in segments]
+    srt, vtt = render(pieces, "srt"), render(pieces, "vtt")
+    assert f"S1: {segments[0]['text']}\n" in srt and f"S2: {segments[1]['text']}\n" in srt
+    assert f"<v S1>{segments[0]['text']}\n" in vtt and f"<v S2>{segments[1]['text']}\n" in vtt
+    plain = render([TimedText(0.0, 1.0, "hi")], "json")
+    assert "speaker" not in plain and "<v" not in render([TimedText(0.0, 1.0, "hi")], "vtt")

@@ -180,6 +180,8 @@ def _stream(args: argparse.Namespace) -> int:
         config["prompt"] = args.prompt
     if args.hotwords:
         config["hotwords"] = args.hotwords
+    if args.diarize:
+        config["diarization"] = True
     interactive = sys.stdout.isatty()
 
     def show(received: ReceivedFrame) -> None:
@@ -189,7 +191,11 @@ def _stream(args: argparse.Namespace) -> int:
             print(f"\r\x1b[K… {shown(frame['text'])}", end="", flush=True)
         elif kind == "final":
             prefix = "\r\x1b[K" if interactive else ""
-            print(f"{prefix}[{frame['start']:7.2f}-{frame['end']:7.2f}] {shown(frame['text'])}", flush=True)
+            speaker = f"{frame['speaker']}: " if "speaker" in frame else ""
+            print(
+                f"{prefix}[{frame['start']:7.2f}-{frame['end']:7.2f}] {speaker}{shown(frame['text'])}",
+                flush=True,
+            )
         elif kind == "warning":
             print(f"warning: {shown(frame['message'])}", file=sys.stderr)
         elif kind == "status" and args.verbose:
@@ -252,15 +258,30 @@ def _transcribe(args: argparse.Namespace) -> int:
     except (UnknownModel, EngineUnavailable) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    segmenter = Segmenter(
-        SileroVad(), settings.vad, settings.streaming.max_segment_seconds, engine.sample_rate
-    )
+    diarizer = None
+    vad = settings.vad
+    if args.diarize:
+        from streamscribe.streaming.diarization import (
+            DiarizationUnavailable,
+            Diarizer,
+            load_speaker_model,
+            turn_vad,
+        )
+
+        try:
+            diarizer = Diarizer(load_speaker_model())
+        except DiarizationUnavailable as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        vad = turn_vad(vad)
+    segmenter = Segmenter(SileroVad(), vad, settings.streaming.max_segment_seconds, engine.sample_rate)
     options = FileOptions(
         language=args.language,
         task=args.task,
         prompt=args.prompt,
         word_timestamps=args.word_timestamps,
         prompt_chars=settings.streaming.prompt_chars,
+        diarization=args.diarize,
     )
     with Progress(
         TextColumn("{task.description}"),
@@ -273,7 +294,11 @@ def _transcribe(args: argparse.Namespace) -> int:
         task = progress.add_task(f"{engine.name}", total=duration)
         utterances = file_utterances(iter_audio_file(args.file, engine.sample_rate), segmenter)
         pieces = transcribe_file(
-            utterances, engine, options, progress=lambda done: progress.update(task, completed=done)
+            utterances,
+            engine,
+            options,
+            progress=lambda done: progress.update(task, completed=done),
+            label=diarizer.label if diarizer else None,
         )
         progress.update(task, completed=duration)
     text = render(pieces, args.format)
@@ -424,6 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     stream.add_argument("--binary", action="store_true", help="send audio in binary frames, not base64 JSON")
     stream.add_argument("--task", choices=["transcribe", "translate"], default="transcribe")
     stream.add_argument("--word-timestamps", action="store_true", help="ask for word timing in finals")
+    stream.add_argument("--diarize", action="store_true", help="ask for speaker labels on finals")
     stream.add_argument("--prompt", help="context text: vocabulary, spelling, style")
     stream.add_argument("--hotwords", help="words or phrases to favour, comma-separated")
     stream.add_argument("--verbose", action="store_true", help="also print status frames")
@@ -437,6 +463,9 @@ def build_parser() -> argparse.ArgumentParser:
     transcribe.add_argument("--task", choices=["transcribe", "translate"], default="transcribe")
     transcribe.add_argument("--prompt", help="context text: vocabulary, spelling, style")
     transcribe.add_argument("--word-timestamps", action="store_true", help="words with times in json output")
+    transcribe.add_argument(
+        "--diarize", action="store_true", help="label speakers: SRT 'S1: ', VTT <v S1>, JSON speaker"
+    )
     transcribe.add_argument("--format", choices=["txt", "srt", "vtt", "json"], default="txt")
     transcribe.add_argument("--output", "-o", type=Path, help="write here instead of standard output")
     transcribe.add_argument("--config", type=Path)

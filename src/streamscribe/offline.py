@@ -3,26 +3,40 @@ and the engine decodes each one."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from streamscribe.engines.base import AudioWindow, Engine, Transcript, Word
 from streamscribe.streaming.segmenter import Closed, Segmenter, Utterance, UtteranceEvent
 
+if TYPE_CHECKING:
+    from streamscribe.streaming.diarization import SpeakerLabel
+
 
 @dataclass(frozen=True)
 class TimedText:
     """Attributes: start and end in seconds of the file; the text spoken between them; its words (with
-    times in seconds of the file) when word timestamps were asked for."""
+    times in seconds of the file) when word timestamps were asked for; with diarization, its majority
+    speaker and all its speakers in order (``streaming/diarization.py``)."""
 
     start: float
     end: float
     text: str
     words: tuple[Word, ...] = field(default_factory=tuple)
+    speaker: str | None = None
+    speakers: tuple[str, ...] = ()
+
+    def as_json(self) -> dict[str, Any]:
+        """The piece for JSON output: speaker fields only when diarized."""
+        body = asdict(self)
+        if self.speaker is None:
+            del body["speaker"], body["speakers"]
+        return body
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -37,6 +51,7 @@ class FileOptions:
         temperature: A fixed sampling temperature; None for the engine's default fallback schedule.
         prompt_chars: Characters of the text so far given to each window as context: the
             ``streaming.prompt_chars`` setting, which live streams use too.
+        diarization: Whether pieces carry their speakers.
     """
 
     language: str = "en"
@@ -45,6 +60,7 @@ class FileOptions:
     word_timestamps: bool = False
     temperature: float | None = None
     prompt_chars: int
+    diarization: bool = False
 
 
 def file_utterances(chunks: Iterable[np.ndarray], segmenter: Segmenter) -> Iterator[Utterance]:
@@ -89,10 +105,12 @@ def _window(samples: np.ndarray, pieces: list[TimedText], options: FileOptions) 
     )
 
 
-def _piece(utterance: Utterance, rate: int, transcript: Transcript) -> TimedText:
+def _piece(utterance: Utterance, rate: int, transcript: Transcript, label: SpeakerLabel | None) -> TimedText:
     offset = utterance.start / rate
     words = tuple(Word(w.text, w.start + offset, w.end + offset, w.probability) for w in transcript.words)
-    return TimedText(offset, utterance.end / rate, transcript.text, words)
+    if label is None:
+        return TimedText(offset, utterance.end / rate, transcript.text, words)
+    return TimedText(offset, utterance.end / rate, transcript.text, words, label.speaker, label.speakers)
 
 
 def transcribe_file(
@@ -100,13 +118,16 @@ def transcribe_file(
     engine: Engine,
     options: FileOptions,
     progress: Callable[[float], None] | None = None,
+    label: Callable[[np.ndarray], SpeakerLabel | None] | None = None,
 ) -> list[TimedText]:
-    """Transcribe a whole recording; ``progress`` receives the seconds of audio done so far."""
+    """Transcribe a whole recording; ``progress`` receives the seconds of audio done so far; ``label``
+    (a ``Diarizer``'s) gives each utterance its speakers."""
     pieces: list[TimedText] = []
     for utterance in utterances:
         (transcript,) = engine.transcribe([_window(utterance.samples, pieces, options)])
+        speakers = label(utterance.samples) if label else None
         if transcript.text:
-            pieces.append(_piece(utterance, engine.sample_rate, transcript))
+            pieces.append(_piece(utterance, engine.sample_rate, transcript, speakers))
         if progress:
             progress(utterance.end / engine.sample_rate)
     return pieces
@@ -118,15 +139,20 @@ async def transcribe_file_async(
     options: FileOptions,
     rate: int,
     progress: Callable[[float], None] | None = None,
+    label: Callable[[np.ndarray], Awaitable[SpeakerLabel | None]] | None = None,
 ) -> list[TimedText]:
     """Like ``transcribe_file`` for a server: utterances come as the file is read and cut (see
     ``file_utterances_async``), and each goes through ``decode`` (the shared decode queue), so a long
-    file takes turns with live streams instead of holding the engine."""
+    file takes turns with live streams instead of holding the engine. ``label`` runs beside ``decode``."""
     pieces: list[TimedText] = []
     async for utterance in utterances:
-        transcript = await decode(_window(utterance.samples, pieces, options))
+        labelling = asyncio.ensure_future(label(utterance.samples)) if label else None
+        try:
+            transcript = await decode(_window(utterance.samples, pieces, options))
+        finally:
+            speakers = await labelling if labelling else None
         if transcript.text:
-            pieces.append(_piece(utterance, rate, transcript))
+            pieces.append(_piece(utterance, rate, transcript, speakers))
         if progress:
             progress(utterance.end / rate)
     return pieces
@@ -147,17 +173,23 @@ def render(pieces: list[TimedText], output_format: str) -> str:
     if output_format == "json":
         return (
             json.dumps(
-                {"text": " ".join(p.text for p in pieces), "segments": [asdict(p) for p in pieces]}, indent=2
+                {"text": " ".join(p.text for p in pieces), "segments": [p.as_json() for p in pieces]},
+                indent=2,
             )
             + "\n"
         )
     if output_format == "srt":
         blocks = [
-            f"{i}\n{_timestamp(p.start, ',')} --> {_timestamp(p.end, ',')}\n{p.text}\n"
+            f"{i}\n{_timestamp(p.start, ',')} --> {_timestamp(p.end, ',')}\n"
+            + (f"{p.speaker}: {p.text}\n" if p.speaker else f"{p.text}\n")
             for i, p in enumerate(pieces, 1)
         ]
         return "\n".join(blocks)
     if output_format == "vtt":
-        blocks = [f"{_timestamp(p.start, '.')} --> {_timestamp(p.end, '.')}\n{p.text}\n" for p in pieces]
+        blocks = [
+            f"{_timestamp(p.start, '.')} --> {_timestamp(p.end, '.')}\n"
+            + (f"<v {p.speaker}>{p.text}\n" if p.speaker else f"{p.text}\n")
+            for p in pieces
+        ]
         return "WEBVTT\n\n" + "\n".join(blocks)
     raise ValueError(f"unknown output format {output_format!r}")

@@ -209,6 +209,8 @@ class ConfigMessage(_ClientFrame):
     task: Literal["transcribe", "translate"] = "transcribe"
     prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
     hotwords: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
+    # Speaker labels on finals (the server's ``diarization`` extra).
+    diarization: bool = False
 
     @model_validator(mode="after")
     def _telephone_rate(self) -> ConfigMessage:
@@ -334,6 +336,11 @@ class TranscriptFrame(ServerFrame):
     end: float
     language: str
     words: list[WordTiming] | None = None
+    # With diarization, on finals: "S1", "S2", ... in order of first appearance, stable for the stream;
+    # ``speakers`` lists every speaker of a final that spans a change of speaker (``speaker`` is the one
+    # who speaks most of it).
+    speaker: str | None = None
+    speakers: list[str] | None = None
 
 
 class FullTranscriptFrame(ServerFrame):

@@ -35,6 +35,7 @@ from streamscribe.protocol import ERRORS, ErrorType, Quota, StreamError, quota_e
 from streamscribe.server.auth import Principal, require_principal
 from streamscribe.server.quotas import StreamLease
 from streamscribe.server.runtime import Runtime
+from streamscribe.streaming.diarization import Diarizer, SpeakerLabel, turn_vad
 from streamscribe.streaming.scheduler import Priority
 from streamscribe.streaming.segmenter import Segmenter
 
@@ -226,6 +227,7 @@ async def _transcribe_upload(
     if upload.size is not None and upload.size > settings.max_upload_bytes:
         raise file_too_large(settings.max_upload_bytes)
     engine = await _engine(runtime, model, options.language, options.task)
+    diarizer = await runtime.diarizer() if options.diarization else None
     try:  # a stream slot, like a stream's (same quotas; a key whose day is used up is refused)
         lease = await runtime.access.quotas.open_stream(principal.user_id, principal.limits)
     except StreamError as error:
@@ -234,7 +236,7 @@ async def _transcribe_upload(
     budget = FileBudget(lease, settings.max_upload_seconds)
     try:
         await budget.check_declared(await _declared_seconds(runtime, upload))
-        pieces, language = await _transcribe(request, runtime, engine, upload, options, budget)
+        pieces, language = await _transcribe(request, runtime, engine, upload, options, budget, diarizer)
     except StreamError as error:
         _count_refusal(runtime, error)
         await budget.give_back()
@@ -277,11 +279,12 @@ async def _transcribe(
     upload: UploadFile,
     options: FileOptions,
     budget: FileBudget,
+    diarizer: Diarizer | None,
 ) -> tuple[list[TimedText], str]:
     """The file's pieces of text and their language; the budget follows what is decoded and transcribed."""
-    segmenter = Segmenter(
-        runtime.vad, runtime.settings.vad, runtime.settings.streaming.max_segment_seconds, engine.sample_rate
-    )
+    vad = turn_vad(runtime.settings.vad) if diarizer else runtime.settings.vad
+    rate = engine.sample_rate
+    segmenter = Segmenter(runtime.vad, vad, runtime.settings.streaming.max_segment_seconds, rate)
     scheduler = runtime.scheduler(engine)
     languages: list[str] = []
 
@@ -296,13 +299,22 @@ async def _transcribe(
         languages.append(transcript.language)
         return transcript
 
+    async def label(samples: np.ndarray) -> SpeakerLabel | None:
+        assert diarizer is not None
+        return await runtime.run_file_work(diarizer.label, samples)
+
     try:
         async with (
             aclosing(_charged_chunks(request, runtime, upload, engine.sample_rate, budget)) as chunks,
             aclosing(file_utterances_async(chunks, segmenter, runtime.run_file_work)) as utterances,
         ):
             pieces = await transcribe_file_async(
-                utterances, decode, options, rate=engine.sample_rate, progress=budget.done_until
+                utterances,
+                decode,
+                options,
+                rate=engine.sample_rate,
+                progress=budget.done_until,
+                label=label if diarizer else None,
             )
     except (ValueError, OSError, av.error.FFmpegError) as exc:
         raise _undecodable(exc) from None
@@ -342,6 +354,7 @@ def _respond(
                 "tokens": [],
                 "temperature": options.temperature or 0.0,
             }
+            | _speaker_fields(piece)
             for index, piece in enumerate(pieces)
         ]
     if "word" in granularities:
@@ -351,6 +364,15 @@ def _respond(
             for w in piece.words
         ]
     return JSONResponse(body)
+
+
+def _speaker_fields(piece: TimedText) -> dict[str, Any]:
+    """A diarized segment's ``speaker`` (its majority one) and, when it spans a change, ``speakers``."""
+    if piece.speaker is None:
+        return {}
+    if len(piece.speakers) > 1:
+        return {"speaker": piece.speaker, "speakers": list(piece.speakers)}
+    return {"speaker": piece.speaker}
 
 
 def _temperature(value: float) -> float | None:
@@ -371,14 +393,17 @@ async def create_transcription(
     timestamp_granularities: Annotated[
         list[Literal["segment", "word"]], Form(alias="timestamp_granularities[]")
     ] = [],  # noqa: B006 - FastAPI copies defaults
+    diarization: Annotated[bool, Form()] = False,
 ) -> Response:
-    """Speech in ``file`` as text in its own language (English when ``language`` is not given)."""
+    """Speech in ``file`` as text in its own language (English when ``language`` is not given);
+    ``diarization`` (not OpenAI's) labels each segment with its speaker."""
     options = FileOptions(
         language=(language or "en").strip().lower(),
         prompt=prompt or None,
         word_timestamps=response_format == "verbose_json" and "word" in timestamp_granularities,
         temperature=_temperature(temperature),
         prompt_chars=request.app.state.runtime.settings.streaming.prompt_chars,
+        diarization=diarization,
     )
     return await _transcribe_upload(
         request, principal, file, model, options, response_format, list(timestamp_granularities)

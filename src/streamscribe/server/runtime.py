@@ -17,6 +17,7 @@ from streamscribe.engines.registry import EngineChoice, EngineRegistry
 from streamscribe.protocol import ErrorType, StreamError
 from streamscribe.server.auth import AccessControl
 from streamscribe.server.metrics import ServerMetrics
+from streamscribe.streaming.diarization import DiarizationUnavailable, Diarizer, load_speaker_model
 from streamscribe.streaming.native import native_session
 from streamscribe.streaming.scheduler import Scheduler, StreamPiece, stream_scheduler, window_scheduler
 from streamscribe.streaming.session import LiveSession, SessionEvent, SessionOptions
@@ -102,6 +103,14 @@ class Runtime:
         if isinstance(engine, StreamingEngine):
             return native_session(engine, self.stepper(engine), self.vad, options, emit)
         return window_session(self.scheduler(engine), self.vad, options, emit, engine.sample_rate)
+
+    async def diarizer(self) -> Diarizer:
+        """A new stream's (or file's) speakers; the model loads on first use, off the event loop. Without
+        the diarization extra: model_unavailable, naming the extra."""
+        try:
+            return Diarizer(await asyncio.to_thread(load_speaker_model))
+        except DiarizationUnavailable as exc:
+            raise StreamError(ErrorType.MODEL_UNAVAILABLE, str(exc)) from None
 
     async def preload(self) -> None:
         """Load the default (fallback) English engine before the first client needs it."""

@@ -39,6 +39,7 @@ from streamscribe.server.origins import origin_allowed
 from streamscribe.server.pacing import StreamPacing
 from streamscribe.server.quotas import StreamLease
 from streamscribe.server.runtime import Runtime
+from streamscribe.streaming.diarization import StreamSpeakers, turn_vad
 from streamscribe.streaming.session import (
     EngineFailure,
     FinalText,
@@ -100,6 +101,7 @@ class StreamConnection:
             self._runtime.metrics.streams.inc()
             config = await self._receive_config()
             engine, audio_input = await self._start(config)
+            diarizer = await self._runtime.diarizer() if config.diarization else None
             self._runtime.admit(engine)
             admitted = True
             await self._send(StatusFrame(state="ready", model=engine.name))
@@ -113,6 +115,8 @@ class StreamConnection:
                 },
             )
             session = self._new_session(config, engine)
+            if diarizer is not None:
+                session.label_speakers(StreamSpeakers(diarizer))
             watchers = [
                 asyncio.create_task(self._finish_on_shutdown(session)),
                 asyncio.create_task(self._end_when_key_lapses(principal, session, lease.heartbeat_seconds)),
@@ -238,7 +242,7 @@ class StreamConnection:
             task=config.task,
             prompt=config.prompt,
             hotwords=config.hotwords,
-            vad=settings.vad,
+            vad=turn_vad(settings.vad) if config.diarization else settings.vad,
         )
         model_name = engine.name
 
@@ -259,6 +263,7 @@ class StreamConnection:
                     )
                     for w in event.words
                 ]
+            speakers = event.speakers if isinstance(event, FinalText) else ()
             frame = TranscriptFrame(
                 type="final" if final else "partial",
                 text=event.text,
@@ -269,6 +274,8 @@ class StreamConnection:
                 end=round(event.end, 3),
                 language=event.language if isinstance(event, FinalText) else config.language,
                 words=words,
+                speaker=event.speaker if isinstance(event, FinalText) else None,
+                speakers=list(speakers) if len(speakers) > 1 else None,
             )
             with contextlib.suppress(_SessionEnded):  # the client left; the receive loop will see it
                 await self._send(frame)

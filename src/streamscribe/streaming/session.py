@@ -19,13 +19,16 @@ import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import numpy as np
 
 from streamscribe.engines.base import Word
 from streamscribe.streaming.segmenter import Segmenter, UtteranceEvent
 from streamscribe.streaming.vad import VadOptions
+
+if TYPE_CHECKING:
+    from streamscribe.streaming.diarization import StreamSpeakers
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +73,8 @@ class FinalText:
     end: float
     language: str
     words: tuple[Word, ...] = ()
+    speaker: str | None = None  # with diarization: its majority speaker ("S1", ...)
+    speakers: tuple[str, ...] = ()  # with diarization: every speaker in it, in order
 
 
 @dataclass(frozen=True)
@@ -135,7 +140,12 @@ class LiveSession:
         # Held while the segmenter runs in a thread (``feed``): the decoder reads the segmenter when a step
         # starts, and ``flush`` changes it, so neither may happen meanwhile.
         self._segmenting = asyncio.Lock()
+        self._speakers: StreamSpeakers | None = None
         self._worker = asyncio.create_task(self._decode_loop())
+
+    def label_speakers(self, speakers: StreamSpeakers) -> None:
+        """Give each final its speaker (diarization), before any audio is fed."""
+        self._speakers = speakers
 
     @property
     def full_transcript(self) -> str:
@@ -176,6 +186,8 @@ class LiveSession:
         the task that feeds the session, so never while the segmenter runs in a thread."""
         self._segmenter.reset()
         self._decoder.reset()
+        if self._speakers is not None:
+            self._speakers.reset()
         self._finals.clear()
         self._transcript_chars = 0
         self._idle.set()
@@ -186,6 +198,8 @@ class LiveSession:
         self._worker.cancel()
         await asyncio.gather(self._worker, return_exceptions=True)
         self._decoder.close()
+        if self._speakers is not None:
+            self._speakers.close()
 
     def _keep_final(self, text: str) -> None:
         self._transcript_chars += len(text) + (1 if self._finals else 0)  # the length of full_transcript
@@ -201,6 +215,8 @@ class LiveSession:
         return await self._decoder.step()
 
     def _take(self, events: list[UtteranceEvent]) -> None:
+        if self._speakers is not None:
+            self._speakers.take(events)
         self._decoder.take(events)
         if self._decoder.owes_finals:
             self._idle.clear()
@@ -216,6 +232,8 @@ class LiveSession:
                     for event in events:
                         if isinstance(event, FinalText):
                             self._keep_final(event.text)
+                            if self._speakers is not None:
+                                event = await self._speakers.attach(event)
                         await self._emit(event)
                 if not self._decoder.owes_finals:
                     self._idle.set()
