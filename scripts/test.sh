@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Installs streamscribe with its test dependencies and every engine (NeMo, ONNX, MLX), then runs lint,
+# Installs streamscribe with its test dependencies and every engine (NeMo, ONNX, MLX, Moonshine), then runs lint,
 # type checks and every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/install.sh test,nemo,onnx,mlx
+scripts/install.sh test,nemo,onnx,mlx,moonshine
 . .venv/bin/activate
 # Debian packages the tests drive for real (never skipped): redis-server for the replica tests, nginx for
 # the two-replica deployment test (both started by the tests on random loopback ports), Chromium for the

@@ -130,6 +130,12 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     running.stop()
 
 
+@pytest.fixture(scope="session")
+def moonshine_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One cache folder for every Moonshine test: the shipped model is converted into it once."""
+    return tmp_path_factory.mktemp("moonshine-cache")
+
+
 @pytest.fixture
 def make_server(tmp_path: Path) -> Iterator[Callable[..., RunningServer]]:
     """A server with custom settings, stopped after the test."""

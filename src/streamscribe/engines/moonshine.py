@@ -244,8 +244,12 @@ class MoonshineEngine:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = onnx_providers(device)
         log.info("loading Moonshine base-en from %s (%s)", folder, ", ".join(providers))
-        self._encoder = onnxruntime.InferenceSession(str(folder / "encoder.onnx"), options, providers=providers)
-        self._decoder = onnxruntime.InferenceSession(str(folder / "decoder.onnx"), options, providers=providers)
+        self._encoder = onnxruntime.InferenceSession(
+            str(folder / "encoder.onnx"), options, providers=providers
+        )
+        self._decoder = onnxruntime.InferenceSession(
+            str(folder / "decoder.onnx"), options, providers=providers
+        )
         self._outputs = [output.name for output in self._decoder.get_outputs()]
         self._tokens = read_tokenizer(folder / "tokenizer.bin")
 
@@ -320,8 +324,12 @@ class MoonshineEngine:
 
 
 def _cache_names() -> list[tuple[int, str, str]]:
-    return [(layer, part, kind) for layer in range(_LAYERS) for part in ("decoder", "encoder") for kind in
-            ("key", "value")]
+    return [
+        (layer, part, kind)
+        for layer in range(_LAYERS)
+        for part in ("decoder", "encoder")
+        for kind in ("key", "value")
+    ]
 
 
 def _past(layer: int, part: str, kind: str) -> str:
