@@ -66,7 +66,7 @@ def prepare_model(cache_dir: Path) -> Path:
             while block := shipped.read(1 << 22):
                 digest.update(block)
     target = Path(cache_dir).expanduser() / f"moonshine-base-en-{digest.hexdigest()[:12]}"
-    if all((target / name).is_file() for name in ("encoder.onnx", "decoder.onnx", "tokenizer.bin")):
+    if _is_prepared(target):
         return target
     log.info("converting Moonshine base-en into %s (once)", target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -77,12 +77,16 @@ def prepare_model(cache_dir: Path) -> Path:
         shutil.copy2(source / "tokenizer.bin", staging / "tokenizer.bin")
         for leftover in staging.glob("*.raw"):
             leftover.unlink()
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
+        if not _is_prepared(target):  # else another process finished first: keep the folder it may be using
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def _is_prepared(folder: Path) -> bool:
+    return all((folder / name).is_file() for name in ("encoder.onnx", "decoder.onnx", "tokenizer.bin"))
 
 
 def _convert(ort_file: Path, onnx_file: Path, cross_attention_bias: bool) -> None:
