@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs streamscribe into ./.venv (created if missing). Usage: scripts/install.sh [extra,...]
-# Extras: test, nemo, onnx, mlx, diarization (e.g. scripts/install.sh test,nemo,onnx,mlx,diarization).
+# Extras: test, nemo, onnx, mlx, diarization, moonshine (e.g. scripts/install.sh test,nemo,onnx,mlx,diarization,moonshine).
 # Works on a fresh machine with only Python 3.11+ and pip.
 set -euo pipefail
 cd "$(dirname "$0")/.."

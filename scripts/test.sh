@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Installs streamscribe with its test dependencies, every engine (NeMo, ONNX, MLX) and diarization, then
-# runs lint, type checks and every test.
+# Installs streamscribe with its test dependencies, every engine (NeMo, ONNX, MLX, Moonshine) and
+# diarization, then runs lint, type checks and every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/install.sh test,nemo,onnx,mlx,diarization
+scripts/install.sh test,nemo,onnx,mlx,diarization,moonshine
 . .venv/bin/activate
 # Debian packages the tests drive for real (never skipped): redis-server for the replica tests, nginx for
 # the two-replica deployment test (both started by the tests on random loopback ports), Chromium for the

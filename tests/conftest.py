@@ -109,7 +109,8 @@ def start_server(tmp_path: Path, **overrides: Any) -> RunningServer:
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    settings = Settings(api_key=TEST_KEY, port=port, cache_dir=tmp_path / "cache", **overrides)
+    overrides.setdefault("cache_dir", tmp_path / "cache")
+    settings = Settings(api_key=TEST_KEY, port=port, **overrides)
     app = create_app(settings, TEST_KEY)
     server = GracefulServer(uvicorn_config(settings, app, log_level="info"), app)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
@@ -128,6 +129,12 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     running = start_server(tmp_path_factory.mktemp("server"))
     yield running
     running.stop()
+
+
+@pytest.fixture(scope="session")
+def moonshine_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One cache folder for every Moonshine test: the shipped model is converted into it once."""
+    return tmp_path_factory.mktemp("moonshine-cache")
 
 
 @pytest.fixture

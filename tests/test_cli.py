@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -143,6 +144,19 @@ def test_models_command_lists_every_engine() -> None:
     assert done.returncode == 0, done.stderr
     for name in ("whisper", "parakeet", "canary", "onnx", "mlx"):
         assert name in done.stdout
+    assert re.search(r"moonshine\s*│\s*standard\s*│\s*en\s*│\s*yes\s*│", done.stdout), done.stdout
+
+
+def test_transcribe_with_moonshine(moonshine_cache: Path) -> None:
+    env = {"STREAMSCRIBE_CACHE_DIR": str(moonshine_cache)}
+    done = run_cli("transcribe", str(DATA / "short.wav"), "--model", "moonshine", "--format", "json", env=env)
+    assert done.returncode == 0, done.stderr
+    parsed = json.loads(done.stdout)
+    assert (
+        word_error_rate("Please send the quarterly report to the finance team by Friday.", parsed["text"])
+        <= 0.2
+    )
+    assert parsed["segments"][0]["start"] < 1.0
 
 
 def test_serve_help_documents_every_setting() -> None:

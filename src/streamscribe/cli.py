@@ -438,7 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--duration", type=float, help="seconds of synthetic audio instead of a file")
     stream.add_argument("--url", default="ws://127.0.0.1:8000", help="server URL (default: %(default)s)")
     stream.add_argument("--token", help="API key (default: $STREAMSCRIBE_API_KEY)")
-    stream.add_argument("--model", help="parakeet, canary or whisper (server default if omitted)")
+    stream.add_argument("--model", help="parakeet, canary, moonshine or whisper (server default if omitted)")
     stream.add_argument("--variant", choices=["standard", "onnx", "mlx"])
     stream.add_argument("--language", default="en")
     stream.add_argument("--speed", type=float, default=1.0, help="times real time; 0 = as fast as possible")

@@ -30,10 +30,15 @@ class WhisperSettings(BaseModel):
     """faster-whisper (CTranslate2), the embedded default engine."""
 
     english_model: str = Field(
-        "tiny.en", description="Bundled model name (tiny.en, base) or a local CTranslate2 Whisper folder."
+        "tiny.en",
+        description="Bundled model name (tiny.en, base), a local CTranslate2 Whisper folder, or a model on "
+        "the Hugging Face Hub (faster-whisper's small.en, large-v3-turbo, ..., or a repo id), downloaded "
+        "once into the Hugging Face cache when HF_HUB_OFFLINE=0.",
     )
     multilingual_model: str = Field(
-        "base", description="Model used for every language other than English (bundled name or folder)."
+        "base",
+        description="Model used for every language other than English (bundled name, folder or hub model, "
+        "as english_model).",
     )
     compute_type: str = Field(
         "int8",
@@ -346,7 +351,7 @@ class Settings(BaseSettings):
     usage_flush_seconds: float = Field(
         5.0, gt=0, description="How often minutes charged in memory are written to the database."
     )
-    default_model: Literal["whisper", "parakeet", "canary"] = Field(
+    default_model: Literal["whisper", "parakeet", "canary", "moonshine"] = Field(
         "whisper", description="Engine used when a config names none."
     )
     allow_fallback: bool = Field(

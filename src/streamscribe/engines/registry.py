@@ -32,6 +32,7 @@ WARM_UP_CLIP = Path(__file__).with_name("warm_up.wav")
 NEMO_LANGUAGES = {"parakeet": ("en",), "canary": ("en", "es", "de", "fr")}
 NEMO_VARIANTS = {"parakeet": ("standard", "onnx", "mlx"), "canary": ("standard",)}
 FALLBACK_MODEL = "whisper"  # bundled, so it can always run
+MOONSHINE_ENGINE = "moonshine-base-en"
 
 # The names a client may send besides whisper-<name> (see ``resolve_model``): a model (with the variant
 # asked for), model-variant as ``streamscribe models`` lists them, and Canary's engine name.
@@ -40,6 +41,9 @@ MODEL_ALIASES: dict[str, tuple[str, str | None]] = {
     **{model: (model, None) for model in NEMO_VARIANTS},
     **{f"{model}-{variant}": (model, variant) for model in NEMO_VARIANTS for variant in NEMO_VARIANTS[model]},
     "canary-1b": ("canary", None),
+    "moonshine": ("moonshine", "standard"),
+    "moonshine-standard": ("moonshine", "standard"),
+    MOONSHINE_ENGINE: ("moonshine", "standard"),
 }
 
 
@@ -79,7 +83,7 @@ class EngineStatus:
     """Whether one model/variant can run here.
 
     Attributes:
-        model: "whisper", "parakeet" or "canary".
+        model: "whisper", "parakeet", "canary" or "moonshine".
         variant: "standard", "onnx" or "mlx".
         languages: Languages it transcribes.
         available: True when it can be loaded on this machine.
@@ -131,6 +135,13 @@ class EngineRegistry:
         """The engine for this choice, loading it on first use. Raises EngineUnavailable."""
         if model == "whisper":
             engine = self._whisper(self.whisper_model_for(language, task))
+        elif model == "moonshine":
+            problem = (
+                self._moonshine_problem() if variant == "standard" else f"moonshine has no {variant} variant"
+            )
+            if problem:
+                raise EngineUnavailable(problem)
+            engine = self.load_once("moonshine:standard", self._load_moonshine)
         else:
             status = next((s for s in self.status() if s.model == model and s.variant == variant), None)
             if status is None:
@@ -207,6 +218,12 @@ class EngineRegistry:
                 self._engines[key] = warm_up(load())
             return self._engines[key]
 
+    def _load_moonshine(self) -> Engine:
+        from streamscribe.engines.moonshine import MoonshineEngine
+
+        settings = self._settings
+        return MoonshineEngine(settings.cache_dir, resolve_device(settings.device), settings.cpu_threads)
+
     def _load_nemo_family(self, model: str, variant: str) -> Engine:
         nemo = self._settings.nemo
         device = self._settings.device
@@ -244,7 +261,25 @@ class EngineRegistry:
                     languages = tuple(sorted(loaded.languages, key=lambda code: (code != "en", code)))
                 available = problem is None
                 rows.append(EngineStatus(model, variant, languages, available=available, reason=problem))
+        problem = self._moonshine_problem()
+        rows.append(EngineStatus("moonshine", "standard", ("en",), available=problem is None, reason=problem))
         return rows
+
+    @staticmethod
+    def _moonshine_problem() -> str | None:
+        """Why Moonshine cannot load here (a package, the shipped files), or None. Imports nothing."""
+        from streamscribe.engines.moonshine import MOONSHINE_PACKAGES, shipped_model_dir
+
+        for package in MOONSHINE_PACKAGES:
+            try:
+                _require_distribution(package)
+            except EngineUnavailable:
+                return f"package {package} is not installed (pip install 'streamscribe[moonshine]')"
+        try:
+            shipped_model_dir()
+        except EngineUnavailable as exc:
+            return str(exc)
+        return None
 
     def _nemo_family_problem(self, model: str, variant: str) -> str | None:
         """Why a NeMo-family engine cannot load here (package, then weights), or None. Imports nothing."""
@@ -286,20 +321,26 @@ class EngineRegistry:
         return None
 
     def _whisper_status(self) -> EngineStatus:
+        from streamscribe.engines.whisper import whisper_model_problem
+
         languages: set[str] = set()
         problems: list[str] = []
-        for model in {self._settings.whisper.english_model, self._settings.whisper.multilingual_model}:
+        whisper = self._settings.whisper
+        for setting, model in {
+            "english_model": whisper.english_model,
+            "multilingual_model": whisper.multilingual_model,
+        }.items():
             bundled = BUNDLED_WHISPER_MODELS.get(model)
+            if bundled is None:
+                problem = whisper_model_problem(model, self._settings.cache_dir)
+                if problem:
+                    problems.append(f"{ENV_PREFIX}WHISPER__{setting.upper()}: {problem}")
+                languages.add("en" if model.endswith(".en") else "multilingual")
+                continue
             try:
-                if bundled is None:
-                    from streamscribe.engines.whisper import resolve_model_dir
-
-                    resolve_model_dir(model, self._settings.cache_dir)
-                    languages.add("multilingual")
-                else:
-                    for package in bundled.packages:
-                        _require_distribution(package)
-                    languages.add("en" if bundled.english_only else "multilingual")
+                for package in bundled.packages:
+                    _require_distribution(package)
+                languages.add("en" if bundled.english_only else "multilingual")
             except EngineUnavailable as exc:
                 problems.append(str(exc))
         shown = ("en",) if languages == {"en"} else ("en", "es", "de", "fr", "...")

@@ -30,16 +30,87 @@ _TAIL_FRAMES = 100
 
 
 def resolve_model_dir(model: str, cache_dir: Path) -> tuple[str, Path]:
-    """(short name, folder) for a bundled model name or a local CTranslate2 Whisper folder."""
+    """(short name, folder) for a bundled model name, a local CTranslate2 Whisper folder, or a model on the
+    Hugging Face Hub: one of faster-whisper's names (``small.en``, ``large-v3-turbo``) or a repo id, taken
+    from the Hugging Face cache, else downloaded into it once when the hub is allowed
+    (``HF_HUB_OFFLINE=0``). Bundled models never touch the hub. Raises EngineUnavailable."""
     if model in BUNDLED_WHISPER_MODELS:
         return model, BUNDLED_WHISPER_MODELS[model].locate(cache_dir)
     folder = Path(model).expanduser()
-    if not (folder / "model.bin").is_file():
+    if (folder / "model.bin").is_file():
+        return folder.name, folder
+    _check_hub_name(model, folder)
+    found = _cached_hub_model(model)
+    if found is None:
+        if hub_offline():
+            raise EngineUnavailable(_offline_problem(model))
+        from faster_whisper.utils import download_model
+
+        log.info("downloading Whisper model %s into the Hugging Face cache (once)", model)
+        try:
+            found = Path(download_model(model))
+        except Exception as exc:  # the hub's errors: unknown repo, no network, refused
+            log.error("downloading Whisper model %s failed: %s: %s", model, type(exc).__name__, exc)
+            raise EngineUnavailable(
+                f"Whisper model {model!r} could not be downloaded: {type(exc).__name__} (see the server log)"
+            ) from None
+    if not (found / "model.bin").is_file():
+        raise EngineUnavailable(f"Whisper model {model!r} from the hub holds no CTranslate2 model.bin")
+    return model.rsplit("/", 1)[-1], found
+
+
+def whisper_model_problem(model: str, cache_dir: Path) -> str | None:
+    """Why a Whisper model setting cannot load here, found without downloading; None when it can (a hub
+    model not cached yet can, while the hub is allowed: it downloads on first use)."""
+    try:
+        if model in BUNDLED_WHISPER_MODELS or (Path(model).expanduser() / "model.bin").is_file():
+            resolve_model_dir(model, cache_dir)
+            return None
+        _check_hub_name(model, Path(model).expanduser())
+    except EngineUnavailable as exc:
+        return str(exc)
+    if _cached_hub_model(model) is None and hub_offline():
+        return _offline_problem(model)
+    return None
+
+
+def hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _check_hub_name(model: str, folder: Path) -> None:
+    if folder.exists() or model.startswith((".", "/", "~")) or not is_hub_name(model):
         raise EngineUnavailable(
-            f"Whisper model {model!r} is neither a bundled model ({', '.join(BUNDLED_WHISPER_MODELS)}) "
-            "nor a folder holding a CTranslate2 model.bin"
+            f"Whisper model {model!r} is neither a bundled model ({', '.join(BUNDLED_WHISPER_MODELS)}), "
+            "a folder holding a CTranslate2 model.bin, nor a faster-whisper name or Hugging Face repo id"
         )
-    return folder.name, folder
+
+
+def _cached_hub_model(model: str) -> Path | None:
+    """The model's folder in the Hugging Face cache, or None; never asks the hub."""
+    from faster_whisper.utils import download_model
+
+    try:
+        return Path(download_model(model, local_files_only=True))
+    except Exception:  # huggingface_hub's "not in the cache" has several types across versions
+        return None
+
+
+def _offline_problem(model: str) -> str:
+    return (
+        f"Whisper model {model!r} is not in the Hugging Face cache and the hub is offline "
+        "(HF_HUB_OFFLINE=1; with HF_HUB_OFFLINE=0 it is downloaded once)"
+    )
+
+
+def is_hub_name(model: str) -> bool:
+    """One of faster-whisper's model names, or a Hugging Face repo id (``owner/name``)."""
+    from faster_whisper.utils import available_models
+
+    parts = model.split("/")
+    return model in available_models() or (len(parts) == 2 and all(parts))
 
 
 def _load_whisper_class() -> type:
