@@ -367,7 +367,11 @@ class Settings(BaseSettings):
         Path.home() / ".cache" / "streamscribe",
         description="Where bundled models that ship in parts are assembled (once).",
     )
-    preload: bool = Field(True, description="Load the default English model at start-up, not on first use.")
+    preload: bool = Field(
+        True,
+        description="Load the default English model at start-up, then every configured NeMo-family engine "
+        "(/readyz is 503 until they are loaded), not on first use.",
+    )
     metrics_require_key: bool = Field(
         False,
         description="Require an API key (any scope) for /metrics; Prometheus then sends it as a bearer "
