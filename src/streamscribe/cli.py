@@ -186,6 +186,7 @@ def _stream(args: argparse.Namespace) -> int:
                 config=config,
                 speed=args.speed,
                 on_frame=show,
+                resume=True,  # a dropped socket (a changing network) resumes the same session
             )
         )
     except (OSError, TimeoutError) as exc:

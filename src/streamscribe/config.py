@@ -424,6 +424,13 @@ class Settings(BaseSettings):
     ws_ping_timeout_seconds: float = Field(
         20.0, gt=0, description="A peer that does not answer a ping within this time is disconnected."
     )
+    resume_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="A client whose socket dropped may resume its stream (its resume token in the config) "
+        "within this time: the same finals, segment ids and committed offset (in Redis when a shared store "
+        "is configured, so on any replica).",
+    )
     shutdown_grace_seconds: float = Field(
         30.0,
         ge=0,

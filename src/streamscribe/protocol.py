@@ -185,6 +185,8 @@ class ConfigMessage(_ClientFrame):
     task: Literal["transcribe", "translate"] = "transcribe"
     prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
     hotwords: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
+    # The resume token of a stream whose socket dropped (its ``ready`` status gave it): the same session.
+    resume: str | None = Field(None, min_length=1, max_length=128)
 
     @field_validator("hotwords", mode="before")
     @classmethod
@@ -279,6 +281,10 @@ class StatusFrame(ServerFrame):
     model: str | None = None
     variant: str | None = None
     language: str | None = None
+    # ready: the token that resumes this stream after a dropped socket (see server/resume.py), and where
+    # the stream goes on from: the committed offset (seconds) from which the client sends its audio again.
+    resume_token: str | None = None
+    resume_from: float | None = None
 
 
 class WordTiming(BaseModel):
@@ -302,6 +308,8 @@ class TranscriptFrame(ServerFrame):
     end: float
     language: str
     words: list[WordTiming] | None = None
+    # finals: the stream offset (seconds) up to which audio is committed; a resumed stream resends from it.
+    committed_until: float | None = None
 
 
 class FullTranscriptFrame(ServerFrame):

@@ -24,6 +24,7 @@ from streamscribe.engines.registry import EngineChoice, EngineRegistry
 from streamscribe.protocol import ErrorType, StreamError
 from streamscribe.server.auth import AccessControl
 from streamscribe.server.metrics import ServerMetrics
+from streamscribe.server.resume import Resumes
 from streamscribe.streaming.native import native_session
 from streamscribe.streaming.scheduler import Scheduler, StreamPiece, stream_scheduler, window_scheduler
 from streamscribe.streaming.session import LiveSession, SessionEvent, SessionOptions
@@ -43,6 +44,8 @@ class Runtime:
         self.registry = EngineRegistry(settings)
         self.vad = SileroVad()
         self.metrics = ServerMetrics()
+        shared = settings.shared_store
+        self.resumes = Resumes.for_settings(shared.redis_url, shared.timeout_seconds, settings.resume_seconds)
         self.draining = asyncio.Event()
         self.models_ready = not settings.preload
         self._schedulers: dict[str, Scheduler[AudioWindow, Transcript]] = {}
@@ -200,6 +203,7 @@ class Runtime:
 
     async def close(self) -> None:
         await self.access.close()
+        await self.resumes.close()
         schedulers: list[Scheduler[Any, Any]] = [*self._schedulers.values(), *self._steppers.values()]
         for scheduler in schedulers:
             await scheduler.close()
