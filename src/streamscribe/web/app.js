@@ -104,6 +104,7 @@ function clearNotices() {
 const CONNECTION_TEXT = {
   idle: "Not connected",
   connecting: "Connecting…",
+  reconnecting: "Connection lost: resuming…",
   configuring: "Loading the model…",
   ready: "Live",
   finishing: "Finishing…",
@@ -272,7 +273,7 @@ async function startSession(samples = null, fileName = "") {
     if (session?.client === client) handleClose(event.detail);
   });
   client.addEventListener("state", (event) => {
-    if (session?.client === client && ["connecting", "configuring"].includes(event.detail)) setConnection(event.detail);
+    if (session?.client === client && ["connecting", "reconnecting", "configuring"].includes(event.detail)) setConnection(event.detail);
   });
   debug.setUrl(client.displayUrl);
   transcript.beginSession(`${samples ? fileName : "Microphone"} · ${new Date().toLocaleTimeString()}`);
