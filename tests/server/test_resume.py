@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +14,9 @@ import pytest
 from websockets.asyncio.client import connect
 
 from streamscribe.client import StreamResult, encode_samples, stream_audio
-from tests.conftest import RunningServer, word_error_rate
+from streamscribe.protocol import StreamError
+from streamscribe.server.resume import LocalResumeStore, RedisResumeStore, Resumes, ResumeStore
+from tests.conftest import RunningServer, free_port, word_error_rate
 from tests.server.ws_helpers import limits, new_key, refused
 
 # 15 s of long.wav: five sentences; 9.0 s is in the middle of the third ("Our new office is on ...").
@@ -101,3 +103,45 @@ def test_a_resume_token_works_only_for_its_own_user_and_only_once(
 
     assert asyncio.run(resume(alice)) == "ready", "bob's refused attempt did not use up alice's token"
     assert asyncio.run(resume(alice)) == "bad_request", "a token resumes once"
+
+
+@pytest.fixture(params=["local", "redis"])
+def resume_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ResumeStore]:
+    """Both stores, the Redis one on a real redis-server."""
+    if request.param == "local":
+        yield LocalResumeStore()
+        return
+    from tests.server.test_replicas import RedisServer
+
+    redis = RedisServer(free_port(), tmp_path)
+    redis.start()
+    yield RedisResumeStore(redis.url, timeout=1.0)
+    redis.kill()
+
+
+async def test_a_taken_point_is_no_longer_written_by_its_old_connection_and_points_lapse(
+    resume_store: ResumeStore,
+) -> None:
+    resumes = Resumes(resume_store, ttl=0.5)
+    old = await resumes.start("alice", None)
+    await old.final("one", 0, 1.5)
+    old.received(2.0)
+    await old.dropped()
+
+    with pytest.raises(StreamError):
+        await resumes.start("bob", old.token)
+    new = await resumes.start("alice", old.token)
+    assert (new.earlier_finals, new.base_segment, new.base_seconds) == (["one"], 1, 1.5)
+    assert new.received(1.0) == 0.5, "of the second resent, the half already received is free"
+
+    await old.final("late", 1, 3.0)  # a half-open old connection writes after the resume: ignored
+    await new.final("two", 1, 3.0)
+    newest = await resumes.start("alice", new.token)
+    assert newest.earlier_finals == ["one", "two"]
+    with pytest.raises(StreamError):
+        await resumes.start("alice", old.token)
+
+    await asyncio.sleep(0.7)
+    with pytest.raises(StreamError):
+        await resumes.start("alice", newest.token)
+    await resumes.close()

@@ -108,14 +108,16 @@ class LocalResumeStore:
     async def add_final(self, key: str, text: str, point: ResumePoint, ttl: float) -> None:
         entry = self._live(key)
         if entry is not None:
-            finals = [*entry.point.finals, text]
-            entry.point = _copy(point, finals)
+            entry.point.finals.append(text)
+            _note_offsets(entry.point, point)
             entry.expires_at = time.monotonic() + ttl
 
     async def note(self, key: str, point: ResumePoint, ttl: float, clear_finals: bool = False) -> None:
         entry = self._live(key)
         if entry is not None:
-            entry.point = _copy(point, [] if clear_finals else entry.point.finals)
+            if clear_finals:
+                entry.point.finals.clear()
+            _note_offsets(entry.point, point)
             entry.expires_at = time.monotonic() + ttl
 
     async def forget(self, key: str) -> None:
@@ -125,14 +127,16 @@ class LocalResumeStore:
         self._entries.clear()
 
 
-def _copy(point: ResumePoint, finals: list[str] | None = None) -> ResumePoint:
+def _copy(point: ResumePoint) -> ResumePoint:
     return ResumePoint(
-        point.user_id,
-        list(point.finals if finals is None else finals),
-        point.committed_seconds,
-        point.next_segment,
-        point.received_seconds,
+        point.user_id, list(point.finals), point.committed_seconds, point.next_segment, point.received_seconds
     )
+
+
+def _note_offsets(kept: ResumePoint, point: ResumePoint) -> None:
+    kept.committed_seconds = point.committed_seconds
+    kept.next_segment = point.next_segment
+    kept.received_seconds = point.received_seconds
 
 
 # KEYS: the hash, its finals. ARGV: user. Returns the hash's fields (flat) and the finals, or nil.
