@@ -369,7 +369,7 @@ def test_a_stream_dropped_mid_utterance_resumes_on_the_other_replica(
     """The client's TCP connection to one replica dies mid-utterance (no close frame); it reconnects to the
     other with its resume token: the finals and the committed offset were in Redis, so the session goes
     on there, and its full transcript is what an uninterrupted stream gets."""
-    from tests.server.test_resume import DROP_AT, SECONDS, assert_same_session
+    from tests.server.test_resume import DROP_AT, SECONDS, SPEED, assert_same_session
 
     a, b = start_replicas({}, {})
     key = new_key(a, "alice", tier="standard")
@@ -382,7 +382,7 @@ def test_a_stream_dropped_mid_utterance_resumes_on_the_other_replica(
             a.ws_url(key),
             speech,
             16000,
-            speed=2.0,
+            speed=SPEED,
             drop_at=[DROP_AT],
             resume_urls=[a.ws_url(key), b.ws_url(key)],
         )

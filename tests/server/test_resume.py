@@ -19,9 +19,11 @@ from streamscribe.server.resume import LocalResumeStore, RedisResumeStore, Resum
 from tests.conftest import RunningServer, free_port, word_error_rate
 from tests.server.ws_helpers import limits, new_key, refused
 
-# 15 s of long.wav: five sentences; 9.0 s is in the middle of the third ("Our new office is on ...").
+# 15 s of long.wav: five sentences; 13.0 s is in the middle of the fourth ("She planted tomatoes ..."), late
+# enough for a final to have come before it on a loaded machine (the stream goes at 1.5 times real time).
 SECONDS = 15.0
-DROP_AT = 9.0
+DROP_AT = 13.0
+SPEED = 1.5
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +63,7 @@ def test_a_stream_dropped_mid_utterance_resumes_the_same_session_charged_once(
     uninterrupted = asyncio.run(stream_audio(mu_server.ws_url(key), speech, 16000, speed=0))
     before = limits(mu_server, key)["used_today_minutes"]
 
-    resumed = asyncio.run(stream_audio(mu_server.ws_url(key), speech, 16000, speed=2.0, drop_at=[DROP_AT]))
+    resumed = asyncio.run(stream_audio(mu_server.ws_url(key), speech, 16000, speed=SPEED, drop_at=[DROP_AT]))
 
     assert_same_session(resumed, uninterrupted)
     assert resumed.close_code == 1000
@@ -119,14 +121,26 @@ def resume_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Res
     redis.kill()
 
 
+class GivenBack:
+    """Stands in for a StreamLease: records what a dropped connection gives back."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+
+    async def give_back(self, seconds: float) -> None:
+        self.seconds.append(seconds)
+
+
 async def test_a_taken_point_is_no_longer_written_by_its_old_connection_and_points_lapse(
     resume_store: ResumeStore,
 ) -> None:
     resumes = Resumes(resume_store, ttl=0.5)
+    lease = GivenBack()
     old = await resumes.start("alice", None)
     await old.final("one", 0, 1.5)
     old.received(2.0)
-    await old.dropped()
+    await old.dropped(lease)  # type: ignore[arg-type]
+    assert lease.seconds == [], "seen before the resume: the resumed stream knows what was received"
 
     with pytest.raises(StreamError):
         await resumes.start("bob", old.token)
@@ -135,9 +149,12 @@ async def test_a_taken_point_is_no_longer_written_by_its_old_connection_and_poin
     assert new.received(1.0) == 0.5, "of the second resent, the half already received is free"
 
     await old.final("late", 1, 3.0)  # a half-open old connection writes after the resume: ignored
-    await new.final("two", 1, 3.0)
-    newest = await resumes.start("alice", new.token)
+    await new.final("two", 1, 3.0)  # the store has received = 2.5 now
+    new.received(1.5)  # up to 4.0, not saved yet
+    newest = await resumes.start("alice", new.token)  # resumed before `new` saw its end
     assert newest.earlier_finals == ["one", "two"]
+    await new.dropped(lease)  # type: ignore[arg-type]
+    assert lease.seconds == [pytest.approx(1.5)], "what `newest` charges again is given back"
     with pytest.raises(StreamError):
         await resumes.start("alice", old.token)
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from streamscribe.protocol import ConfigRefused, ErrorType
+from streamscribe.server.quotas import StreamLease
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +67,9 @@ class ResumeStore(Protocol):
         """Append a final and note the point's offsets, unless ``key`` was taken or lapsed."""
         ...
 
-    async def note(self, key: str, point: ResumePoint, ttl: float, clear_finals: bool = False) -> None:
-        """Note the point's offsets (and forget its finals: a reset), unless ``key`` was taken or lapsed."""
+    async def note(self, key: str, point: ResumePoint, ttl: float, clear_finals: bool = False) -> bool:
+        """Note the point's offsets (and forget its finals: a reset), unless ``key`` was taken or lapsed;
+        False when it was taken (resumed)."""
         ...
 
     async def forget(self, key: str) -> None: ...
@@ -112,13 +114,15 @@ class LocalResumeStore:
             _note_offsets(entry.point, point)
             entry.expires_at = time.monotonic() + ttl
 
-    async def note(self, key: str, point: ResumePoint, ttl: float, clear_finals: bool = False) -> None:
+    async def note(self, key: str, point: ResumePoint, ttl: float, clear_finals: bool = False) -> bool:
         entry = self._live(key)
         if entry is not None:
             if clear_finals:
                 entry.point.finals.clear()
             _note_offsets(entry.point, point)
             entry.expires_at = time.monotonic() + ttl
+        taken = self._entries.get(key)
+        return not (taken is not None and taken.taken)
 
     async def forget(self, key: str) -> None:
         self._entries.pop(key, None)
@@ -150,9 +154,11 @@ redis.call('HSET', KEYS[1], 'state', 'taken')
 return {fields, redis.call('LRANGE', KEYS[2], 0, -1)}
 """
 # KEYS: the hash, its finals. ARGV: ttl ms, committed, next_segment, received, clear finals (0/1), a final
-# to append (optional).
+# to append (optional). Returns 1 (noted), 0 (taken: resumed) or 2 (lapsed).
 _NOTE = """
-if redis.call('HGET', KEYS[1], 'state') ~= 'open' then return 0 end
+local state = redis.call('HGET', KEYS[1], 'state')
+if state == 'taken' then return 0 end
+if state ~= 'open' then return 2 end
 redis.call('HSET', KEYS[1], 'committed', ARGV[2], 'next_segment', ARGV[3], 'received', ARGV[4])
 if ARGV[5] == '1' then redis.call('DEL', KEYS[2]) end
 if ARGV[6] then redis.call('RPUSH', KEYS[2], ARGV[6]) end
@@ -223,8 +229,8 @@ class RedisResumeStore:
     async def add_final(self, key: str, text: str, point: ResumePoint, ttl: float) -> None:
         await self._run(self._note, key, [*self._note_args(point, ttl), 0, text])
 
-    async def note(self, key: str, point: ResumePoint, ttl: float, clear_finals: bool = False) -> None:
-        await self._run(self._note, key, [*self._note_args(point, ttl), int(clear_finals)])
+    async def note(self, key: str, point: ResumePoint, ttl: float, clear_finals: bool = False) -> bool:
+        return bool(await self._run(self._note, key, [*self._note_args(point, ttl), int(clear_finals)]))
 
     @staticmethod
     def _note_args(point: ResumePoint, ttl: float) -> list[Any]:
@@ -256,6 +262,7 @@ class ResumableStream:
         self._charged_until = point.received_seconds  # whole-stream seconds
         self._received = point.committed_seconds  # whole-stream seconds received on this connection
         self._finished = False
+        self._saved_received = point.received_seconds  # received_seconds as the store last had it
 
     @property
     def earlier_finals(self) -> list[str]:
@@ -271,36 +278,50 @@ class ResumableStream:
         return seconds - free
 
     async def opened(self) -> None:
-        await self._write(self._store.open(_hash(self.token), self.point, self._ttl))
+        if await self._write(self._store.open(_hash(self.token), self.point, self._ttl)):
+            self._saved_received = self.point.received_seconds
 
     async def final(self, text: str, segment: int, end: float) -> None:
         """A final of the whole stream's ``segment`` ending at ``end`` (whole-stream seconds) was made."""
         self.point.committed_seconds = end
         self.point.next_segment = segment + 1
-        await self._write(self._store.add_final(_hash(self.token), text, self.point, self._ttl))
+        received = self.point.received_seconds
+        if await self._write(self._store.add_final(_hash(self.token), text, self.point, self._ttl)):
+            self._saved_received = received
 
     async def reset(self) -> None:
         """The client reset the stream: its finals are gone, and what was received is committed."""
         self.point.committed_seconds = self._received
         await self._write(self._store.note(_hash(self.token), self.point, self._ttl, clear_finals=True))
 
-    async def dropped(self) -> None:
+    async def dropped(self, lease: StreamLease) -> None:
         """The connection ended: unless the client stopped the stream, keep its point ``ttl`` from now, with
-        what was received."""
-        if not self._finished:
-            await self._write(self._store.note(_hash(self.token), self.point, self._ttl))
+        what was received. When the stream was resumed before this connection saw its end, the resumed
+        one charges what it is sent after the point last saved here: that is given back."""
+        if self._finished:
+            return
+        try:
+            noted = await self._store.note(_hash(self.token), self.point, self._ttl)
+        except Exception as exc:  # as in _write
+            log.warning("resume point not saved: %s", type(exc).__name__, extra={"event": "resume_unsaved"})
+            return
+        if not noted:
+            await lease.give_back(self._charged_until - self._saved_received)
 
     async def finished(self) -> None:
         """The client stopped the stream: there is nothing to resume."""
         self._finished = True
         await self._write(self._store.forget(_hash(self.token)))
 
-    async def _write(self, change: Any) -> None:
-        # The stream goes on when the store does not answer; only its resume is at stake.
+    async def _write(self, change: Any) -> bool:
+        """Await a change of the store; False when it failed. The stream goes on when the store does not
+        answer: only its resume is at stake."""
         try:
             await change
         except Exception as exc:  # Redis down or slow: logged, never the stream's end
             log.warning("resume point not saved: %s", type(exc).__name__, extra={"event": "resume_unsaved"})
+            return False
+        return True
 
 
 class Resumes:

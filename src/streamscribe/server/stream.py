@@ -141,8 +141,8 @@ class StreamConnection:
             await asyncio.gather(*watchers, return_exceptions=True)
             if session is not None:
                 await session.close()
-            if resume is not None:
-                await resume.dropped()  # unless the client stopped it: then there is nothing to resume
+            if resume is not None and lease is not None:
+                await resume.dropped(lease)  # unless the client stopped it: then there is nothing to resume
             if lease is not None:
                 await lease.close()
             if admitted:
