@@ -211,6 +211,7 @@ def _stream(args: argparse.Namespace) -> int:
                 speed=args.speed,
                 on_frame=show,
                 binary=args.binary,
+                resume=True,  # a dropped socket (a changing network) resumes the same session
             )
         )
     except (OSError, TimeoutError) as exc:

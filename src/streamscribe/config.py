@@ -386,7 +386,11 @@ class Settings(BaseSettings):
         Path.home() / ".cache" / "streamscribe",
         description="Where bundled models that ship in parts are assembled (once).",
     )
-    preload: bool = Field(True, description="Load the default English model at start-up, not on first use.")
+    preload: bool = Field(
+        True,
+        description="Load the default English model at start-up, then every configured NeMo-family engine "
+        "(/readyz is 503 until they are loaded), not on first use.",
+    )
     metrics_require_key: bool = Field(
         False,
         description="Require an API key (any scope) for /metrics; Prometheus then sends it as a bearer "
@@ -438,6 +442,13 @@ class Settings(BaseSettings):
     )
     ws_ping_timeout_seconds: float = Field(
         20.0, gt=0, description="A peer that does not answer a ping within this time is disconnected."
+    )
+    resume_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="A client whose socket dropped may resume its stream (its resume token in the config) "
+        "within this time: the same finals, segment ids and committed offset (in Redis when a shared store "
+        "is configured, so on any replica).",
     )
     shutdown_grace_seconds: float = Field(
         30.0,

@@ -220,6 +220,9 @@ class ConfigMessage(_ClientFrame):
             self.sample_rate = G711_SAMPLE_RATE
         return self
 
+    # The resume token of a stream whose socket dropped (its ``ready`` status gave it): the same session.
+    resume: str | None = Field(None, min_length=1, max_length=128)
+
     @field_validator("hotwords", mode="before")
     @classmethod
     def _join_hotwords(cls, value: Any) -> Any:
@@ -313,6 +316,10 @@ class StatusFrame(ServerFrame):
     model: str | None = None
     variant: str | None = None
     language: str | None = None
+    # ready: the token that resumes this stream after a dropped socket (see server/resume.py), and where
+    # the stream goes on from: the committed offset (seconds) from which the client sends its audio again.
+    resume_token: str | None = None
+    resume_from: float | None = None
 
 
 class WordTiming(BaseModel):
@@ -341,6 +348,8 @@ class TranscriptFrame(ServerFrame):
     # who speaks most of it).
     speaker: str | None = None
     speakers: list[str] | None = None
+    # finals: the stream offset (seconds) up to which audio is committed; a resumed stream resends from it.
+    committed_until: float | None = None
 
 
 class FullTranscriptFrame(ServerFrame):

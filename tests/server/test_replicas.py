@@ -361,3 +361,34 @@ def test_a_hung_redis_does_not_hold_up_running_streams(
         assert time.monotonic() < deadline, (used, expected)
         time.sleep(0.1)
     assert used == pytest.approx(expected, abs=1e-4)
+
+
+def test_a_stream_dropped_mid_utterance_resumes_on_the_other_replica(
+    start_replicas: Callable[..., list[Replica]], clip: Callable[[str], np.ndarray]
+) -> None:
+    """The client's TCP connection to one replica dies mid-utterance (no close frame); it reconnects to the
+    other with its resume token: the finals and the committed offset were in Redis, so the session goes
+    on there, and its full transcript is what an uninterrupted stream gets."""
+    from tests.server.test_resume import DROP_AT, SECONDS, SPEED, assert_same_session
+
+    a, b = start_replicas({}, {})
+    key = new_key(a, "alice", tier="standard")
+    speech = clip("long.wav")[: int(SECONDS * 16000)]
+    uninterrupted = asyncio.run(stream_audio(a.ws_url(key), speech, 16000, speed=0))
+    used_before = limits(a, key)["used_today_minutes"]
+
+    resumed = asyncio.run(
+        stream_audio(
+            a.ws_url(key),
+            speech,
+            16000,
+            speed=SPEED,
+            drop_at=[DROP_AT],
+            resume_urls=[a.ws_url(key), b.ws_url(key)],
+        )
+    )
+
+    assert_same_session(resumed, uninterrupted)
+    assert '"event": "stream_resumed"' in b.log() and '"event": "stream_resumed"' not in a.log()
+    used = (limits(b, key)["used_today_minutes"] - used_before) * 60
+    assert used == pytest.approx(SECONDS, abs=0.2), "each audio second is charged once, across replicas"

@@ -11,7 +11,7 @@ from typing import cast
 import numpy as np
 import pytest
 
-from streamscribe.engines.base import AudioWindow, EngineStream, StreamUpdate
+from streamscribe.engines.base import AudioWindow, EngineStream, StreamUpdate, Transcript
 from streamscribe.streaming.scheduler import Priority, StaleWork, stream_scheduler, window_scheduler
 from tests.streaming.fakes import ScriptedEngine
 
@@ -179,4 +179,28 @@ async def test_a_streaming_step_takes_one_piece_of_each_waiting_stream() -> None
     await busy
     assert [u.partial_text for u in await asyncio.gather(*waiting)] == ["2", "3", "4"]
     assert steps == [[("b", 1)], [("a", 2), ("b", 4)], [("a", 3)]]
+    await scheduler.close()
+
+
+async def test_a_failed_batch_is_retried_item_by_item_and_only_the_bad_item_fails() -> None:
+    class OneBadWindow(ScriptedEngine):
+        def transcribe(self, batch: Sequence[AudioWindow]) -> list[Transcript]:
+            if any(len(w.samples) == 2 * 16000 for w in batch):
+                self.batch_sizes.append(-len(batch))
+                raise RuntimeError("bad window")
+            return super().transcribe(batch)
+
+    engine = OneBadWindow()
+    scheduler = window_scheduler(engine, workers=1, max_batch=4)
+    engine.gate.clear()
+    busy = asyncio.create_task(scheduler.submit(window(1, True), Priority.FINAL))
+    await asyncio.sleep(0.05)
+    partials = [asyncio.create_task(scheduler.submit(window(s, False), Priority.PARTIAL)) for s in (1, 2, 3)]
+    await asyncio.sleep(0.05)
+    engine.gate.set()
+    await busy
+    outcomes = await asyncio.gather(*partials, return_exceptions=True)
+    texts = [o.text if isinstance(o, Transcript) else str(o) for o in outcomes]
+    assert texts == ["w0", "bad window", "w0 w1 w2"]
+    assert engine.batch_sizes == [1, -3, 1, -1, 1], "the shared call failed; each item then ran alone"
     await scheduler.close()

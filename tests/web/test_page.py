@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import json
 import re
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -350,3 +353,66 @@ def test_page_streams_with_the_key_in_the_first_message_not_the_url(
     page.click("#debug summary")
     expect(page.locator("#debug-log li[data-direction=out][data-type=auth]")).to_have_count(1)
     assert strict.api_key not in page.inner_text("#debug")
+
+
+class DroppingProxy:
+    """A TCP proxy to a server, in a thread of its own: ``drop()`` cuts every connection through it without
+    a close frame (as a phone changing networks sees it); new connections go through again."""
+
+    def __init__(self, port: int) -> None:
+        self._target = port
+        self._loop = asyncio.new_event_loop()
+        self._writers: set[asyncio.StreamWriter] = set()
+        ready = threading.Event()
+        self.port = 0
+
+        async def serve() -> None:
+            server = await asyncio.start_server(self._pipe, "127.0.0.1", 0)
+            self.port = server.sockets[0].getsockname()[1]
+            ready.set()
+            await server.serve_forever()
+
+        threading.Thread(target=self._loop.run_until_complete, args=(serve(),), daemon=True).start()
+        ready.wait(10)
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", self._target)
+        self._writers |= {writer, upstream_writer}
+
+        async def copy(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError):
+                while data := await source.read(65536):
+                    sink.write(data)
+                    await sink.drain()
+            sink.transport.abort()
+
+        await asyncio.gather(copy(reader, upstream_writer), copy(upstream_reader, writer))
+
+    def drop(self) -> None:
+        def abort_all() -> None:
+            for writer in self._writers:
+                writer.transport.abort()
+            self._writers.clear()
+
+        self._loop.call_soon_threadsafe(abort_all)
+
+
+def test_a_dropped_connection_resumes_the_same_session_with_the_kept_audio(page: Page, server: Any) -> None:
+    proxy = DroppingProxy(server.port)
+    open_page(page, f"http://127.0.0.1:{proxy.port}", server.api_key)
+    page.click("#start")
+    expect(page.locator("#connection")).to_have_attribute("data-state", "ready")
+    expect(page.locator("#partial")).not_to_be_empty()  # mid-way through the sentence
+    proxy.drop()
+    expect(page.locator("#connection")).to_have_attribute("data-state", "ready")
+    expect(page.locator("#finals")).to_contain_text("friday", ignore_case=True)
+    page.click("#stop")
+    expect(page.locator("#full-state")).to_have_text("complete")
+    full = page.input_value("#full")
+    assert set(SHORT_CLIP_WORDS) <= set(words(full)), full
+    page.click("#debug summary")
+    readies = page.eval_on_selector_all(
+        "#debug-log li[data-direction=in][data-type=status]", "items => items.map(i => i.textContent)"
+    )
+    assert len([text for text in readies if '"ready"' in text]) == 2, "one session, resumed on a new socket"
+    expect(page.locator("#debug-log li[data-direction=out][data-type=config]")).to_have_count(2)

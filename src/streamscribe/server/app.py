@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -47,14 +48,19 @@ def create_app(settings: Settings, api_key: str) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         runtime = Runtime(settings, api_key)
         app.state.runtime = runtime
+        preloads: asyncio.Task[None] | None = None
         if settings.preload:
-            await runtime.preload()
+            await runtime.preload()  # the bundled Whisper: about a second, before the port opens
+            preloads = asyncio.create_task(runtime.preload_configured())  # NeMo: /readyz is 503 meanwhile
         wyoming = WyomingServer(runtime) if settings.wyoming_port else None
         if wyoming is not None:
             await wyoming.start()
         yield
         if wyoming is not None:
             await wyoming.close()
+        if preloads is not None:
+            preloads.cancel()
+            await asyncio.gather(preloads, return_exceptions=True)
         await runtime.close()
 
     app = FastAPI(title="streamscribe", version=__version__, lifespan=lifespan)

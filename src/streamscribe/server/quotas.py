@@ -403,6 +403,13 @@ class StreamLease:
             self._known_used[day] = total
             self._usage.counted(self._user, day, seconds)
 
+    async def give_back(self, seconds: float) -> None:
+        """Take back ``seconds`` this stream charged that another connection charges again (the audio a
+        resumed stream resends, when this one learned it was resumed only after): counted like any
+        charge, negated."""
+        if seconds > 0:
+            await self.charge(-seconds)
+
     async def close(self) -> None:
         """Free the slot and write the usage out."""
         if self._closed:

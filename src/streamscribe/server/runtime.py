@@ -12,11 +12,19 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from streamscribe.config import Settings
-from streamscribe.engines.base import AudioWindow, Engine, StreamingEngine, StreamUpdate, Transcript
+from streamscribe.engines.base import (
+    AudioWindow,
+    Engine,
+    EngineUnavailable,
+    StreamingEngine,
+    StreamUpdate,
+    Transcript,
+)
 from streamscribe.engines.registry import EngineChoice, EngineRegistry
 from streamscribe.protocol import ErrorType, StreamError
 from streamscribe.server.auth import AccessControl
 from streamscribe.server.metrics import ServerMetrics
+from streamscribe.server.resume import Resumes
 from streamscribe.streaming.diarization import DiarizationUnavailable, Diarizer, load_speaker_model
 from streamscribe.streaming.native import native_session
 from streamscribe.streaming.scheduler import Scheduler, StreamPiece, stream_scheduler, window_scheduler
@@ -37,6 +45,8 @@ class Runtime:
         self.registry = EngineRegistry(settings)
         self.vad = SileroVad()
         self.metrics = ServerMetrics()
+        shared = settings.shared_store
+        self.resumes = Resumes.for_settings(shared.redis_url, shared.timeout_seconds, settings.resume_seconds)
         self.draining = asyncio.Event()
         self.models_ready = not settings.preload
         self._schedulers: dict[str, Scheduler[AudioWindow, Transcript]] = {}
@@ -50,6 +60,8 @@ class Runtime:
         self._no_uploads.set()
         # Decoding and cutting uploaded files: threads of their own, so a burst of uploads takes turns
         # there instead of starving key lookups and live streams on the default executor.
+        # Threads that load engines, or wait on a load under way (see ``_load``); waiting costs a thread.
+        self._engine_loads = ThreadPoolExecutor(max_workers=64, thread_name_prefix="engine-load")
         self._file_work = ThreadPoolExecutor(
             max_workers=max(1, (os.cpu_count() or 1) // 2), thread_name_prefix="file-decode"
         )
@@ -57,8 +69,9 @@ class Runtime:
     async def choose_engine(
         self, model: str, variant: str, language: str, task: str = "transcribe"
     ) -> EngineChoice:
-        """``EngineRegistry.choose_engine``; loading (seconds) runs off the event loop."""
-        return await asyncio.to_thread(self.registry.choose_engine, model, variant, language, task)
+        """``EngineRegistry.choose_engine``; loading (seconds) runs on threads of its own (``_load``)."""
+        choose = functools.partial(self.registry.choose_engine, model, variant, language, task)
+        return await self._load(choose)
 
     def scheduler(self, engine: Engine) -> Scheduler[AudioWindow, Transcript]:
         """The queue of ``engine``'s whole-window decodes (live windows and files)."""
@@ -115,8 +128,30 @@ class Runtime:
     async def preload(self) -> None:
         """Load the default (fallback) English engine before the first client needs it."""
         engine = (await self.choose_engine("whisper", "standard", "en")).engine
-        self.models_ready = True
         log.info("model %s ready", engine.name, extra={"event": "model_ready", "engine": engine.name})
+
+    async def preload_configured(self) -> None:
+        """Load every other engine this server is configured for (weights set, packages installed), one after
+        another, then mark the models ready: a NeMo load takes 10-25 s, which no first stream should wait
+        for. Meanwhile ``/readyz`` says 503; a stream for an engine still loading waits for its load, one
+        for another engine does not. A load that fails is logged, and its streams get the reason."""
+        for status in self.registry.status():
+            if status.model == "whisper" or not status.available:
+                continue
+            try:
+                load = functools.partial(self.registry.get, status.model, status.variant, "en")
+                engine = await self._load(load)
+            except EngineUnavailable as exc:
+                log.error("preloading %s (%s) failed: %s", status.model, status.variant, exc)
+                continue
+            log.info("model %s ready", engine.name, extra={"event": "model_ready", "engine": engine.name})
+        self.models_ready = True
+
+    async def _load(self, load: Callable[[], T]) -> T:
+        """``load()`` on the loading threads: a stream waiting there for an engine that is still loading
+        holds none of the default threads, which decode every other stream's audio."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._engine_loads, load)
 
     @property
     def ready(self) -> bool:
@@ -152,8 +187,9 @@ class Runtime:
         await self._no_streams.wait()
         await self._no_uploads.wait()
 
-    async def drain(self) -> None:
-        """Tell every stream to finish (see StreamConnection) and wait up to the grace time for them."""
+    async def drain(self) -> bool:
+        """Tell every stream to finish (see StreamConnection) and wait up to the grace time for them; True
+        when every stream and upload finished in time."""
         grace = self.settings.shutdown_grace_seconds
         self.draining.set()
         log.info(
@@ -171,10 +207,14 @@ class Runtime:
                 self._open_streams,
                 self._open_uploads,
             )
+            return False
+        return True
 
     async def close(self) -> None:
         await self.access.close()
+        await self.resumes.close()
         schedulers: list[Scheduler[Any, Any]] = [*self._schedulers.values(), *self._steppers.values()]
         for scheduler in schedulers:
             await scheduler.close()
         self._file_work.shutdown(wait=False, cancel_futures=True)
+        self._engine_loads.shutdown(wait=False, cancel_futures=True)

@@ -4,6 +4,7 @@ request headers, and a graceful shutdown on SIGTERM."""
 from __future__ import annotations
 
 import asyncio
+import signal
 import socket
 from typing import TYPE_CHECKING, Any
 
@@ -134,7 +135,8 @@ class GracefulServer(uvicorn.Server):
 
     uvicorn's own shutdown closes every WebSocket at once with 1012. Here the listening sockets close
     first (no new connections), then every stream finishes its current utterance, receives its finals
-    and ``full_transcript`` and is closed with 1001, within ``shutdown_grace_seconds``.
+    and ``full_transcript`` and is closed with 1001, within ``shutdown_grace_seconds``; when they all did,
+    the process exits 0.
     """
 
     def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
@@ -147,6 +149,9 @@ class GracefulServer(uvicorn.Server):
         for sock in sockets or []:
             sock.close()
         runtime = getattr(self._app.state, "runtime", None)
-        if runtime is not None and not self.force_exit:
-            await runtime.drain()
+        if runtime is not None and not self.force_exit and await runtime.drain():
+            # uvicorn re-raises a captured SIGTERM once it is done, so the process would exit 143 (killed)
+            # after a clean drain; a drain that finished is a clean exit (0). One that ran past the grace
+            # time keeps the signal's exit status.
+            self._captured_signals = [sig for sig in self._captured_signals if sig != signal.SIGTERM]
         await super().shutdown(sockets=sockets)

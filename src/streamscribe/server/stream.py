@@ -38,6 +38,7 @@ from streamscribe.server.logs import new_request_id
 from streamscribe.server.origins import origin_allowed
 from streamscribe.server.pacing import StreamPacing
 from streamscribe.server.quotas import StreamLease
+from streamscribe.server.resume import ResumableStream
 from streamscribe.server.runtime import Runtime
 from streamscribe.streaming.diarization import StreamSpeakers, turn_vad
 from streamscribe.streaming.session import (
@@ -91,6 +92,7 @@ class StreamConnection:
         watchers: list[asyncio.Task[None]] = []
         lease: StreamLease | None = None
         audio_input: AudioInput | None = None
+        resume: ResumableStream | None = None
         admitted = False
         started = time.monotonic()
         self._runtime.stream_opened()
@@ -100,11 +102,19 @@ class StreamConnection:
             lease = await access.quotas.open_stream(principal.user_id, principal.limits)
             self._runtime.metrics.streams.inc()
             config = await self._receive_config()
+            resume = await self._runtime.resumes.start(principal.user_id, config.resume)
             engine, audio_input = await self._start(config)
             diarizer = await self._runtime.diarizer() if config.diarization else None
             self._runtime.admit(engine)
             admitted = True
-            await self._send(StatusFrame(state="ready", model=engine.name))
+            await self._send(
+                StatusFrame(
+                    state="ready",
+                    model=engine.name,
+                    resume_token=resume.token,
+                    resume_from=round(resume.base_seconds, 3),
+                )
+            )
             log.info(
                 "stream started",
                 extra={
@@ -114,14 +124,14 @@ class StreamConnection:
                     "task": config.task,
                 },
             )
-            session = self._new_session(config, engine)
+            session = self._new_session(config, engine, resume)
             if diarizer is not None:
                 session.label_speakers(StreamSpeakers(diarizer))
             watchers = [
                 asyncio.create_task(self._finish_on_shutdown(session)),
                 asyncio.create_task(self._end_when_key_lapses(principal, session, lease.heartbeat_seconds)),
             ]
-            await self._serve(session, audio_input, lease)
+            await self._serve(session, audio_input, lease, resume)
         except StreamError as error:
             await self._fail(error)
         except (_SessionEnded, WebSocketDisconnect):
@@ -137,6 +147,8 @@ class StreamConnection:
                 await session.close()
             if audio_input is not None:
                 audio_input.close()
+            if resume is not None and lease is not None:
+                await resume.dropped(lease)  # unless the client stopped it: then there is nothing to resume
             if lease is not None:
                 await lease.close()
             if admitted:
@@ -229,7 +241,7 @@ class StreamConnection:
         max_bytes = self._runtime.settings.streaming.max_frame_bytes
         return engine, AudioInput(config.audio_format, config.sample_rate, engine.sample_rate, max_bytes)
 
-    def _new_session(self, config: ConfigMessage, engine: Engine) -> LiveSession:
+    def _new_session(self, config: ConfigMessage, engine: Engine, resume: ResumableStream) -> LiveSession:
         settings = self._runtime.settings
         options = SessionOptions(
             language=config.language,
@@ -252,13 +264,19 @@ class StreamConnection:
                 return
             final = isinstance(event, FinalText)
             self._observe_emission("final" if final else "partial", event.end)
+            # The session counts from zero; a resumed stream goes on from where the dropped one committed.
+            base, segment = resume.base_seconds, resume.base_segment + event.index
+            committed_until = None
+            if isinstance(event, FinalText):
+                committed_until = round(base + event.end, 3)
+                await resume.final(event.text, segment, base + event.end)  # kept before the client has it
             words = None
             if isinstance(event, FinalText) and config.word_timestamps:
                 words = [
                     WordTiming(
                         word=w.text.strip(),
-                        start=round(w.start, 3),
-                        end=round(w.end, 3),
+                        start=round(base + w.start, 3),
+                        end=round(base + w.end, 3),
                         probability=round(w.probability, 4),
                     )
                     for w in event.words
@@ -269,20 +287,25 @@ class StreamConnection:
                 text=event.text,
                 is_final=final,
                 model=model_name,
-                segment_id=event.index,
-                start=round(event.start, 3),
-                end=round(event.end, 3),
+                segment_id=segment,
+                start=round(base + event.start, 3),
+                end=round(base + event.end, 3),
                 language=event.language if isinstance(event, FinalText) else config.language,
                 words=words,
                 speaker=event.speaker if isinstance(event, FinalText) else None,
                 speakers=list(speakers) if len(speakers) > 1 else None,
+                committed_until=committed_until,
             )
             with contextlib.suppress(_SessionEnded):  # the client left; the receive loop will see it
                 await self._send(frame)
 
-        return self._runtime.new_session(engine, options, emit)
+        session = self._runtime.new_session(engine, options, emit)
+        session.carry_over(resume.earlier_finals)
+        return session
 
-    async def _serve(self, session: LiveSession, audio_input: AudioInput, lease: StreamLease) -> None:
+    async def _serve(
+        self, session: LiveSession, audio_input: AudioInput, lease: StreamLease, resume: ResumableStream
+    ) -> None:
         idle_timeout = self._runtime.settings.access.idle_timeout_seconds
         while True:
             await self._pace()
@@ -303,7 +326,8 @@ class StreamConnection:
                     decoded = await asyncio.to_thread(_decode, audio_input, message)
                     seconds = decoded.seconds
                     self._pacing.audio(seconds)
-                    await lease.charge(seconds)
+                    if charged := resume.received(seconds):  # audio resent after a resume is free
+                        await lease.charge(charged)
                     await session.feed(decoded.samples)
                     self._runtime.metrics.audio_seconds.labels("stream").inc(seconds)
                     self._received_at.append((session.received_seconds, time.monotonic()))
@@ -313,12 +337,14 @@ class StreamConnection:
                 elif isinstance(message, ResetMessage):
                     audio_input.flush()  # audio from before the reset is dropped, the filter's too
                     session.reset()
+                    await resume.reset()
                     await self._send(StatusFrame(state="reset"))
                 elif isinstance(message, PingMessage):
                     await self._send(PongFrame())
                 elif isinstance(message, StopMessage):
                     await session.feed(audio_input.flush())
                     await self._send(FullTranscriptFrame(text=await session.flush()))
+                    await resume.finished()
                     await self._close(CloseCode.NORMAL)
                     return
                 else:

@@ -2,7 +2,8 @@
 
 Sessions submit work and await its result; worker tasks take a batch by the scheduler's rule and run the
 engine on it in a thread, never on the event loop, setting each result (or the engine's error) on its
-future. Two rules:
+future. When a batch of several fails, each item is run again alone and only one that fails again gets
+the error. Two rules:
 
 - ``WindowBatches`` for engines that decode whole windows: finals before partials, oldest audio first.
   Each session keeps at most one request in flight, so oldest-first is a round robin over streams, and a
@@ -19,6 +20,7 @@ import asyncio
 import dataclasses
 import heapq
 import itertools
+import logging
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -41,6 +43,7 @@ Item = TypeVar("Item")
 Result = TypeVar("Result")
 
 StreamPiece = tuple[EngineStream, np.ndarray]
+log = logging.getLogger(__name__)
 
 
 class StaleWork(Exception):
@@ -154,16 +157,39 @@ class Scheduler(Generic[Item, Result]):
             try:
                 results = await loop.run_in_executor(self._executor, self._run, [job.item for job in batch])
             except Exception as exc:
+                if len(batch) == 1:
+                    self._settle(batch, exc)
+                    continue
+                # One bad item (a stream's state, an odd window) must not fail everyone it shared the call
+                # with: each item is run again alone, and only an item that fails again gets the error.
+                log.warning(
+                    "%s: a batch of %d failed (%s); retrying its items one by one",
+                    self.name,
+                    len(batch),
+                    type(exc).__name__,
+                    extra={"event": "batch_retry", "engine": self.name, "size": len(batch)},
+                )
                 for job in batch:
-                    if not job.result.done():
-                        job.result.set_exception(exc)
+                    try:
+                        self._settle([job], await loop.run_in_executor(self._executor, self._run, [job.item]))
+                    except Exception as single:
+                        self._settle([job], single)
                 continue
             if self._observer is not None:
                 seconds = time.perf_counter() - started
                 self._observer.batch_decoded(self.name, self._rule.kind(batch), len(batch), seconds)
-            for job, result in zip(batch, results, strict=True):
-                if not job.result.done():
-                    job.result.set_result(result)
+            self._settle(batch, results)
+
+    @staticmethod
+    def _settle(batch: list[Job[Item, Result]], outcome: list[Result] | Exception) -> None:
+        """Give each job of ``batch`` its result, or the error, unless its caller went away."""
+        for index, job in enumerate(batch):
+            if job.result.done():
+                continue
+            if isinstance(outcome, Exception):
+                job.result.set_exception(outcome)
+            else:
+                job.result.set_result(outcome[index])
 
     def _drop_unwanted(self) -> None:
         """Drop queued jobs whose caller went away or whose result stopped mattering (``StaleWork``)."""

@@ -193,6 +193,11 @@ class LiveSession:
         self._idle.set()
         self._drained.set()
 
+    def carry_over(self, finals: list[str]) -> None:
+        """Start the full transcript with the finals of the connection this stream resumes."""
+        for text in finals:
+            self._keep_final(text)
+
     async def close(self) -> None:
         """Stop the decode task (work it had not finished is dropped) and free the engine's state."""
         self._worker.cancel()

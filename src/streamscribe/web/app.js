@@ -112,6 +112,7 @@ function clearNotices() {
 const CONNECTION_TEXT = {
   idle: "Not connected",
   connecting: "Connecting…",
+  reconnecting: "Connection lost: resuming…",
   configuring: "Loading the model…",
   ready: "Live",
   finishing: "Finishing…",
@@ -273,7 +274,7 @@ async function startSession(samples = null, fileName = "") {
   const onFrame = (frame) => (opus ? client.sendEncoded(frame) : client.sendAudio(frame));
   const source = samples
     ? new FileSource(samples, Number(ui.speed.value), onFrame, () => finishSession())
-    : new MicrophoneSource(onFrame, { opus });
+    : new MicrophoneSource(onFrame, { opus, onSamples: (pcm) => client.keepAudio(pcm) });
   session = { client, source, started: false, finishing: false, awaitingReset: false, timer: 0 };
   updateControls();
   // Frames from an earlier session's socket, if any still arrive, are logged but change nothing.
@@ -284,7 +285,7 @@ async function startSession(samples = null, fileName = "") {
     if (session?.client === client) handleClose(event.detail);
   });
   client.addEventListener("state", (event) => {
-    if (session?.client === client && ["connecting", "configuring"].includes(event.detail)) setConnection(event.detail);
+    if (session?.client === client && ["connecting", "reconnecting", "configuring"].includes(event.detail)) setConnection(event.detail);
   });
   debug.setUrl(client.displayUrl);
   transcript.beginSession(`${samples ? fileName : "Microphone"} · ${new Date().toLocaleTimeString()}`);

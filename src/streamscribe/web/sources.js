@@ -20,9 +20,12 @@ export function opusRecorderType() {
  * recorded by MediaRecorder as Opus, each FRAME_MS slice of its stream an ArrayBuffer frame.
  */
 export class MicrophoneSource {
-  constructor(onFrame, { opus = false } = {}) {
+  /** ``onFrame``: what goes to the server (Opus bytes or PCM frames); with Opus, ``onSamples`` gets the PCM
+   * as well, which the client keeps to resend after a dropped socket. */
+  constructor(onFrame, { opus = false, onSamples = null } = {}) {
     this.onFrame = onFrame;
     this.opus = opus;
+    this.onSamples = onSamples;
     this.context = null;
     this.stream = null;
     this.node = null;
@@ -50,12 +53,8 @@ export class MicrophoneSource {
     mute.gain.value = 0;
     mute.connect(context.destination);
     input.connect(this.analyser);
-    if (this.opus) {
-      this.analyser.connect(mute); // pulled by every browser, as the worklet is below
-      this.startRecorder();
-    } else {
-      await this.startWorklet(context, input, mute);
-    }
+    if (this.opus) this.startRecorder();
+    await this.startWorklet(context, input, mute);
     if (context.state === "suspended") await context.resume();
     this.startedAt = performance.now();
     return { label: this.stream.getAudioTracks()[0]?.label || "microphone", deviceRate: context.sampleRate };
@@ -83,7 +82,7 @@ export class MicrophoneSource {
       processorOptions: { targetRate: TARGET_RATE, frameMs: FRAME_MS },
     });
     this.node.port.onmessage = (event) => {
-      if (event.data.type === "frame") this.onFrame(event.data.samples);
+      if (event.data.type === "frame") (this.opus ? this.onSamples : this.onFrame)?.(event.data.samples);
       else if (event.data.type === "flushed") this.flushed?.();
     };
     // The worklet writes nothing, but a node must reach the destination to be pulled by every browser.

@@ -50,10 +50,19 @@ export function streamUrl() {
   return url.toString();
 }
 
+/** Reconnections tried after a dropped socket before the session is given up (the server keeps it 30 s). */
+const MAX_RESUMES = 3;
+/** The most audio kept for a resume (what came after the last final). */
+const KEPT_SECONDS = 120;
+
 /**
  * One streaming session. Events (CustomEvent, detail = the frame or close info):
  * "message" for every server frame, "sent" for every client frame, "state" on state changes,
  * "close" once with {code, reason, error} where error is the last error frame, if any.
+ *
+ * A socket that drops without a close frame (1006: a network change) is opened again with the stream's
+ * resume token; the audio after the last final's committed offset, kept here, is sent again, and the
+ * server goes on with the same session (same segment ids, same full transcript).
  */
 export class StreamClient extends EventTarget {
   constructor(token, config) {
@@ -68,6 +77,15 @@ export class StreamClient extends EventTarget {
     this.samplesSent = 0;
     this.bytesSent = 0;
     this.commitWaiters = [];
+    this.resumeToken = null;
+    this.resumes = 0;
+    this.closing = false; // close() was called: a drop after it is not resumed
+    this.kept = []; // [{start, samples}]: audio after the committed offset (start: samples into the stream)
+    this.streamSamples = 0; // samples sent in this stream, across its sockets
+  }
+
+  get sampleRate() {
+    return this.config.sample_rate || 16000;
   }
 
   get displayUrl() {
@@ -81,7 +99,8 @@ export class StreamClient extends EventTarget {
 
   /** Opens the socket and sends the config; audio sent before it opens is queued. */
   open() {
-    this.setState("connecting");
+    const resuming = this.resumeToken !== null;
+    this.setState(resuming ? "reconnecting" : "connecting");
     const socket = new WebSocket(streamUrl());
     this.socket = socket;
     socket.addEventListener("open", () => {
@@ -89,11 +108,26 @@ export class StreamClient extends EventTarget {
       // The key first ({"type":"auth"}), sent past send() so that the debug panel never shows it.
       socket.send(JSON.stringify({ type: "auth", token: this.token }));
       this.dispatchEvent(new CustomEvent("sent", { detail: { type: "auth", token: "•••" } }));
+      if (resuming) {
+        // The rest waits for "ready", which names the offset the audio goes on from.
+        socket.send(JSON.stringify({ ...this.config, resume: this.resumeToken }));
+        this.dispatchEvent(new CustomEvent("sent", { detail: { ...this.config, resume: "•••" } }));
+        return;
+      }
       this.send(this.config);
       for (const frame of this.pending.splice(0)) this.send(frame);
     });
     socket.addEventListener("message", (event) => this.receive(event.data));
     socket.addEventListener("close", (event) => {
+      const dropped = event.code === 1006 && !this.closing && this.resumeToken !== null;
+      if (dropped && this.resumes < MAX_RESUMES) {
+        this.resumes += 1;
+        // An Opus stream cannot go on mid-page on a new socket: the resumed session takes the kept PCM
+        // (see keepAudio) from the committed offset, and PCM from then on.
+        if (this.config.audio_format === "opus") this.config = { ...this.config, audio_format: "float32" };
+        setTimeout(() => this.open(), 250 * this.resumes);
+        return;
+      }
       const detail = { code: event.code, reason: event.reason, error: this.lastError };
       for (const waiter of this.commitWaiters.splice(0)) waiter.reject(detail);
       this.setState("closed");
@@ -108,14 +142,37 @@ export class StreamClient extends EventTarget {
     } catch {
       frame = { type: "unparsable", text: String(data).slice(0, 200) };
     }
-    if (frame.type === "status" && frame.state === "ready") this.setState("ready");
+    if (frame.type === "status" && frame.state === "ready") this.ready(frame);
+    if (frame.type === "final" && typeof frame.committed_until === "number") this.committed(frame.committed_until);
     if (frame.type === "error") this.lastError = frame;
     if (frame.type === "full_transcript") this.commitWaiters.shift()?.resolve(frame);
     this.dispatchEvent(new CustomEvent("message", { detail: frame }));
   }
 
+  /** The session is ready: after a resume, the kept audio from the server's offset goes first. */
+  ready(frame) {
+    const resumed = this.state === "configuring" && this.resumeToken !== null;
+    this.resumeToken = frame.resume_token || null;
+    this.setState("ready");
+    if (!resumed) return;
+    this.resumes = 0;
+    const from = Math.round((frame.resume_from || 0) * this.sampleRate);
+    for (const { start, samples } of this.kept) {
+      const part = samples.subarray(Math.max(0, from - start));
+      if (part.length) this.send({ type: "audio", data: encodeFloat32(part) });
+    }
+    for (const frame of this.pending.splice(0)) this.send(frame);
+  }
+
+  /** Audio up to ``seconds`` is committed: the kept audio before it is no longer needed. */
+  committed(seconds) {
+    const upTo = Math.round(seconds * this.sampleRate);
+    this.kept = this.kept.filter(({ start, samples }) => start + samples.length > upTo);
+  }
+
   send(frame) {
-    if (!this.socket || this.socket.readyState === WebSocket.CONNECTING) {
+    const waitingForResume = this.resumeToken !== null && this.state !== "ready";
+    if (!this.socket || this.socket.readyState === WebSocket.CONNECTING || waitingForResume) {
       this.pending.push(frame);
       return;
     }
@@ -128,11 +185,26 @@ export class StreamClient extends EventTarget {
   sendAudio(samples) {
     this.framesSent += 1;
     this.samplesSent += samples.length;
-    this.send({ type: "audio", data: encodeFloat32(samples) });
+    this.keepAudio(samples);
+  }
+
+  /** Keeps PCM for a resume; sends it too unless the stream goes as Opus (whose PCM is kept only). */
+  keepAudio(samples) {
+    this.kept.push({ start: this.streamSamples, samples: samples.slice() });
+    this.streamSamples += samples.length;
+    // Bounded: a long stretch without a final (silence) keeps at most the last KEPT_SECONDS.
+    const oldest = this.streamSamples - KEPT_SECONDS * this.sampleRate;
+    while (this.kept.length && this.kept[0].start + this.kept[0].samples.length < oldest) this.kept.shift();
+    if (this.config.audio_format === "opus") return;
+    if (this.state === "ready" || this.resumeToken === null) {
+      this.send({ type: "audio", data: encodeFloat32(samples) });
+    }
+    // While reconnecting, the kept audio is all that is sent, once the server says where from.
   }
 
   /** Sends encoded audio (the configured format's bytes, e.g. Opus pages) as one binary frame. */
   sendEncoded(bytes) {
+    if (this.config.audio_format !== "opus") return; // resumed as PCM after a drop
     this.framesSent += 1;
     this.bytesSent += bytes.byteLength;
     this.send(bytes);
@@ -164,6 +236,7 @@ export class StreamClient extends EventTarget {
   }
 
   close(code = 1000) {
+    this.closing = true;
     this.pending = [];
     if (this.socket && this.socket.readyState <= WebSocket.OPEN) this.socket.close(code);
   }
