@@ -25,7 +25,7 @@ from streamscribe.streaming.session import (
 )
 from streamscribe.streaming.vad import SileroVad
 
-_PAUSE_SECONDS = 0.15  # no speech heard for this long: a pause, worth a partial of the words before it
+_PAUSE_SECONDS = 0.1  # no speech heard this long: a pause (continuous speech: 64-300 ms between sentences)
 
 
 def window_session(
