@@ -75,7 +75,7 @@ class VadOptions(BaseModel):
     speech_pad_ms: int = Field(200, ge=0, le=1000, description="Audio kept before and after speech.")
     min_speech_ms: int = Field(250, ge=0, le=2000, description="Shorter bursts are ignored as noise.")
     pause_cut_ms: int = Field(
-        4000,
+        6000,
         ge=0,
         le=30000,
         description="An utterance longer than this is closed at its longest short pause (a dip the VAD did "
