@@ -12,7 +12,7 @@ sentence's end in the audio to when all its words are on the client's screen, as
 median and p90 over every sentence of every stream), final lag (from the stop message, sent 0.1 s after
 the last word, to the full transcript), server CPU seconds per audio second, the server's peak RSS, how
 many streams kept up (final lag under 2 s and no sentence later than 5 s), and sentences lost (sentences
-of the clip whose audio no final covers: audio dropped somewhere; must be 0).
+of the clip whose audio no final covers, finals that meet joined: audio dropped somewhere; must be 0).
 
 ``--capacity`` then searches the largest load at which every stream keeps up with a p90 emission delay of
 at most 1.5 s; ``--continuous`` streams speech without long pauses (``continuous.wav``, and a file made by
@@ -106,6 +106,18 @@ def emission_delays(
     return delays
 
 
+def joined_spans(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Finals' time spans, those that meet (an utterance cut in a pause, its rest the next) joined: a
+    sentence split between two finals is not lost."""
+    joined: list[tuple[float, float]] = []
+    for start, end in sorted(spans):
+        if joined and start <= joined[-1][1] + 0.01:
+            joined[-1] = (joined[-1][0], max(end, joined[-1][1]))
+        else:
+            joined.append((start, end))
+    return joined
+
+
 def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
@@ -181,7 +193,7 @@ def measure(
         lag = full[-1] - result.sent_at_end if full else float("inf")
         lags.append(lag)
         kept_up += int(lag < 2.0 and max(stream_delays) < 5.0 and result.close_code == 1000)
-        spans = [(f["start"], f["end"]) for f in result.of_type("final")]
+        spans = joined_spans([(f["start"], f["end"]) for f in result.of_type("final")])
         lost += sum(
             not any(start <= s["start"] + 0.3 and s["end"] - 0.3 <= end for start, end in spans)
             for s in clip.segments
