@@ -351,7 +351,7 @@ def main() -> int:
         config["model"] = args.model
 
     # First the machine factor: every figure below reads as a ratio to this machine's offline cost.
-    factor = machine_factor(args.clip, reference=clip.reference)
+    factor = machine_factor(args.clip, reference=load_clip(args.clip, args.manifest).reference)  # whole clip
     print(json.dumps(factor), flush=True)
     offline = factor["machine_factor"]["offline_cpu_s_per_audio_s"]
     process = None
