@@ -12,18 +12,29 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
 
+import jiwer
+
 ROOT = Path(__file__).resolve().parent.parent
+_WORD = re.compile(r"[a-z0-9']+")
+_NUMBERS = {"20": "twenty", "2": "two", "4": "four"}
+
+
+def words(text: str) -> list[str]:
+    """The words WER is counted on: lower case, no punctuation, the clips' few numbers spelled out."""
+    return [_NUMBERS.get(w, w) for w in _WORD.findall(text.lower())]
 
 
 def machine_factor(
-    clip: Path = ROOT / "tests" / "data" / "long.wav", model: str = "whisper"
+    clip: Path = ROOT / "tests" / "data" / "long.wav", model: str = "whisper", reference: str | None = None
 ) -> dict[str, Any]:
     """Offline cost of ``model`` on ``clip`` with the server's settings (one decode worker, the file
-    path of the CLI): CPU seconds per audio second, and wall seconds per audio second."""
+    path of the CLI): CPU seconds per audio second, and wall seconds per audio second. With the clip's
+    ``reference`` text, also the WER of that transcript: what the file API gets on it."""
     from streamscribe.audio import audio_file_seconds, iter_audio_file
     from streamscribe.config import Settings
     from streamscribe.engines.registry import EngineRegistry
@@ -39,9 +50,10 @@ def machine_factor(
     )
     cpu, wall = time.process_time(), time.perf_counter()
     options = FileOptions(prompt_chars=settings.streaming.prompt_chars)
-    transcribe_file(file_utterances(iter_audio_file(clip, engine.sample_rate), segmenter), engine, options)
+    utterances = file_utterances(iter_audio_file(clip, engine.sample_rate), segmenter)
+    text = " ".join(piece.text for piece in transcribe_file(utterances, engine, options))
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
-    return {
+    factor: dict[str, Any] = {
         "machine_factor": {
             "engine": engine.name,
             "clip": clip.name,
@@ -50,6 +62,10 @@ def machine_factor(
             "cores": os.cpu_count(),
         }
     }
+    if reference is not None:
+        wer = jiwer.wer(" ".join(words(reference)), " ".join(words(text)))
+        factor["machine_factor"]["offline_wer"] = round(wer, 4)
+    return factor
 
 
 if __name__ == "__main__":

@@ -62,7 +62,7 @@ class CountingEngine:
 
 
 async def run(
-    samples: np.ndarray, settings: Settings, language: str
+    samples: np.ndarray, settings: Settings, language: str, partial_interval: float
 ) -> tuple[CountingEngine, list[str], float]:
     engine = CountingEngine(EngineRegistry(settings).get("whisper", "standard", language))
     finals: list[str] = []
@@ -73,6 +73,7 @@ async def run(
 
     options = SessionOptions(
         language=language,
+        partial_interval=partial_interval,
         max_segment_seconds=settings.streaming.max_segment_seconds,
         prompt_chars=settings.streaming.prompt_chars,
         vad=settings.vad,
@@ -101,6 +102,7 @@ def main() -> None:
     )
     parser.add_argument("--clip", type=Path, default=ROOT / "tests" / "data" / "long.wav")
     parser.add_argument("--language", default="en")
+    parser.add_argument("--partial-interval", type=float, default=SessionOptions().partial_interval)
     args = parser.parse_args()
     from streamscribe.audio import load_audio_file
 
@@ -111,7 +113,7 @@ def main() -> None:
     samples = load_audio_file(args.clip)
     items = json.loads((args.clip.parent / "manifest.json").read_text())["items"]
     reference = next(i["reference"] for i in items if i["path"] == args.clip.name)
-    engine, finals, cpu = asyncio.run(run(samples, Settings(), args.language))
+    engine, finals, cpu = asyncio.run(run(samples, Settings(), args.language, args.partial_interval))
     duration = len(samples) / 16000
 
     def words(text: str) -> str:

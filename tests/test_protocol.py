@@ -24,7 +24,7 @@ def test_config_defaults_match_the_documented_protocol() -> None:
     assert isinstance(config, ConfigMessage)
     assert (config.variant, config.sample_rate, config.language) == ("standard", 16000, "en")
     assert (config.chunk_duration, config.overlap_duration, config.max_buffer_duration) == (2.0, 0.5, 30)
-    assert (config.enable_partial, config.partial_interval, config.audio_format) == (True, 0.5, "float32")
+    assert (config.enable_partial, config.partial_interval, config.audio_format) == (True, 1.0, "float32")
     assert config.model is None  # the server's default model
 
 

@@ -202,7 +202,8 @@ class ConfigMessage(_ClientFrame):
     overlap_duration: float = Field(0.5, ge=0, le=10)
     max_buffer_duration: float = Field(30.0, ge=3, le=120)
     enable_partial: bool = True
-    partial_interval: float = Field(0.5, ge=0.1, le=10)
+    # Seconds of new speech between partials; a pause in speech gets one too (window decoding).
+    partial_interval: float = Field(1.0, ge=0.1, le=10)
     audio_format: AudioFormat = AudioFormat.FLOAT32
     # Streaming extras, off unless asked for.
     word_timestamps: bool = False

@@ -133,6 +133,38 @@ def test_greedy_windows_decoded_together_give_the_same_text_as_one_by_one(
     assert together[2].startswith("The")
 
 
+def test_finals_while_the_server_is_behind_share_one_decode_with_a_small_beam(
+    tmp_path: Path, clip: Callable[[str], np.ndarray]
+) -> None:
+    engine = WhisperEngine("tiny.en", tmp_path, busy_beam_size=2)
+    model = engine._model.model
+    calls: list[tuple[int, int]] = []
+
+    class RecordingModel:
+        """CTranslate2's model, with each generate call's batch and beam noted."""
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(model, name)
+
+        def generate(self, features: object, prompts: list[list[int]], **options: object) -> object:
+            calls.append((len(prompts), int(options.get("beam_size", 1))))  # type: ignore[call-overload]
+            return model.generate(features, prompts, **options)
+
+    engine._model.model = RecordingModel()
+    speech = clip("long.wav")
+    fast = [
+        AudioWindow(speech[: 16000 * 4], "en", fast=True),
+        AudioWindow(speech[16000 * 4 : 16000 * 7], "en", fast=True),
+    ]
+    partials = [AudioWindow(window.samples, "en", final=False) for window in fast]
+    finals = engine.transcribe(fast)
+    assert calls == [(2, 2)]  # both finals in one call, with the busy beam
+    engine.transcribe(partials)
+    assert calls[1:] == [(2, 1)]  # partials stay greedy
+    assert all(final.text for final in finals)
+    assert "quarterly report" in normalize_text(finals[0].text)
+
+
 def test_prompts_decoded_together_keep_the_same_number_of_context_tokens() -> None:
     from streamscribe.engines.whisper import _aligned_prompts
 

@@ -148,6 +148,21 @@ def test_spanish_uses_the_multilingual_model(
     assert "tren" in text and "hospital" in text
 
 
+def test_speech_without_long_pauses_gets_a_final_every_sentence_or_two(
+    server: RunningServer, clip: Callable[[str], np.ndarray], manifest: dict[str, Any]
+) -> None:
+    speech = clip("continuous.wav")[: 16000 * 30]
+    sentences = [s for s in manifest["continuous.wav"]["segments"] if s["end"] <= 30]
+    result = server.stream(speech, speed=0, config={"enable_partial": False})
+
+    finals = result.of_type("final")
+    # Closed in the breaths between sentences, not every 15 s at the length limit.
+    assert len(finals) >= len(sentences) // 3
+    assert all(final["end"] - final["start"] <= 10.0 for final in finals)
+    reference = normalize_text(" ".join(s["text"] for s in sentences))
+    assert jiwer.wer(reference, normalize_text(result.full_transcript or "")) <= 0.12
+
+
 def test_ten_minutes_without_a_pause_keep_giving_finals_with_nothing_lost_or_repeated(
     make_server: Callable[..., RunningServer], clip: Callable[[str], np.ndarray], manifest: dict[str, Any]
 ) -> None:

@@ -24,9 +24,13 @@ def closed(events: list[UtteranceEvent]) -> list[Utterance]:
 
 
 def segment(
-    vad: SileroVad, samples: np.ndarray, max_seconds: float = 15.0, piece: int = 1600
+    vad: SileroVad,
+    samples: np.ndarray,
+    max_seconds: float = 15.0,
+    piece: int = 1600,
+    options: VadOptions | None = None,
 ) -> list[Utterance]:
-    segmenter = Segmenter(vad, VadOptions(), max_seconds, 16000)
+    segmenter = Segmenter(vad, options or VadOptions(), max_seconds, 16000)
     events = [
         e for start in range(0, len(samples), piece) for e in segmenter.feed(samples[start : start + piece])
     ]
@@ -37,7 +41,7 @@ def test_speech_without_pauses_is_cut_at_quiet_moments_and_nothing_is_lost(
     vad: SileroVad, clip: Callable[[str], np.ndarray]
 ) -> None:
     speech = clip("continuous.wav")  # 56 s with no pause the VAD ends an utterance on
-    utterances = segment(vad, speech)
+    utterances = segment(vad, speech, options=VadOptions(pause_cut_ms=0))  # only the length limit cuts
     assert len(utterances) >= 4
     assert all(len(u.samples) == u.end - u.start for u in utterances)
     assert max(u.end - u.start for u in utterances) <= 15 * 16000
@@ -50,6 +54,36 @@ def test_speech_without_pauses_is_cut_at_quiet_moments_and_nothing_is_lost(
         around = speech[before.end - 256 : before.end + 256]
         assert np.sqrt(np.mean(around**2)) < np.sqrt(np.mean(before.samples**2))
     np.testing.assert_array_equal(utterances[0].samples, speech[utterances[0].start : utterances[0].end])
+
+
+def test_continuous_speech_is_closed_in_the_short_pause_after_a_sentence_or_two(
+    vad: SileroVad, clip: Callable[[str], np.ndarray], manifest: dict
+) -> None:
+    speech = clip("continuous.wav")
+    utterances = segment(vad, speech)
+    ends = [s["end"] for s in manifest["continuous.wav"]["segments"]]
+    assert len(utterances) >= 8  # of 20 sentences; the length limit alone closes 5 utterances
+    assert max(u.end - u.start for u in utterances) <= 10 * 16000
+    cuts = [b.end for b, a in itertools.pairwise(utterances) if b.end == a.start]
+    assert len(cuts) >= 7
+    # In a breath: between two sentences (or at a comma), never inside a word.
+    at_sentence_end = [min(abs(cut / 16000 - end) for end in ends) <= 0.3 for cut in cuts]
+    assert sum(at_sentence_end) >= 0.8 * len(cuts)
+    for cut in cuts:
+        around = speech[cut - 768 : cut + 768]
+        assert np.sqrt(np.mean(around**2)) < 0.5 * np.sqrt(np.mean(speech**2)), cut / 16000
+    assert sum(u.end - u.start for u in utterances) >= len(speech) - 16000  # nothing lost at a cut
+
+
+def test_a_long_sentence_is_not_cut_inside_its_words_before_the_length_limit(
+    vad: SileroVad, clip: Callable[[str], np.ndarray]
+) -> None:
+    speech = clip("long_sentence.wav")
+    # Only where speech pauses: each cut made before the length limit is quiet for 96 ms around it.
+    for before, after in itertools.pairwise(segment(vad, speech)):
+        if before.end == after.start and before.end - before.start < 15 * 16000 - 16 * 512:
+            around = speech[before.end - 768 : before.end + 768]
+            assert np.sqrt(np.mean(around**2)) < 0.5 * np.sqrt(np.mean(before.samples**2))
 
 
 def test_pieces_of_any_size_give_the_same_utterances(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -18,13 +19,13 @@ from streamscribe.streaming.session import (
     SessionEvent,
     SessionOptions,
 )
-from streamscribe.streaming.vad import SileroVad
+from streamscribe.streaming.vad import SileroVad, VadOptions
 from streamscribe.streaming.windows import window_session
 from tests.streaming.fakes import ScriptedEngine
 
 
 def make_session(
-    engine: ScriptedEngine, vad: SileroVad, **options: float
+    engine: ScriptedEngine, vad_model: SileroVad, **options: Any
 ) -> tuple[LiveSession, list[SessionEvent]]:
     events: list[SessionEvent] = []
 
@@ -32,7 +33,7 @@ def make_session(
         events.append(event)
 
     scheduler = window_scheduler(engine)  # type: ignore[arg-type]
-    session = window_session(scheduler, vad, SessionOptions(**options), emit, engine.sample_rate)  # type: ignore[arg-type]
+    session = window_session(scheduler, vad_model, SessionOptions(**options), emit, engine.sample_rate)  # type: ignore[arg-type]
     return session, events
 
 
@@ -143,4 +144,42 @@ async def test_the_full_transcript_of_a_stream_kept_open_for_days_stays_bounded(
     assert len(finals) == 4 and len(" ".join(finals)) > 20
     kept = [text for i, text in enumerate(finals) if len(" ".join(finals[i:])) <= 20]
     assert transcript == " ".join(kept) and kept  # the newest finals, whole
+    await session.close()
+
+
+async def test_partials_are_not_decoded_again_while_only_silence_comes(
+    vad: SileroVad, clip: Callable[[str], np.ndarray]
+) -> None:
+    engine = ScriptedEngine()
+    # A pause the VAD does not end the utterance on: it stays open through 2 s of silence.
+    session, _ = make_session(engine, vad, vad=VadOptions(min_silence_ms=3000))
+    speech = np.concatenate([clip("short.wav"), np.zeros(16000 * 2, np.float32)])
+    spoken = len(clip("short.wav"))
+    partials_when_speech_ended = 0
+    for start in range(0, len(speech), 1600):
+        await session.feed(speech[start : start + 1600])
+        await asyncio.sleep(0.01)
+        if start < spoken:
+            partials_when_speech_ended = len([w for w in engine.windows if not w.final])
+    partials = len([w for w in engine.windows if not w.final])
+    assert partials_when_speech_ended >= 2
+    assert partials <= partials_when_speech_ended + 1  # at most one more: it hears the last words
+    await session.close()
+
+
+async def test_finals_carry_the_streams_recent_text_and_partials_only_the_clients_prompt(
+    vad: SileroVad, clip: Callable[[str], np.ndarray]
+) -> None:
+    engine = ScriptedEngine()
+    session, _ = make_session(engine, vad, prompt="Glossary: Kubernetes.")
+    speech = clip("long.wav")[: 16000 * 12]
+    for start in range(0, len(speech), 1600):
+        await session.feed(speech[start : start + 1600])
+        await asyncio.sleep(0.01)
+    await session.flush()
+    finals = [w for w in engine.windows if w.final]
+    partials = [w for w in engine.windows if not w.final]
+    assert len(finals) >= 2 and partials
+    assert finals[0].prompt == "Glossary: Kubernetes." and finals[-1].prompt != finals[0].prompt
+    assert {w.prompt for w in partials} == {"Glossary: Kubernetes."}
     await session.close()

@@ -38,7 +38,8 @@ class AudioWindow:
         prefix: Text the window is known to start with (a partial's stable words): the engine continues
             after it instead of decoding it again, where it supports that.
         word_timestamps: Whether to return per-word timing.
-        fast: Decode as cheaply as possible even if final (set by the scheduler when it is behind).
+        fast: Decode cheaply even if final: one pass, no fallback, a small beam or none (set by the
+            scheduler when it is behind).
         task: "transcribe", or "translate" (to English) where the engine supports it.
         hotwords: Words or phrases to favour (custom vocabulary), where the engine supports it.
         temperature: A fixed sampling temperature; None for the engine's default.

@@ -195,6 +195,7 @@ class EngineRegistry:
                 cpu_threads=settings.cpu_threads,
                 workers=settings.decode_worker_count,
                 beam_size=settings.whisper.beam_size,
+                busy_beam_size=settings.whisper.busy_beam_size,
                 min_encoder_seconds=settings.whisper.min_encoder_seconds,
                 partial_encoder_seconds=settings.whisper.partial_encoder_seconds,
             )

@@ -166,6 +166,7 @@ class WhisperEngine:
         cpu_threads: int = 0,
         workers: int = 1,
         beam_size: int = 5,
+        busy_beam_size: int = 3,
         min_encoder_seconds: float = 13.0,
         partial_encoder_seconds: float = 10.0,
     ) -> None:
@@ -187,29 +188,32 @@ class WhisperEngine:
         self._partial_frames = int(partial_encoder_seconds * _FRAMES_PER_SECOND)
         self.name = f"whisper-{short_name}"
         self._beam_size = beam_size
+        self._busy_beam_size = busy_beam_size
         multilingual = bool(self._model.model.is_multilingual)
         self.languages = frozenset(_LANGUAGE_CODES) if multilingual else frozenset({"en"})
         self._tokenizers: dict[tuple[str, str], Tokenizer] = {}
 
     def transcribe(self, batch: Sequence[AudioWindow]) -> list[Transcript]:
-        """Greedy windows of one encoder size are decoded together; the rest (beam search with fallback,
-        word timing) one by one. A text that repeats itself is decoded again (see ``_without_repeats``).
+        """Quick windows (partials, greedy; finals while the server is behind, ``busy_beam_size``) of one
+        encoder size are decoded together; the rest (beam search with fallback, word timing) one by one. A
+        text that repeats itself is decoded again (see ``_without_repeats``).
 
         One CTranslate2 call for several windows turns each generated token's matrix-vector products into
         one matrix product: measured here, 5 s partials cost 0.098 CPU s each alone, 0.081 two together.
         """
-        # Windows decoded together share an encoder size, and context or none (see _aligned_prompts).
-        groups: dict[tuple[int, bool] | None, list[int]] = {}
+        # Windows decoded together share an encoder size, a beam, and context or none (_aligned_prompts).
+        groups: dict[tuple[int, int, bool] | None, list[int]] = {}
         for index, window in enumerate(batch):
-            frames = self._encoder_frames(window) if self._is_plain_greedy(window) else None
-            key = (frames, bool(window.prompt or window.hotwords)) if frames else None
+            frames = self._encoder_frames(window) if self._is_quick(window) else None
+            context = bool(window.prompt or window.hotwords)
+            key = (frames, self._quick_beam(window), context) if frames else None
             groups.setdefault(key, []).append(index)
         results: dict[int, Transcript] = {}
         for key, indexes in groups.items():
             if key is None or len(indexes) == 1:
                 results.update((index, self._transcribe_one(batch[index])) for index in indexes)
             else:
-                transcripts = self._transcribe_together([batch[index] for index in indexes], key[0])
+                transcripts = self._transcribe_together([batch[index] for index in indexes], key[0], key[1])
                 results.update(zip(indexes, transcripts, strict=True))
         return [self._without_repeats(window, results[index]) for index, window in enumerate(batch)]
 
@@ -244,9 +248,16 @@ class WhisperEngine:
         content = len(window.samples) // (SAMPLE_RATE // _FRAMES_PER_SECOND)
         return _encoder_size(content, self._final_frames if window.final else self._partial_frames)
 
+    def _quick_beam(self, window: AudioWindow) -> int:
+        """The beam of a quick decode: greedy for partials; for finals while the server is behind, a small
+        beam, which keeps most of the full beam's WER for a fraction of its cost (greedy finals under load
+        cost WER)."""
+        return self._busy_beam_size if window.final else 1
+
     @staticmethod
-    def _is_plain_greedy(window: AudioWindow) -> bool:
-        """One greedy pass, no word timing. (Translation goes alone: ``_transcribe_one`` checks the model.)"""
+    def _is_quick(window: AudioWindow) -> bool:
+        """One pass without fallback or word timing. (Translation goes alone: ``_transcribe_one`` checks
+        the model.)"""
         return (
             (not window.final or window.fast)
             and not window.word_timestamps
@@ -285,8 +296,10 @@ class WhisperEngine:
         )
         return prompt
 
-    def _transcribe_together(self, windows: Sequence[AudioWindow], frames: int) -> list[Transcript]:
-        """One greedy decode of several windows, built from faster-whisper's own pieces, as its
+    def _transcribe_together(
+        self, windows: Sequence[AudioWindow], frames: int, beam: int
+    ) -> list[Transcript]:
+        """One decode of several windows, built from faster-whisper's own pieces, as its
         ``BatchedInferencePipeline`` does for the chunks of one file (which shares one prompt)."""
         # As in WhisperModel.transcribe: the extractor's last frame (from its own padding) is left out.
         mels = [self._model.feature_extractor(window.samples)[:, :-1][:, :frames] for window in windows]
@@ -304,7 +317,7 @@ class WhisperEngine:
         results = self._model.model.generate(
             self._model.encode(features),
             prompts,
-            beam_size=1,
+            beam_size=beam,
             max_length=min(max_length, self._model.max_length),
             suppress_blank=True,
             suppress_tokens=get_suppressed_tokens(tokenizers[0], [-1]),
@@ -329,6 +342,7 @@ class WhisperEngine:
         if window.task == "translate" and self.languages == {"en"}:
             raise EngineUnavailable(f"{self.name} is English-only and cannot translate")
         thorough = (window.final and not window.fast) or no_repeats
+        beam = self._beam_size if thorough else self._quick_beam(window)
         context, bound = self._context_and_bound(window, self._tokenizer(window))
         # Set before the (lazy) segments are iterated below, in this thread: encode() reads it.
         self._model.sizes.frames = self._final_frames if window.final else self._partial_frames
@@ -339,7 +353,7 @@ class WhisperEngine:
             # utterances (base calls German "yi" and Spanish "it" on the test clips).
             language=window.language if self.languages != {"en"} else "en",
             task=window.task,
-            beam_size=self._beam_size if thorough else 1,
+            beam_size=beam,
             best_of=self._beam_size if thorough else 1,
             temperature=self._temperature(window, thorough and not no_repeats),
             initial_prompt=context or None,

@@ -8,7 +8,8 @@ the error. Two rules:
 - ``WindowBatches`` for engines that decode whole windows: finals before partials, oldest audio first.
   Each session keeps at most one request in flight, so oldest-first is a round robin over streams, and a
   stream that falls behind sends one larger window instead of a queue of stale ones. When more work waits
-  than the workers can take, finals are decoded greedily (``AudioWindow.fast``) and share calls.
+  than the workers can take, finals are decoded quickly (``AudioWindow.fast``: Whisper with a small beam,
+  no fallback) and share calls.
 - ``PiecePerStream`` for engines that stream natively: every stream's waiting piece joins one step.
 
 When work of the first priority waits too long, ``overloaded`` tells the server to refuse new streams.
@@ -216,7 +217,7 @@ class WindowBatches:
     """The next job, and more of its priority while they are cheap to share one engine call.
 
     Partials always share. A final is decoded alone (beam search, its own call) unless the queue is
-    behind: then finals are decoded greedily (``fast``), so all streams advance, and share too.
+    behind: then finals are decoded quickly (``fast``), so all streams advance, and share too.
     """
 
     def __init__(self, max_batch: int = 1) -> None:

@@ -1,9 +1,11 @@
 """Where utterances start, end and are cut: the one set of rules for live streams and whole files.
 
 VAD events become utterances: speech padded by ``speech_pad_ms`` on each side, bursts shorter than
-``min_speech_ms`` dropped, and an utterance that reaches ``max_seconds`` cut at its quietest moment in
-its second half (the rest goes on as the next utterance), so that no window outgrows what an engine
-decodes well. Memory is bounded by ``max_seconds``: silence is not kept beyond the padding.
+``min_speech_ms`` dropped. An utterance longer than ``pause_cut_ms`` is closed at its longest short pause
+(the rest goes on as the next utterance): continuous speech then gets a final every sentence or two
+instead of one every ``max_seconds``, and its partials stay short. One that reaches ``max_seconds``
+without such a pause is cut at its quietest moment in its second half, so that no window outgrows what an
+engine decodes well. Memory is bounded by ``max_seconds``: silence is not kept beyond the padding.
 
 What it reports, in order: an utterance ``Opened``, ``Grew`` by new audio, and was ``Closed`` (a final
 is owed for it) or ``Dropped`` (too short to be speech, or reset). Whole files use only the closed ones.
@@ -21,6 +23,7 @@ from streamscribe.streaming.vad import CHUNK, SileroVad, SpeechEnd, SpeechStart,
 # A long utterance may be cut only where the stream reaches a multiple of this, so where it is cut does
 # not depend on how the audio arrived.
 _CUT_STEP = 16 * CHUNK  # 0.512 s at 16 kHz
+_PAUSE_CHUNKS = 3  # a pause to cut at: 96 ms not voiced (between words of one phrase there is less)
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,7 @@ class Segmenter:
         self._pad = options.speech_pad_ms * rate // 1000
         self._min_speech = options.min_speech_ms * rate // 1000
         self._max_length = int(max_seconds * rate)
+        self._pause_cut = options.pause_cut_ms * rate // 1000
         self.buffer = AudioBuffer()
         self.open_start: int | None = None  # where the open utterance starts, None between utterances
         self._speech_start = 0  # where the VAD heard its speech begin (after the padding)
@@ -125,6 +129,8 @@ class Segmenter:
             # Keep the padding before audio the VAD has yet to judge (up to a step of it waits for more).
             self.buffer.trim_before(self.buffer.end - self._pad - CHUNK)
             return events
+        if at_step and self._pause_cut and self.buffer.end - self.open_start > self._pause_cut:
+            events += self._cut_at_pause()
         if at_step and self.buffer.end + _CUT_STEP - self.open_start > self._max_length:
             events += self._cut()  # by the next step it would be too long
         if self.buffer.end > self._reported_to:
@@ -166,6 +172,12 @@ class Segmenter:
         self.buffer.trim_before(end)
         self.open_start = None
         return Dropped()
+
+    def _cut_at_pause(self) -> list[UtteranceEvent]:
+        """Close a long utterance in its longest pause after the first half of ``pause_cut_ms``, if any."""
+        assert self.open_start is not None
+        cut = self._vad.longest_pause(self.open_start + self._pause_cut // 2, self.buffer.end, _PAUSE_CHUNKS)
+        return [] if cut is None else [self._close(cut), self._open(cut, cut)]
 
     def _cut(self) -> list[UtteranceEvent]:
         """Close a long utterance at its quietest moment in its second half; the rest is the next one."""

@@ -39,7 +39,7 @@ class SessionOptions:
 
     language: str = "en"
     enable_partial: bool = True
-    partial_interval: float = 0.5
+    partial_interval: float = 1.0
     max_segment_seconds: float = 15.0
     max_backlog_seconds: float = 60.0
     prompt_chars: int = 200

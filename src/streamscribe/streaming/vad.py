@@ -173,5 +173,22 @@ class VadStream:
         candidates = [(prob, at) for at, prob in self.probabilities if lo <= at < hi]
         return min(candidates)[1] if candidates else None
 
+    def longest_pause(self, lo: int, hi: int, min_chunks: int) -> int | None:
+        """The middle of the longest pause inside [lo, hi): a run of at least ``min_chunks`` chunks too
+        quiet to count as voiced, with speech after it (a pause still going on may yet end the utterance);
+        the latest of equal ones. A short dip between words does not end an utterance, but it is where
+        continuous speech takes its breath, usually at a sentence's end."""
+        quiet = self._options.threshold - 0.15
+        best: tuple[int, int] | None = None  # (length, start)
+        run_start, run = 0, 0
+        for at, prob in self.probabilities:
+            if prob < quiet:
+                run_start, run = (at, 1) if run == 0 else (run_start, run + 1)
+                continue
+            if run >= min_chunks and lo <= run_start and run_start + run * CHUNK <= hi:
+                best = max(best or (0, 0), (run, run_start))
+            run = 0
+        return None if best is None else best[1] + best[0] // 2 * CHUNK
+
     def forget_before(self, sample: int) -> None:
         self.probabilities = [(at, prob) for at, prob in self.probabilities if at >= sample]
