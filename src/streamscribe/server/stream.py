@@ -5,11 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
-from collections import deque
 
 import numpy as np
-from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from streamscribe.audio import AudioFormat, StreamResampler, decode_audio_payload
 from streamscribe.engines.base import Engine, EngineUnavailable, UnsupportedLanguage
@@ -20,12 +17,12 @@ from streamscribe.protocol import (
     CommitMessage,
     ConfigMessage,
     ConfigRefused,
+    ErrorFrame,
     ErrorType,
     FullTranscriptFrame,
     PingMessage,
     PongFrame,
     ResetMessage,
-    ServerFrame,
     StatusFrame,
     StopMessage,
     StreamError,
@@ -35,11 +32,8 @@ from streamscribe.protocol import (
     parse_client_message,
 )
 from streamscribe.server.auth import Principal
-from streamscribe.server.logs import new_request_id
-from streamscribe.server.origins import origin_allowed
-from streamscribe.server.pacing import StreamPacing
+from streamscribe.server.lifecycle import LiveStreamConnection, SessionEnded
 from streamscribe.server.quotas import StreamLease
-from streamscribe.server.runtime import Runtime
 from streamscribe.streaming.session import (
     EngineFailure,
     FinalText,
@@ -50,131 +44,32 @@ from streamscribe.streaming.session import (
 
 log = logging.getLogger(__name__)
 
-# A stream whose key is revoked or expires gets the final of its open utterance if it takes no longer.
-LAPSED_KEY_FINAL_SECONDS = 5.0
 
+class StreamConnection(LiveStreamConnection):
+    """One client's WebSocket in the seed protocol (``protocol.py``), from accept to close."""
 
-class _SessionEnded(Exception):
-    """The socket is closed (by us or the peer); stop handling it."""
+    async def _stream(self, principal: Principal, lease: StreamLease) -> None:
+        config = await self._receive_config()
+        engine, resampler = await self._start(config)
+        self._admit(engine)
+        await self._send(StatusFrame(state="ready", model=engine.name))
+        log.info(
+            "stream started",
+            extra={
+                "event": "stream_start",
+                "engine": engine.name,
+                "language": config.language,
+                "task": config.task,
+            },
+        )
+        session = self._new_session(config, engine, principal, lease)
+        await self._serve(config, session, resampler, lease)
 
+    def _error_frame(self, error: StreamError) -> ErrorFrame:
+        return error.to_frame()
 
-class StreamConnection:
-    """One client's WebSocket, from accept to close."""
-
-    def __init__(self, websocket: WebSocket, runtime: Runtime) -> None:
-        self._ws = websocket
-        self._runtime = runtime
-        self._send_lock = asyncio.Lock()
-        self._ended = asyncio.Event()  # the socket is closed, by us or the peer
-        self._ending = False  # shutting down or the key lapsed: audio from now on is not transcribed
-        self._pacing = StreamPacing(runtime.settings.streaming)
-        self._paced = False  # whether the stream has been read more slowly (logged once)
-        # (seconds of stream audio received, monotonic time then): for the emission-delay metric.
-        self._received_at: deque[tuple[float, float]] = deque(maxlen=2000)
-
-    async def run(self) -> None:
-        new_request_id("ws")
-        if not origin_allowed(self._ws, self._runtime.settings.allowed_origins):
-            # Refused before the upgrade (HTTP 403): a page from another site gets no socket at all.
-            log.warning(
-                "WebSocket from a foreign origin refused",
-                extra={"event": "origin_refused", "origin": self._ws.headers.get("origin")},
-            )
-            self._runtime.metrics.errors.labels("origin_refused").inc()
-            await self._ws.close(code=int(CloseCode.POLICY_VIOLATION))
-            return
-        if self._runtime.draining.is_set():
-            await self._ws.close(code=int(CloseCode.GOING_AWAY))
-            return
-        await self._ws.accept()
-        session: LiveSession | None = None
-        watchers: list[asyncio.Task[None]] = []
-        lease: StreamLease | None = None
-        admitted = False
-        started = time.monotonic()
-        self._runtime.stream_opened()
-        try:
-            access = self._runtime.access
-            principal = await access.admit(self._ws, self._receive_text)
-            lease = await access.quotas.open_stream(principal.user_id, principal.limits)
-            self._runtime.metrics.streams.inc()
-            config = await self._receive_config()
-            engine, resampler = await self._start(config)
-            self._runtime.admit(engine)
-            admitted = True
-            await self._send(StatusFrame(state="ready", model=engine.name))
-            log.info(
-                "stream started",
-                extra={
-                    "event": "stream_start",
-                    "engine": engine.name,
-                    "language": config.language,
-                    "task": config.task,
-                },
-            )
-            session = self._new_session(config, engine)
-            watchers = [
-                asyncio.create_task(self._finish_on_shutdown(session)),
-                asyncio.create_task(self._end_when_key_lapses(principal, session, lease.heartbeat_seconds)),
-            ]
-            await self._serve(config, session, resampler, lease)
-        except StreamError as error:
-            await self._fail(error)
-        except (_SessionEnded, WebSocketDisconnect):
-            pass
-        except Exception:
-            log.exception("unexpected error in stream")
-            await self._fail(StreamError(ErrorType.INTERNAL_ERROR, "internal server error"))
-        finally:
-            for watcher in watchers:
-                watcher.cancel()
-            await asyncio.gather(*watchers, return_exceptions=True)
-            if session is not None:
-                await session.close()
-            if lease is not None:
-                await lease.close()
-            if admitted:
-                self._runtime.release()
-            self._runtime.stream_closed()
-            log.info(
-                "stream ended",
-                extra={
-                    "event": "stream_end",
-                    "audio_seconds": round(session.received_seconds, 2) if session else 0.0,
-                    "duration_seconds": round(time.monotonic() - started, 2),
-                },
-            )
-
-    async def _finish_on_shutdown(self, session: LiveSession) -> None:
-        """On server shutdown: let the current utterance end (up to half the grace time), then send its
-        final and the full transcript and close with 1001; the other half is for decoding it."""
-        await self._runtime.draining.wait()
-        deadline = time.monotonic() + self._runtime.settings.shutdown_grace_seconds / 2
-        while session.in_utterance and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        self._ending = True
-        with contextlib.suppress(_SessionEnded):
-            await self._send(FullTranscriptFrame(text=await session.flush()))
-        await self._close(CloseCode.GOING_AWAY)
-
-    async def _end_when_key_lapses(self, principal: Principal, session: LiveSession, every: float) -> None:
-        """Re-check the key as often as the lease refreshes its slot, and when it expires. Once it is
-        revoked or expired: the open utterance's final (if it comes within LAPSED_KEY_FINAL_SECONDS),
-        then auth_failed and close 4401."""
-        authenticator = self._runtime.access.authenticator
-        while True:
-            delay = every
-            if principal.expires_at is not None:
-                delay = min(delay, max(0.0, principal.expires_at - time.time()))
-            await asyncio.sleep(delay)
-            if not await authenticator.still_usable(principal):
-                break
-        self._ending = True
-        log.info("the stream's key was revoked or expired", extra={"event": "key_lapsed"})
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(LAPSED_KEY_FINAL_SECONDS):
-                await session.flush()
-        await self._fail(StreamError(ErrorType.AUTH_FAILED, "this API key was revoked or has expired"))
+    async def _wrap_up(self, session: LiveSession) -> None:
+        await self._send(FullTranscriptFrame(text=await session.flush()))
 
     async def _receive_config(self) -> ConfigMessage:
         timeout = self._runtime.settings.streaming.config_timeout_seconds
@@ -221,7 +116,9 @@ class StreamConnection:
             )
         return engine, StreamResampler(config.sample_rate, engine.sample_rate)
 
-    def _new_session(self, config: ConfigMessage, engine: Engine) -> LiveSession:
+    def _new_session(
+        self, config: ConfigMessage, engine: Engine, principal: Principal, lease: StreamLease
+    ) -> LiveSession:
         settings = self._runtime.settings
         options = SessionOptions(
             language=config.language,
@@ -266,10 +163,10 @@ class StreamConnection:
                 language=event.language if isinstance(event, FinalText) else config.language,
                 words=words,
             )
-            with contextlib.suppress(_SessionEnded):  # the client left; the receive loop will see it
+            with contextlib.suppress(SessionEnded):  # the client left; the receive loop will see it
                 await self._send(frame)
 
-        return self._runtime.new_session(engine, options, emit)
+        return self._start_session(engine, options, emit, principal, lease)
 
     async def _serve(
         self,
@@ -279,17 +176,10 @@ class StreamConnection:
         lease: StreamLease,
     ) -> None:
         max_bytes = self._runtime.settings.streaming.max_frame_bytes
-        idle_timeout = self._runtime.settings.access.idle_timeout_seconds
         while True:
             await self._pace()
             try:
-                try:
-                    async with asyncio.timeout(idle_timeout):
-                        text = await self._receive_text()
-                except TimeoutError:
-                    raise StreamError(
-                        ErrorType.TIMEOUT, f"no message for {idle_timeout:g} s: closing"
-                    ) from None
+                text = await self._receive_within_idle_timeout()
                 message = parse_client_message(text)
                 if self._ending:
                     continue  # shutting down, or the key lapsed: audio after the last utterance is dropped
@@ -302,8 +192,7 @@ class StreamConnection:
                     self._pacing.audio(seconds)
                     await lease.charge(seconds)
                     await session.feed(samples)
-                    self._runtime.metrics.audio_seconds.labels("stream").inc(seconds)
-                    self._received_at.append((session.received_seconds, time.monotonic()))
+                    self._received_audio(session, seconds)
                 elif isinstance(message, CommitMessage):
                     await session.feed(resampler.flush())
                     await self._send(FullTranscriptFrame(text=await session.flush()))
@@ -326,83 +215,15 @@ class StreamConnection:
                 self._runtime.metrics.errors.labels(error.error_type.value).inc()
                 await self._send(error.to_frame())
 
-    async def _receive_unless_draining(self) -> str:
-        """The next text frame; if the server starts shutting down first, close with 1001 instead."""
-        receive = asyncio.ensure_future(self._receive_text())
-        draining = asyncio.ensure_future(self._runtime.draining.wait())
-        try:
-            await asyncio.wait({receive, draining}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            draining.cancel()
-            if not receive.done():  # shutting down, or the config timeout fired
-                receive.cancel()
-                await asyncio.gather(receive, return_exceptions=True)
-        if not receive.cancelled():
-            return receive.result()
-        await self._close(CloseCode.GOING_AWAY)
-        raise _SessionEnded
-
     async def _receive_text(self) -> str:
         message = await self._ws.receive()
         if message["type"] == "websocket.disconnect":
             self._ended.set()
-            raise _SessionEnded
+            raise SessionEnded
         self._pacing.received(len(message.get("text") or message.get("bytes") or ""))
         if message.get("text") is None:
             raise StreamError(ErrorType.BAD_REQUEST, "binary frames are not supported: send JSON text frames")
         return str(message["text"])
-
-    async def _pace(self) -> None:
-        """Wait until the stream is back within its budget before reading on (see server/pacing.py), or
-        until the socket closes."""
-        delay = self._pacing.wait()
-        if delay <= 0:
-            return
-        if not self._paced:
-            self._paced = True
-            log.info(
-                "stream sends faster than its budget: reading it more slowly",
-                extra={"event": "stream_paced"},
-            )
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._ended.wait(), delay)
-
-    async def _send(self, frame: ServerFrame) -> None:
-        if self._ended.is_set():
-            raise _SessionEnded
-        async with self._send_lock:
-            try:
-                await self._ws.send_text(frame.to_json())
-            except (WebSocketDisconnect, RuntimeError):
-                self._ended.set()
-                raise _SessionEnded from None
-
-    def _observe_emission(self, kind: str, end: float) -> None:
-        """Delay from receiving the audio at ``end`` (stream seconds) to now."""
-        received = next((at for seconds, at in self._received_at if seconds >= end - 1e-3), None)
-        if received is not None:
-            self._runtime.metrics.emission_delay.labels(kind).observe(time.monotonic() - received)
-
-    async def _fail(self, error: StreamError) -> None:
-        self._runtime.metrics.errors.labels(error.error_type.value).inc()
-        if error.error_type is ErrorType.QUOTA_EXCEEDED:
-            self._runtime.metrics.quota_rejections.labels(error.quota or "unknown").inc()
-        log.info(
-            "stream error: %s",
-            error.message,
-            extra={"event": "stream_error", "error_type": error.error_type.value},
-        )
-        with contextlib.suppress(_SessionEnded):
-            await self._send(error.to_frame())
-        await self._close(error.close_code or CloseCode.ENGINE_FAILURE)
-
-    async def _close(self, code: CloseCode) -> None:
-        if self._ended.is_set() or self._ws.client_state != WebSocketState.CONNECTED:
-            return
-        self._ended.set()
-        async with self._send_lock:
-            with contextlib.suppress(RuntimeError, WebSocketDisconnect):
-                await self._ws.close(code=int(code))
 
 
 def _decode_and_resample(
