@@ -1,0 +1,201 @@
+"""OpenAI's Realtime API (transcription intent) through a real server, the bundled model and the official
+``openai`` client's realtime connection."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import soxr
+from openai import AsyncOpenAI
+from websockets.asyncio.client import connect
+
+from tests.conftest import RunningServer, word_error_rate
+
+SHORT_REFERENCE = "Please send the quarterly report to the finance team by Friday."
+CHUNK = 2400  # 0.1 s at 24 kHz
+
+
+def pcm24k(samples: np.ndarray) -> bytes:
+    """16 kHz float samples as OpenAI's audio/pcm: 16-bit little-endian mono at 24 kHz."""
+    resampled = soxr.resample(samples, 16000, 24000)
+    return (np.clip(resampled, -1, 1) * 32767).astype("<i2").tobytes()
+
+
+def client_for(server: RunningServer, key: str | None = None) -> AsyncOpenAI:
+    return AsyncOpenAI(api_key=key or server.api_key, base_url=f"{server.base_url}/v1", max_retries=0)
+
+
+async def transcribe(
+    server: RunningServer, audio: bytes, session: dict[str, Any], commit: bool, key: str | None = None
+) -> list[Any]:
+    """Stream ``audio`` through the openai client, then read events until every committed item is
+    completed; returns every event the server sent."""
+    events: list[Any] = []
+    client = client_for(server, key)
+    async with client.realtime.connect(extra_query={"intent": "transcription"}) as connection:
+        await connection.session.update(session=session)  # type: ignore[arg-type]
+        for start in range(0, len(audio), CHUNK * 2):
+            chunk = base64.b64encode(audio[start : start + CHUNK * 2]).decode()
+            await connection.input_audio_buffer.append(audio=chunk)
+        if commit:
+            await connection.input_audio_buffer.commit()
+        committed: set[str] = set()
+        completed: set[str] = set()
+        async with asyncio.timeout(60):
+            async for event in connection:
+                events.append(event)
+                if event.type == "input_audio_buffer.committed":
+                    committed.add(event.item_id)
+                elif event.type == "conversation.item.input_audio_transcription.completed":
+                    completed.add(event.item_id)
+                elif event.type == "error":
+                    raise AssertionError(event.error)
+                if committed and committed == completed:
+                    break
+    return events
+
+
+def by_type(events: list[Any], kind: str) -> list[Any]:
+    return [event for event in events if event.type == kind]
+
+
+def test_server_vad_clip_arrives_as_deltas_and_completions(
+    server: RunningServer, clip: Callable[[str], np.ndarray]
+) -> None:
+    silence = np.zeros(24000, dtype="<i2").tobytes()  # a second: the VAD hears the speech end
+    audio = pcm24k(clip("short.wav")) + silence
+    session = {
+        "type": "transcription",
+        "audio": {
+            "input": {
+                "format": {"type": "audio/pcm", "rate": 24000},
+                "transcription": {"model": "whisper-1", "language": "en"},
+                "turn_detection": {"type": "server_vad", "threshold": 0.5, "silence_duration_ms": 500},
+            }
+        },
+    }
+    events = asyncio.run(transcribe(server, audio, session, commit=False))
+
+    kinds = [event.type for event in events]
+    assert kinds[:2] == ["session.created", "session.updated"]
+    updated = events[1].session
+    assert updated.audio.input.turn_detection.silence_duration_ms == 500
+    assert updated.audio.input.format.rate == 24000
+    [started] = by_type(events, "input_audio_buffer.speech_started")
+    [stopped] = by_type(events, "input_audio_buffer.speech_stopped")
+    [committed] = by_type(events, "input_audio_buffer.committed")
+    [completed] = by_type(events, "conversation.item.input_audio_transcription.completed")
+    deltas = by_type(events, "conversation.item.input_audio_transcription.delta")
+    item = started.item_id
+    assert stopped.item_id == committed.item_id == completed.item_id == item
+    assert all(delta.item_id == item for delta in deltas)
+    assert 0 <= started.audio_start_ms < stopped.audio_end_ms <= 4100
+    assert kinds.index("input_audio_buffer.committed") < kinds.index(completed.type)
+    assert word_error_rate(SHORT_REFERENCE, completed.transcript) <= 0.2
+    # Deltas are never retracted: together they are the final's words (a word's punctuation may differ).
+    assert deltas
+    assert word_error_rate(completed.transcript, "".join(d.delta for d in deltas)) <= 0.2
+    assert completed.usage.type == "duration" and 2.0 < completed.usage.seconds < 4.0
+
+
+def test_without_turn_detection_a_commit_ends_the_item(
+    server: RunningServer, clip: Callable[[str], np.ndarray]
+) -> None:
+    session = {"type": "transcription", "audio": {"input": {"turn_detection": None}}}
+    events = asyncio.run(transcribe(server, pcm24k(clip("short.wav")), session, commit=True))
+
+    assert events[1].session.audio.input.turn_detection is None
+    assert not by_type(events, "input_audio_buffer.speech_started")
+    [committed] = by_type(events, "input_audio_buffer.committed")
+    [completed] = by_type(events, "conversation.item.input_audio_transcription.completed")
+    assert completed.item_id == committed.item_id
+    assert committed.previous_item_id is None
+    assert word_error_rate(SHORT_REFERENCE, completed.transcript) <= 0.2
+
+
+async def _raw_session(server: RunningServer, key: str | None = None) -> Any:
+    headers = {"Authorization": f"Bearer {key or server.api_key}"}
+    return await connect(
+        f"ws://127.0.0.1:{server.port}/v1/realtime?intent=transcription", additional_headers=headers
+    )
+
+
+async def _next(ws: Any, kind: str | None = None) -> dict[str, Any]:
+    while True:
+        event = json.loads(await asyncio.wait_for(ws.recv(), 30))
+        if kind is None or event["type"] == kind:
+            return event  # type: ignore[no-any-return]
+
+
+def test_bad_events_get_openai_errors_and_the_session_goes_on(
+    server: RunningServer, clip: Callable[[str], np.ndarray]
+) -> None:
+    async def scenario() -> None:
+        ws = await _raw_session(server)
+        neighbour = await _raw_session(server)  # another stream, which must not notice
+        assert (await _next(ws))["type"] == "session.created"
+        await _next(neighbour, "session.created")
+        await neighbour.send(json.dumps({"type": "session.update", "session": {"type": "transcription"}}))
+        await _next(neighbour, "session.updated")
+
+        await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": "AAAA", "event_id": "e1"}))
+        error = (await _next(ws))["error"]
+        assert (error["type"], error["code"], error["event_id"]) == (
+            "invalid_request_error",
+            "session_not_configured",
+            "e1",
+        )
+        await ws.send(json.dumps({"type": "session.update", "session": {"type": "realtime"}}))
+        assert (await _next(ws))["error"]["param"] == "session.type"
+        await ws.send(json.dumps({"type": "session.update", "session": {"type": "transcription"}}))
+        assert (await _next(ws))["type"] == "session.updated"
+
+        await ws.send(json.dumps({"type": "response.create"}))
+        assert (await _next(ws))["error"]["param"] == "type"
+        await ws.send("not json")
+        assert (await _next(ws))["error"]["code"] == "bad_request"
+        await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": "%%%"}))
+        assert (await _next(ws))["error"]["code"] == "invalid_audio"
+        oversized = base64.b64encode(bytes(server.settings.streaming.max_frame_bytes + 8)).decode()
+        await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": oversized}))
+        error = (await _next(ws))["error"]
+        assert (error["code"], error["param"]) == ("invalid_audio", "audio")
+        await ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
+        assert (await _next(ws))["error"]["code"] == "input_audio_buffer_commit_empty"
+        await ws.send(json.dumps({"type": "input_audio_buffer.clear"}))
+        assert (await _next(ws))["type"] == "input_audio_buffer.cleared"
+        await ws.close()
+
+        # The neighbour's stream still transcribes.
+        audio = pcm24k(clip("short.wav")) + bytes(48000)
+        for start in range(0, len(audio), 9600):
+            chunk = base64.b64encode(audio[start : start + 9600]).decode()
+            await neighbour.send(json.dumps({"type": "input_audio_buffer.append", "audio": chunk}))
+        completed = await _next(neighbour, "conversation.item.input_audio_transcription.completed")
+        assert word_error_rate(SHORT_REFERENCE, completed["transcript"]) <= 0.2
+        await neighbour.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_wrong_key_or_intent_is_refused_in_openai_shape(server: RunningServer) -> None:
+    async def scenario() -> None:
+        ws = await _raw_session(server, key="wrong-key-" + "y" * 30)
+        error = await _next(ws, "error")
+        assert (error["error"]["code"], error["error"]["type"]) == ("auth_failed", "invalid_request_error")
+        await ws.wait_closed()
+        assert ws.close_code == 4401
+
+        headers = {"Authorization": f"Bearer {server.api_key}"}
+        async with connect(f"ws://127.0.0.1:{server.port}/v1/realtime", additional_headers=headers) as ws:
+            error = await _next(ws, "error")
+            assert "intent=transcription" in error["error"]["message"]
+            await ws.wait_closed()
+        assert ws.close_code == 4400
+
+    asyncio.run(scenario())
