@@ -7,14 +7,18 @@ import asyncio
 import base64
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 import soxr
 from openai import AsyncOpenAI
 from websockets.asyncio.client import connect
 
 from tests.conftest import RunningServer, word_error_rate
+from tests.server.test_multi_user import multi_user
+from tests.server.ws_helpers import limits, new_key, refused
 
 SHORT_REFERENCE = "Please send the quarterly report to the finance team by Friday."
 CHUNK = 2400  # 0.1 s at 24 kHz
@@ -199,3 +203,46 @@ def test_a_wrong_key_or_intent_is_refused_in_openai_shape(server: RunningServer)
         assert ws.close_code == 4400
 
     asyncio.run(scenario())
+
+
+def test_keys_and_quotas_apply_as_to_the_seed_protocol(
+    make_server: Callable[..., RunningServer], tmp_path: Path
+) -> None:
+    running = make_server(**multi_user(tmp_path))  # free tier: one stream at a time, 3 s a day
+    key = new_key(running, "alice")
+    limits_only = new_key(running, "dashboard", scope="limits")
+
+    async def scenario() -> None:
+        ws = await _raw_session(running, limits_only)
+        assert (await _next(ws, "error"))["error"]["code"] == "forbidden"
+        await ws.wait_closed()
+        assert ws.close_code == 4403
+
+        # The openai client's Bearer key holds the user's one stream slot, for either protocol.
+        connection = (
+            await client_for(running, key).realtime.connect(extra_query={"intent": "transcription"}).enter()
+        )
+        assert (await connection.recv()).type == "session.created"
+        code, error = await refused(running.ws_url(key))
+        assert code == 4003 and error is not None and error["quota"] == "concurrent_streams"
+        second = await _raw_session(running, key)
+        error = (await _next(second, "error"))["error"]
+        assert (error["code"], error["param"]) == ("quota_exceeded", "concurrent_streams")
+        await second.wait_closed()
+        assert second.close_code == 4003
+
+        # Its audio is charged to the same daily minutes: past 3 s the stream ends.
+        await connection.session.update(session={"type": "transcription"})
+        assert (await connection.recv()).type == "session.updated"
+        second_of_silence = base64.b64encode(bytes(48000)).decode()
+        for _ in range(4):
+            await connection.input_audio_buffer.append(audio=second_of_silence)
+        event = await connection.recv()
+        assert event.type == "error" and event.error.code == "quota_exceeded"
+        assert event.error.param == "daily_minutes"
+        await connection.close()
+
+    asyncio.run(scenario())
+    report = limits(running, key)
+    assert report["used_today_minutes"] == pytest.approx(3 / 60, abs=2e-3)
+    assert report["can_start_stream"] is False
