@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +16,7 @@ import pytest
 import soxr
 from openai import AsyncOpenAI
 from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
 from tests.conftest import RunningServer, word_error_rate
 from tests.server.test_multi_user import multi_user
@@ -246,3 +248,82 @@ def test_keys_and_quotas_apply_as_to_the_seed_protocol(
     report = limits(running, key)
     assert report["used_today_minutes"] == pytest.approx(3 / 60, abs=2e-3)
     assert report["can_start_stream"] is False
+
+
+def test_commits_chain_items_and_clear_drops_only_uncommitted_audio(
+    server: RunningServer, clip: Callable[[str], np.ndarray]
+) -> None:
+    speech = pcm24k(clip("short.wav"))
+
+    async def scenario() -> list[Any]:
+        events: list[Any] = []
+        async with client_for(server).realtime.connect(extra_query={"intent": "transcription"}) as connection:
+            await connection.session.update(
+                session={"type": "transcription", "audio": {"input": {"turn_detection": None}}}
+            )  # type: ignore[typeddict-item]
+            for audio, then in ((speech, "commit"), (speech, "clear"), (speech, "commit")):
+                for start in range(0, len(audio), CHUNK * 2):
+                    chunk = base64.b64encode(audio[start : start + CHUNK * 2]).decode()
+                    await connection.input_audio_buffer.append(audio=chunk)
+                if then == "commit":
+                    await connection.input_audio_buffer.commit()
+                else:
+                    await connection.input_audio_buffer.clear()
+            async with asyncio.timeout(60):
+                async for event in connection:
+                    events.append(event)
+                    assert event.type != "error", event
+                    if len(by_type(events, "conversation.item.input_audio_transcription.completed")) == 2:
+                        break
+        return events
+
+    events = asyncio.run(scenario())
+    first, second = by_type(events, "input_audio_buffer.committed")
+    assert (first.previous_item_id, second.previous_item_id) == (None, first.item_id)
+    assert len(by_type(events, "input_audio_buffer.cleared")) == 1
+    completed = by_type(events, "conversation.item.input_audio_transcription.completed")
+    assert [c.item_id for c in completed] == [first.item_id, second.item_id]
+    for item in completed:
+        assert word_error_rate(SHORT_REFERENCE, item.transcript) <= 0.2
+        assert 2.5 < item.usage.seconds < 3.5
+    # Only the committed items' text went out: none of the cleared audio's.
+    delta_items = {d.item_id for d in by_type(events, "conversation.item.input_audio_transcription.delta")}
+    assert delta_items <= {first.item_id, second.item_id} | {None}
+
+
+def test_shutdown_finishes_the_utterance_under_way_then_closes_1001(
+    make_server: Callable[..., RunningServer], clip: Callable[[str], np.ndarray]
+) -> None:
+    running = make_server(shutdown_grace_seconds=12)
+    pause = np.zeros(16000, dtype=np.float32)
+    speech = pcm24k(np.concatenate([clip("short.wav"), pause, clip("short.wav")]))
+
+    async def scenario() -> tuple[list[dict[str, Any]], int | None]:
+        ws = await _raw_session(running)
+        await ws.send(json.dumps({"type": "session.update", "session": {"type": "transcription"}}))
+        await _next(ws, "session.updated")
+        events: list[dict[str, Any]] = []
+
+        async def send_in_real_time() -> None:
+            start = asyncio.get_running_loop().time()
+            for index, offset in enumerate(range(0, len(speech), CHUNK * 2)):
+                await asyncio.sleep(max(0.0, start + index * 0.1 - asyncio.get_running_loop().time()))
+                if index == 15:  # 1.5 s in: mid-way through the first sentence
+                    running.app.state.runtime.draining.set()
+                chunk = base64.b64encode(speech[offset : offset + CHUNK * 2]).decode()
+                with contextlib.suppress(ConnectionClosed):
+                    await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": chunk}))
+
+        sender = asyncio.create_task(send_in_real_time())
+        with contextlib.suppress(ConnectionClosed):
+            async for raw in ws:
+                events.append(json.loads(raw))
+        sender.cancel()
+        return events, ws.close_code
+
+    events, code = asyncio.run(scenario())
+    assert code == 1001
+    completed = [e for e in events if e["type"].endswith("transcription.completed")]
+    assert len(completed) == 1, "the utterance under way was finished; no new one was started"
+    assert word_error_rate(SHORT_REFERENCE, completed[0]["transcript"]) <= 0.2
+    assert events[-1] == completed[0]
