@@ -16,7 +16,8 @@ import pytest
 import soxr
 from openai import AsyncOpenAI
 from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.typing import Origin
 
 from tests.conftest import RunningServer, word_error_rate
 from tests.server.test_multi_user import multi_user
@@ -203,6 +204,15 @@ def test_a_wrong_key_or_intent_is_refused_in_openai_shape(server: RunningServer)
             assert "intent=transcription" in error["error"]["message"]
             await ws.wait_closed()
         assert ws.close_code == 4400
+
+        # A page from another site gets no socket (the Origin policy of the other WebSocket).
+        with pytest.raises(InvalidStatus) as refused_upgrade:
+            await connect(
+                f"ws://127.0.0.1:{server.port}/v1/realtime?intent=transcription",
+                additional_headers=headers,
+                origin=Origin("http://evil.example"),
+            )
+        assert refused_upgrade.value.response.status_code == 403
 
     asyncio.run(scenario())
 
