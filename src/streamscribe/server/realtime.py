@@ -216,26 +216,31 @@ class RealtimeConnection(LiveStreamConnection):
         """Read events until a ``session.update`` configures the session (within the config timeout);
         audio before it is refused."""
         timeout = self._runtime.settings.streaming.config_timeout_seconds
-        try:
-            async with asyncio.timeout(timeout):
-                while True:
-                    await self._pace()
-                    try:
-                        event = parse_client_event(await self._receive_unless_draining())
-                        if not isinstance(event, SessionUpdate):
-                            raise RealtimeRefusal(
-                                ErrorType.BAD_REQUEST,
-                                "no session yet: send session.update (a transcription session) first",
-                                code="session_not_configured",
-                                event_id=event.event_id,
-                            )
-                        return await self._open_session(event, defaults, principal, lease)
-                    except StreamError as error:
-                        if error.close_code is not None:
-                            raise
-                        await self._refuse(error)
-        except TimeoutError:
-            raise ConfigRefused(ErrorType.TIMEOUT, f"no session.update within {timeout:g} s") from None
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            await self._pace()
+            try:
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        received = await self._receive_unless_draining()
+                except TimeoutError:
+                    raise ConfigRefused(
+                        ErrorType.TIMEOUT, f"no session.update within {timeout:g} s"
+                    ) from None
+                event = parse_client_event(received)
+                if not isinstance(event, SessionUpdate):
+                    raise RealtimeRefusal(
+                        ErrorType.BAD_REQUEST,
+                        "no session yet: send session.update (a transcription session) first",
+                        code="session_not_configured",
+                        event_id=event.event_id,
+                    )
+                # Choosing (maybe loading) the engine is not part of the time allowed for the update.
+                return await self._open_session(event, defaults, principal, lease)
+            except StreamError as error:
+                if error.close_code is not None:
+                    raise
+                await self._refuse(error)
 
     def _config_from(self, update: SessionUpdate, defaults: RealtimeConfig) -> RealtimeConfig:
         """The update applied to the defaults (only the fields it sent), or RealtimeRefusal."""
