@@ -19,6 +19,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.typing import Origin
 
+from streamscribe.server.store import open_store
 from tests.conftest import RunningServer, word_error_rate
 from tests.server.test_multi_user import multi_user
 from tests.server.ws_helpers import limits, new_key, refused
@@ -218,11 +219,13 @@ def test_a_wrong_key_or_intent_is_refused_in_openai_shape(server: RunningServer)
 
 
 def test_keys_and_quotas_apply_as_to_the_seed_protocol(
-    make_server: Callable[..., RunningServer], tmp_path: Path
+    make_server: Callable[..., RunningServer], tmp_path: Path, clip: Callable[[str], np.ndarray]
 ) -> None:
-    running = make_server(**multi_user(tmp_path))  # free tier: one stream at a time, 3 s a day
+    # Free tier: one stream at a time, 3 s a day; slots refreshed (and keys re-checked) every 0.5 s.
+    running = make_server(**multi_user(tmp_path, shared_store={"stream_ttl_seconds": 1.5}))
     key = new_key(running, "alice")
     limits_only = new_key(running, "dashboard", scope="limits")
+    revoked = new_key(running, "carol", tier="standard")
 
     async def scenario() -> None:
         ws = await _raw_session(running, limits_only)
@@ -253,6 +256,25 @@ def test_keys_and_quotas_apply_as_to_the_seed_protocol(
         assert event.type == "error" and event.error.code == "quota_exceeded"
         assert event.error.param == "daily_minutes"
         await connection.close()
+
+        # A key revoked while it streams: the open utterance's item is completed, then auth_failed, 4401.
+        ws = await _raw_session(running, revoked)
+        await ws.send(json.dumps({"type": "session.update", "session": {"type": "transcription"}}))
+        await _next(ws, "session.updated")
+        speech = pcm24k(clip("short.wav"))[: 2 * 24000 * 16 // 10]  # 1.6 s: still speaking when revoked
+        await ws.send(
+            json.dumps({"type": "input_audio_buffer.append", "audio": base64.b64encode(speech).decode()})
+        )
+        await _next(ws, "input_audio_buffer.speech_started")
+        store = open_store(running.settings)  # as `streamscribe keys revoke` does, from outside the server
+        assert store.revoke_key(store.list_keys("carol")[0].key_id)
+        store.close()
+        kinds = []
+        with contextlib.suppress(ConnectionClosed):
+            while True:
+                kinds.append((await _next(ws))["type"])
+        assert kinds[-1] == "error" and ws.close_code == 4401
+        assert "conversation.item.input_audio_transcription.completed" in kinds
 
     asyncio.run(scenario())
     report = limits(running, key)

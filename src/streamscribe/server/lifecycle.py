@@ -77,6 +77,10 @@ class LiveStreamConnection:
         """On shutdown, once the open utterance has ended: finish the session, the protocol's way."""
         raise NotImplementedError
 
+    async def _finish(self, session: LiveSession) -> None:
+        """End the open utterance and emit the finals still owed (a protocol may report more)."""
+        await session.flush()
+
     async def run(self) -> None:
         new_request_id("ws")
         if not origin_allowed(self._ws, self._runtime.settings.allowed_origins):
@@ -179,7 +183,7 @@ class LiveStreamConnection:
         log.info("the stream's key was revoked or expired", extra={"event": "key_lapsed"})
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(LAPSED_KEY_FINAL_SECONDS):
-                await session.flush()
+                await self._finish(session)
         await self._fail(StreamError(ErrorType.AUTH_FAILED, "this API key was revoked or has expired"))
 
     async def _receive_unless_draining(self) -> str:

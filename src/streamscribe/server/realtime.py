@@ -186,6 +186,10 @@ class RealtimeConnection(LiveStreamConnection):
         return error_event(error)
 
     async def _wrap_up(self, session: LiveSession) -> None:
+        await self._finish(session)
+
+    async def _finish(self, session: LiveSession) -> None:
+        """Commit the open item, and complete every committed one."""
         await self._commit(session)
         await session.flush()
         await self._complete_unanswered_now(session)
