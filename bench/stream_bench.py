@@ -163,7 +163,8 @@ async def stream_realtime(
     transcript once every committed item is completed."""
     pcm = (np.clip(soxr.resample(samples, 16000, 24000), -1, 1) * 32767).astype("<i2").tobytes()
     result = StreamResult(audio_seconds=len(samples) / 16000)
-    session = {"type": "transcription", "audio": {"input": {"transcription": config}}}
+    transcription = {key: config[key] for key in ("model", "language") if key in config}
+    session = {"type": "transcription", "audio": {"input": {"transcription": transcription}}}
     headers = {"Authorization": f"Bearer {token}"}
     async with connect(url, additional_headers=headers, max_size=None, open_timeout=30) as ws:
         start = time.monotonic()
@@ -231,14 +232,15 @@ async def run_clients(
     clients: int,
     speed: float,
     config: dict[str, Any],
-    protocol: str,
-    token: str,
+    binary: bool = False,
+    protocol: str = "seed",
+    token: str = "",
 ) -> list[StreamResult]:
     async def one(index: int) -> StreamResult:
         await asyncio.sleep(index * 0.5 / clients)  # real users do not start in lockstep
         if protocol == "realtime":
             return await stream_realtime(url, token, samples, speed, config)
-        return await stream_audio(url, samples, 16000, config=config, speed=speed, timeout=600)
+        return await stream_audio(url, samples, 16000, config=config, speed=speed, timeout=600, binary=binary)
 
     return await asyncio.gather(*(one(i) for i in range(clients)))
 
@@ -251,11 +253,12 @@ def measure(
     clients: int,
     speed: float,
     config: dict[str, Any],
+    binary: bool = False,
     protocol: str = "seed",
     token: str = "",
 ) -> dict[str, Any]:
     cpu_before = process_cpu_seconds(pid) if pid else None
-    results = asyncio.run(run_clients(url, samples, clients, speed, config, protocol, token))
+    results = asyncio.run(run_clients(url, samples, clients, speed, config, binary, protocol, token))
     cpu = process_cpu_seconds(pid) - cpu_before if pid and cpu_before is not None else None
     reference = " ".join(words(item["reference"]))
     first_word = item["segments"][0]["start"] / speed
@@ -308,11 +311,13 @@ def main() -> int:
     parser.add_argument("--server-pid", type=int, help="pid of an existing server, for CPU and memory")
     parser.add_argument("--model", help="model to request (server default if omitted)")
     parser.add_argument("--language", default="en")
+    parser.add_argument("--audio-format", choices=["float32", "pcm16", "mulaw", "alaw"], default="float32")
+    parser.add_argument("--binary", action="store_true", help="audio in binary frames, not base64 JSON")
     parser.add_argument(
         "--protocol",
         choices=["seed", "realtime"],
         default="seed",
-        help="this server's or OpenAI's Realtime API",
+        help="this server's or OpenAI's Realtime API (24 kHz pcm16: --audio-format, --binary not used)",
     )
     args = parser.parse_args()
 
@@ -326,7 +331,7 @@ def main() -> int:
     if not args.keep_tail:
         # End the audio just after the last word, so the final lag includes decoding the last sentence.
         samples = samples[: int((item["segments"][-1]["end"] + 0.1) * 16000)]
-    config: dict[str, Any] = {"language": args.language}
+    config: dict[str, Any] = {"language": args.language, "audio_format": args.audio_format}
     if args.model:
         config["model"] = args.model
 
@@ -344,7 +349,18 @@ def main() -> int:
                 target = f"{url}/v1/realtime?intent=transcription"
             else:
                 target = stream_url(url, args.token)
-            row = measure(target, pid, samples, item, clients, args.speed, config, args.protocol, args.token)
+            row = measure(
+                target,
+                pid,
+                samples,
+                item,
+                clients,
+                args.speed,
+                config,
+                args.binary,
+                args.protocol,
+                args.token,
+            )
             print(json.dumps(row), flush=True)
     finally:
         if process:

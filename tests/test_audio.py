@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import base64
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from streamscribe import audio
 from streamscribe.audio import (
     AudioBuffer,
+    AudioInput,
     StreamResampler,
     audio_file_seconds,
     decode_audio_payload,
+    encode_g711,
     iter_audio_file,
 )
-from streamscribe.protocol import ErrorType, StreamError
+from streamscribe.protocol import AudioFormat, ErrorType, StreamError
 from tests.audio_files import encode
 
 
@@ -52,6 +56,104 @@ def test_invalid_frames_are_rejected(payload: str, audio_format: str, reason: st
         decode_audio_payload(payload, audio_format, 256)  # type: ignore[arg-type]
     assert caught.value.error_type is ErrorType.INVALID_AUDIO and caught.value.close_code is None
     assert reason in caught.value.message
+
+
+def tone(seconds: float, rate: int, hz: float = 440.0) -> np.ndarray:
+    return (0.5 * np.sin(2 * np.pi * hz * np.arange(int(seconds * rate)) / rate)).astype(np.float32)
+
+
+def peak_hz(samples: np.ndarray, rate: int) -> float:
+    return float(np.argmax(np.abs(np.fft.rfft(samples))) * rate / len(samples))
+
+
+@pytest.mark.parametrize(
+    ("audio_format", "codes", "values"),
+    [
+        # G.711's tables: mu-law 0xFF and 0x7F are the two zeros, 0x80 / 0x00 the extremes; A-law 0xD5 / 0x55
+        # the smallest steps either side of zero.
+        (AudioFormat.MULAW, b"\xff\x7f\x80\x00", [0, 0, 32124, -32124]),
+        (AudioFormat.ALAW, b"\xd5\x55\xaa\x2a", [8, -8, 32256, -32256]),
+    ],
+)
+def test_g711_decodes_by_the_standard_tables(
+    audio_format: AudioFormat, codes: bytes, values: list[int]
+) -> None:
+    decoded = decode_audio_payload(b64(codes), audio_format, 100)
+    assert (decoded * 32768).round().astype(int).tolist() == values
+
+
+@pytest.mark.parametrize("audio_format", [AudioFormat.MULAW, AudioFormat.ALAW])
+def test_g711_at_8_khz_reaches_the_engine_at_16_khz(audio_format: AudioFormat) -> None:
+    sent = tone(1.0, 8000)
+    coded = encode_g711(sent, audio_format)
+    assert len(coded) == len(sent)  # one byte a sample
+    audio_input = AudioInput(audio_format, 8000, 16000, 10_000)
+    decoded = [audio_input.decode(coded[i : i + 800]) for i in range(0, len(coded), 800)]
+    assert sum(d.seconds for d in decoded) == pytest.approx(1.0)
+    out = np.concatenate([d.samples for d in decoded] + [audio_input.flush()])
+    assert abs(len(out) - 16000) <= 2
+    assert peak_hz(out, 16000) == pytest.approx(440, abs=1)
+    # Companding keeps about 38 dB of signal to noise on a tone at half scale (its RMS is 0.35).
+    error = decode_audio_payload(b64(coded), audio_format, 10_000) - sent
+    assert np.sqrt(np.mean(error**2)) < 0.01
+
+
+def test_binary_frames_over_the_limit_are_refused() -> None:
+    audio_input = AudioInput(AudioFormat.PCM16, 16000, 16000, 1024)
+    assert audio_input.decode(b"\0" * 1024).seconds == pytest.approx(512 / 16000)
+    with pytest.raises(StreamError, match="larger than 1024 bytes"):
+        audio_input.decode(b"\0" * 1026)
+
+
+@pytest.fixture(scope="module")
+def opus_tone() -> dict[str, bytes]:
+    """Two seconds of a 440 Hz tone as Ogg and as WebM Opus."""
+    return {name: encode(tone(2.0, 16000), name, "libopus", 48000, channels=1) for name in ("ogg", "webm")}
+
+
+@pytest.mark.parametrize("container", ["ogg", "webm"])
+def test_opus_decodes_as_its_bytes_arrive(opus_tone: dict[str, bytes], container: str) -> None:
+    audio_input = AudioInput(AudioFormat.OPUS, 16000, 16000, 10_000)
+    data = opus_tone[container]
+    decoded = [audio_input.decode(data[i : i + 700]) for i in range(0, len(data), 700)]
+    audio_input.close()
+    # Audio comes out while the stream goes on (Ogg: a page at a time), not only at its end.
+    assert sum(d.seconds for d in decoded[: len(decoded) // 2 + 1]) > 0.5
+    assert sum(d.seconds for d in decoded) == pytest.approx(2.0, abs=0.05)
+    out = np.concatenate([d.samples for d in decoded])
+    assert peak_hz(out[1600:-1600], 16000) == pytest.approx(440, abs=2)
+
+
+def test_a_bad_opus_stream_is_refused_and_the_next_one_decodes(opus_tone: dict[str, bytes]) -> None:
+    audio_input = AudioInput(AudioFormat.OPUS, 16000, 16000, 100_000)
+    with pytest.raises(StreamError, match="Ogg or WebM") as caught:
+        audio_input.decode(b"RIFF....WAVEfmt ")
+    assert caught.value.error_type is ErrorType.INVALID_AUDIO
+    noise = np.random.default_rng(1).integers(0, 256, 70_000, dtype=np.uint8).tobytes()
+    with pytest.raises(StreamError, match="not a valid Ogg or WebM Opus stream"):
+        audio_input.decode(b"OggS" + noise)
+    assert audio_input.decode(opus_tone["webm"]).seconds == pytest.approx(2.0, abs=0.05)
+    audio_input.close()
+
+
+def test_an_opus_frame_may_not_hold_too_much_audio(
+    opus_tone: dict[str, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(audio, "MAX_OPUS_FRAME_SECONDS", 1.0)
+    audio_input = AudioInput(AudioFormat.OPUS, 16000, 16000, 100_000)
+    with pytest.raises(StreamError, match="over 1 s"):
+        audio_input.decode(opus_tone["ogg"])
+    audio_input.close()
+
+
+def test_closing_an_opus_input_ends_its_reader_thread(opus_tone: dict[str, bytes]) -> None:
+    before = set(threading.enumerate())
+    audio_input = AudioInput(AudioFormat.OPUS, 16000, 16000, 100_000)
+    audio_input.decode(opus_tone["ogg"][:2000])
+    (reader,) = set(threading.enumerate()) - before
+    audio_input.close()
+    reader.join(timeout=5)
+    assert not reader.is_alive()
 
 
 def test_streamed_resampling_matches_length_and_tone() -> None:

@@ -28,6 +28,22 @@ def test_config_defaults_match_the_documented_protocol() -> None:
     assert config.model is None  # the server's default model
 
 
+@pytest.mark.parametrize(
+    ("fields", "rate"),
+    [
+        ({"audio_format": "mulaw"}, 8000),
+        ({"audio_format": "alaw"}, 8000),
+        ({"audio_format": "mulaw", "sample_rate": 16000}, 16000),  # wideband G.711, as some systems send
+        ({"audio_format": "pcm16"}, 16000),
+    ],
+)
+def test_telephone_formats_are_8_khz_unless_the_config_says_otherwise(
+    fields: dict[str, object], rate: int
+) -> None:
+    config = parse_client_message(json.dumps({"type": "config", **fields}))
+    assert isinstance(config, ConfigMessage) and config.sample_rate == rate
+
+
 def test_model_variant_is_accepted_for_variant() -> None:
     """Older clients say ``model_variant``; the model names themselves are the registry's (see
     tests/engines/test_registry.py)."""

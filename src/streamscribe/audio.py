@@ -5,29 +5,32 @@ from __future__ import annotations
 import base64
 import binascii
 import itertools
+import threading
 from collections.abc import Generator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Literal
+from typing import BinaryIO, Literal, Protocol
 
 import av
 import numpy as np
 import soxr
+from av.audio.codeccontext import AudioCodecContext
 
 from streamscribe.engines import SAMPLE_RATE
-from streamscribe.protocol import ErrorType, StreamError
-
-AudioFormat = Literal["float32", "pcm16"]
-_SAMPLE_DTYPES: dict[str, np.dtype] = {"float32": np.dtype("<f4"), "pcm16": np.dtype("<i2")}
+from streamscribe.protocol import G711_FORMATS, G711_SAMPLE_RATE, AudioFormat, ErrorType, StreamError
 
 
-def decode_audio_payload(data: str, audio_format: AudioFormat, max_bytes: int) -> np.ndarray:
-    """Base64 little-endian samples -> float32 in [-1, 1]. Raises StreamError(invalid_audio)."""
+def _base64_bytes(data: str, max_bytes: int) -> bytes:
     if len(data) > (max_bytes * 4) // 3 + 4:
         raise StreamError(ErrorType.INVALID_AUDIO, f"audio frame larger than {max_bytes} bytes")
     try:
-        raw = base64.b64decode(data, validate=True)
+        return base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError):
         raise StreamError(ErrorType.INVALID_AUDIO, "audio data is not valid base64") from None
+
+
+def _decode_pcm(raw: bytes, audio_format: AudioFormat) -> np.ndarray:
+    """Little-endian float32 or pcm16 bytes -> float32 in [-1, 1]. Raises StreamError(invalid_audio)."""
     dtype = _SAMPLE_DTYPES[audio_format]
     if len(raw) % dtype.itemsize:
         raise StreamError(
@@ -36,11 +39,79 @@ def decode_audio_payload(data: str, audio_format: AudioFormat, max_bytes: int) -
             f"{dtype.itemsize}-byte {audio_format} sample",
         )
     samples = np.frombuffer(raw, dtype=dtype)
-    if audio_format == "pcm16":
+    if audio_format == AudioFormat.PCM16:
         return samples.astype(np.float32) / 32768.0
     if not np.isfinite(samples).all():
         raise StreamError(ErrorType.INVALID_AUDIO, "audio frame contains NaN or infinite samples")
     return np.clip(samples, -1.0, 1.0).astype(np.float32, copy=False)
+
+
+_SAMPLE_DTYPES: dict[AudioFormat, np.dtype] = {
+    AudioFormat.FLOAT32: np.dtype("<f4"),
+    AudioFormat.PCM16: np.dtype("<i2"),
+}
+# PyAV's (FFmpeg's) G.711 codecs: one byte a sample, no state between frames.
+_G711_CODECS: dict[AudioFormat, Literal["pcm_mulaw", "pcm_alaw"]] = {
+    AudioFormat.MULAW: "pcm_mulaw",
+    AudioFormat.ALAW: "pcm_alaw",
+}
+
+
+def _g711_codec(audio_format: AudioFormat, sample_rate: int, mode: Literal["r", "w"]) -> AudioCodecContext:
+    codec = av.CodecContext.create(_G711_CODECS[audio_format], mode)
+    codec.sample_rate = sample_rate
+    codec.layout = "mono"
+    if mode == "w":
+        codec.format = "s16"
+    return codec
+
+
+def decode_audio_payload(data: str, audio_format: AudioFormat, max_bytes: int) -> np.ndarray:
+    """Base64 samples (float32, pcm16, mulaw or alaw) -> float32 in [-1, 1], at the rate they were sent.
+    Raises StreamError(invalid_audio). Opus needs a stream's state: use AudioInput."""
+    if audio_format is AudioFormat.OPUS:
+        raise ValueError("opus is decoded per stream: use AudioInput")
+    raw = _base64_bytes(data, max_bytes)
+    if audio_format in G711_FORMATS:
+        return _G711Decoder(audio_format, G711_SAMPLE_RATE)(raw)[0]
+    return _decode_pcm(raw, audio_format)
+
+
+def encode_g711(samples: np.ndarray, audio_format: AudioFormat, sample_rate: int = G711_SAMPLE_RATE) -> bytes:
+    """Float32 samples in [-1, 1] -> G.711 bytes (mulaw or alaw): what a telephone system sends."""
+    codec = _g711_codec(audio_format, sample_rate, "w")
+    pcm = (np.clip(samples, -1.0, 1.0) * 32767).astype(np.int16).reshape(1, -1)
+    frame = av.AudioFrame.from_ndarray(pcm, format="s16", layout="mono")
+    frame.sample_rate = sample_rate
+    return b"".join(bytes(packet) for packet in [*codec.encode(frame), *codec.encode(None)])
+
+
+class _G711Decoder:
+    """G.711 bytes -> float32 samples, by FFmpeg's pcm_mulaw / pcm_alaw decoder."""
+
+    def __init__(self, audio_format: AudioFormat, sample_rate: int) -> None:
+        self._codec = _g711_codec(audio_format, sample_rate, "r")
+        self._rate = sample_rate
+
+    def close(self) -> None:
+        pass
+
+    def __call__(self, raw: bytes) -> tuple[np.ndarray, int]:
+        frames = self._codec.decode(av.Packet(raw)) if raw else []
+        pcm = [frame.to_ndarray().reshape(-1) for frame in frames]
+        return np.concatenate([np.zeros(0, dtype=np.int16), *pcm]).astype(np.float32) / 32768.0, self._rate
+
+
+class _PcmDecoder:
+    def __init__(self, audio_format: AudioFormat, sample_rate: int) -> None:
+        self._format = audio_format
+        self._rate = sample_rate
+
+    def close(self) -> None:
+        pass
+
+    def __call__(self, raw: bytes) -> tuple[np.ndarray, int]:
+        return _decode_pcm(raw, self._format), self._rate
 
 
 class StreamResampler:
@@ -67,6 +138,196 @@ class StreamResampler:
         tail = self._stream.resample_chunk(np.zeros(0, dtype=np.float32), last=True)
         self._stream = self._new_stream()
         return tail
+
+
+OPUS_SAMPLE_RATE = 48000  # what Opus decodes to, whatever the encoder's input was
+# The magic numbers that open each container Opus may come in, and FFmpeg's demuxer for it.
+_OPUS_CONTAINERS = {b"OggS": "ogg", b"\x1a\x45\xdf\xa3": "matroska"}
+# One frame may hold at most this much audio: a frame of Opus silence (a few bytes per 20 ms) would
+# otherwise decode to an hour of samples.
+MAX_OPUS_FRAME_SECONDS = 60.0
+_OPUS_DECODE_TIMEOUT_SECONDS = 10.0
+
+
+class _ContainerReader:
+    """One Ogg or WebM stream, demuxed and decoded by PyAV as its bytes arrive. The demuxer pulls bytes
+    with blocking reads, so it runs in a thread of its own that reads from this object; ``feed`` hands
+    bytes over and returns what decoded once the demuxer waits for more."""
+
+    def __init__(self, container_format: str) -> None:
+        self._lock = threading.Condition()
+        self._pending = bytearray()  # received, not yet read by the demuxer
+        self._waiting = False  # the demuxer waits for bytes
+        self._closed = False
+        self._decoded: list[np.ndarray] = []
+        self._decoded_samples = 0
+        self._error: str | None = None
+        self.finished = False  # the stream came to its end (the next bytes must start a new one)
+        self._thread = threading.Thread(target=self._demux, args=(container_format,), daemon=True)
+        self._thread.start()
+
+    def feed(self, raw: bytes) -> np.ndarray:
+        """Raises StreamError(invalid_audio) when the stream is bad or ended; this reader is then done."""
+        with self._lock:
+            self._pending += raw
+            self._waiting = False
+            self._lock.notify_all()
+            caught_up = self._lock.wait_for(
+                lambda: (self._waiting and not self._pending) or self._error is not None or self.finished,
+                _OPUS_DECODE_TIMEOUT_SECONDS,
+            )
+            decoded, self._decoded, self._decoded_samples = self._decoded, [], 0
+            error = self._error or (None if caught_up else "the opus stream did not decode in time")
+        if error is not None:
+            raise StreamError(ErrorType.INVALID_AUDIO, error)
+        return np.concatenate(decoded) if decoded else np.zeros(0, dtype=np.float32)
+
+    def read(self, size: int) -> bytes:
+        """The demuxer's file: the bytes received so far, waiting for more when there are none."""
+        with self._lock:
+            while not self._pending and not self._closed:
+                self._waiting = True
+                self._lock.notify_all()
+                self._lock.wait()
+            chunk = bytes(self._pending[:size])
+            del self._pending[:size]
+            return chunk
+
+    def close(self) -> None:
+        """End the thread: the demuxer reads the end of the file."""
+        with self._lock:
+            self._closed = True
+            self._lock.notify_all()
+
+    def _demux(self, container_format: str) -> None:
+        to_mono = av.audio.resampler.AudioResampler(format="flt", layout="mono", rate=OPUS_SAMPLE_RATE)
+        limit = int(MAX_OPUS_FRAME_SECONDS * OPUS_SAMPLE_RATE)
+        error: str | None = None
+        try:
+            with av.open(self, "r", format=container_format, options={"probesize": "32"}) as container:
+                if not container.streams.audio:
+                    raise ValueError("it has no audio track")
+                for packet in container.demux(container.streams.audio[0]):
+                    try:
+                        frames = packet.decode()
+                    except av.error.InvalidDataError:
+                        continue  # a damaged packet: the next one still decodes
+                    for frame in frames:
+                        frame.pts = None  # resample by sample count: timestamps do not matter
+                        for mono in to_mono.resample(frame):
+                            with self._lock:
+                                self._decoded.append(mono.to_ndarray().reshape(-1).copy())
+                                self._decoded_samples += mono.samples
+                                if self._decoded_samples > limit:
+                                    raise ValueError(
+                                        f"a frame held over {MAX_OPUS_FRAME_SECONDS:g} s of audio"
+                                    )
+        except (av.error.FFmpegError, ValueError) as exc:
+            error = f"not a valid Ogg or WebM Opus stream: {_ffmpeg_reason(exc)}"
+        with self._lock:
+            self._error = error
+            self.finished = True
+            self._lock.notify_all()
+
+
+class _ContainerOpusDecoder:
+    """Opus in Ogg or WebM (the container told by its first bytes), one stream after another: after a bad
+    or ended stream, the next frame starts a new one (a client restarts its recorder)."""
+
+    def __init__(self) -> None:
+        self._reader: _ContainerReader | None = None
+
+    def __call__(self, raw: bytes) -> tuple[np.ndarray, int]:
+        if self._reader is not None and self._reader.finished:
+            self.close()
+        if self._reader is None:
+            if not raw:
+                return np.zeros(0, dtype=np.float32), OPUS_SAMPLE_RATE
+            container = _OPUS_CONTAINERS.get(bytes(raw[:4]))
+            if container is None:
+                raise StreamError(
+                    ErrorType.INVALID_AUDIO,
+                    "opus audio must be an Ogg or WebM stream, sent from its first bytes (OggS or EBML)",
+                )
+            self._reader = _ContainerReader(container)
+        try:
+            return self._reader.feed(raw), OPUS_SAMPLE_RATE
+        except StreamError:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+
+
+def _ffmpeg_reason(exc: Exception) -> str:
+    """What went wrong, without FFmpeg's file name (here, a Python object's repr)."""
+    if isinstance(exc, av.error.FFmpegError):
+        return str(exc.strerror or "invalid data").rstrip(".").lower()
+    return str(exc)
+
+
+class _FrameDecoder(Protocol):
+    """One stream's decoder of one format: a frame's bytes -> (mono float32 samples, their rate)."""
+
+    def __call__(self, raw: bytes) -> tuple[np.ndarray, int]: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class DecodedAudio:
+    """One frame's audio.
+
+    Attributes:
+        seconds: its length as sent (what quotas and pacing count).
+        samples: it at the engine's rate, mono float32 in [-1, 1].
+    """
+
+    seconds: float
+    samples: np.ndarray
+
+
+class AudioInput:
+    """One stream's audio in, whatever the format: a frame's bytes (a binary frame, or a JSON frame's base64)
+    -> samples at the engine's rate. Holds what crosses frame borders: the resampler's filter, and for Opus
+    the container being read. Blocking (decoding, resampling): call it from a worker thread."""
+
+    def __init__(
+        self, audio_format: AudioFormat, sample_rate: int, engine_rate: int, max_frame_bytes: int
+    ) -> None:
+        self.audio_format = audio_format
+        self._max_bytes = max_frame_bytes
+        self._decoder: _FrameDecoder
+        if audio_format is AudioFormat.OPUS:
+            self._decoder = _ContainerOpusDecoder()
+            sample_rate = OPUS_SAMPLE_RATE
+        elif audio_format in G711_FORMATS:
+            self._decoder = _G711Decoder(audio_format, sample_rate)
+        else:
+            self._decoder = _PcmDecoder(audio_format, sample_rate)
+        self._resampler = StreamResampler(sample_rate, engine_rate)
+
+    def decode(self, raw: bytes) -> DecodedAudio:
+        """Raises StreamError(invalid_audio) for a frame over the size limit or one that does not decode;
+        the stream may go on."""
+        if len(raw) > self._max_bytes:
+            raise StreamError(ErrorType.INVALID_AUDIO, f"audio frame larger than {self._max_bytes} bytes")
+        samples, rate = self._decoder(raw)
+        return DecodedAudio(len(samples) / rate, self._resampler(samples))
+
+    def decode_base64(self, data: str) -> DecodedAudio:
+        return self.decode(_base64_bytes(data, self._max_bytes))
+
+    def flush(self) -> np.ndarray:
+        """The samples still held in the resampler's filter (see StreamResampler.flush)."""
+        return self._resampler.flush()
+
+    def close(self) -> None:
+        """The stream ended: let go of the decoder (Opus: its reader thread)."""
+        self._decoder.close()
 
 
 AudioSource = str | Path | BinaryIO

@@ -186,6 +186,7 @@ def _stream(args: argparse.Namespace) -> int:
                 config=config,
                 speed=args.speed,
                 on_frame=show,
+                binary=args.binary,
             )
         )
     except (OSError, TimeoutError) as exc:
@@ -392,7 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     stream.add_argument(
         "--sample-rate", type=int, default=SAMPLE_RATE, help="rate to send at (server resamples)"
     )
-    stream.add_argument("--audio-format", choices=["float32", "pcm16"], default="float32")
+    stream.add_argument("--audio-format", choices=["float32", "pcm16", "mulaw", "alaw"], default="float32")
+    stream.add_argument("--binary", action="store_true", help="send audio in binary frames, not base64 JSON")
     stream.add_argument("--task", choices=["transcribe", "translate"], default="transcribe")
     stream.add_argument("--word-timestamps", action="store_true", help="ask for word timing in finals")
     stream.add_argument("--prompt", help="context text: vocabulary, spelling, style")

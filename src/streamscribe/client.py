@@ -17,6 +17,9 @@ import numpy as np
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
+from streamscribe.audio import encode_g711
+from streamscribe.protocol import G711_FORMATS, AudioFormat
+
 
 @dataclass
 class ReceivedFrame:
@@ -66,12 +69,18 @@ def stream_url(base_url: str, token: str | None) -> str:
     return f"{url}?{urlencode({'token': token})}" if token else url
 
 
-def encode_samples(samples: np.ndarray, audio_format: str = "float32") -> str:
+def encode_audio(samples: np.ndarray, audio_format: str = "float32") -> bytes:
+    """Float32 samples as a frame's bytes in ``audio_format`` (float32, pcm16, mulaw or alaw)."""
+    if audio_format in G711_FORMATS:
+        return encode_g711(samples, AudioFormat(audio_format))
     if audio_format == "pcm16":
-        data = (np.clip(samples, -1.0, 1.0) * 32767).astype("<i2").tobytes()
-    else:
-        data = samples.astype("<f4").tobytes()
-    return base64.b64encode(data).decode()
+        return (np.clip(samples, -1.0, 1.0) * 32767).astype("<i2").tobytes()
+    return samples.astype("<f4").tobytes()
+
+
+def encode_samples(samples: np.ndarray, audio_format: str = "float32") -> str:
+    """Samples as the base64 ``data`` of a JSON audio frame."""
+    return base64.b64encode(encode_audio(samples, audio_format)).decode()
 
 
 async def stream_audio(
@@ -86,11 +95,13 @@ async def stream_audio(
     headers: dict[str, str] | None = None,
     timeout: float = 120.0,
     ssl_context: ssl.SSLContext | None = None,
+    binary: bool = False,
 ) -> StreamResult:
     """Stream ``samples`` to ``url`` at ``speed`` times real time (0: as fast as possible).
 
     Sends config, then audio frames of ``frame_seconds``, then ``finish`` ("stop", "commit" or "none")
-    and waits for the server to close (or, for "commit", for the full transcript).
+    and waits for the server to close (or, for "commit", for the full transcript). ``binary``: audio goes
+    in binary frames, as is, instead of base64 in JSON ``audio`` frames.
     """
     config = {"type": "config", "sample_rate": sample_rate, **(config or {})}
     audio_format = config.get("audio_format", "float32")
@@ -124,7 +135,10 @@ async def stream_audio(
                     if delay > 0:
                         await asyncio.sleep(delay)
                 chunk = samples[offset : offset + step]
-                await ws.send(json.dumps({"type": "audio", "data": encode_samples(chunk, audio_format)}))
+                if binary:
+                    await ws.send(encode_audio(chunk, audio_format))
+                else:
+                    await ws.send(json.dumps({"type": "audio", "data": encode_samples(chunk, audio_format)}))
             result.sent_at_end = time.monotonic() - start
             if finish != "none":
                 await ws.send(json.dumps({"type": finish}))

@@ -9,8 +9,8 @@ type, picks the close code::
 
     StreamError
     ├── the session goes on: an error frame with "fatal": false
-    │   ├── bad_request          a message the server cannot use (bad JSON, unknown type, binary frame)
-    │   └── invalid_audio        a bad audio frame (base64, byte count, NaN, over the size limit)
+    │   ├── bad_request          a message the server cannot use (bad JSON, unknown type, second config)
+    │   └── invalid_audio        a bad audio frame (base64, byte count, NaN, over the size limit, not Opus)
     ├── the session ends: an error frame with "fatal": true, then the type's close code
     │   ├── auth_failed          missing, wrong, revoked or expired key
     │   ├── forbidden            a key that may not stream
@@ -22,8 +22,9 @@ type, picks the close code::
     │   ├── model_unavailable    the engine asked for is not here, and no fallback
     │   ├── timeout              no message for the idle timeout
     │   ├── internal_error       the engine failed, or a bug
-    │   └── ConfigRefused        the config is missing, late (timeout) or invalid (bad_request): 4400
-    │                            whatever the type, since nothing can follow a session that did not start
+    │   └── ConfigRefused        the config is missing, late (timeout) or invalid (bad_request; a binary
+    │                            frame before it, too): 4400 whatever the type, since nothing can follow
+    │                            a session that did not start
     └── the file API only (HTTP)
         ├── model_not_found      an unknown model name
         └── file_too_large       an upload over the size limit
@@ -35,7 +36,16 @@ import time
 from enum import IntEnum, StrEnum
 from typing import Annotated, Any, Literal, NamedTuple
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from streamscribe.engines import SAMPLE_RATE
 
@@ -155,6 +165,20 @@ def quota_exceeded(quota: Quota, message: str) -> StreamError:
 
 Variant = Literal["standard", "onnx", "mlx"]
 
+
+class AudioFormat(StrEnum):
+    """How a stream's audio frames hold samples (JSON ``audio`` frames in base64, binary frames as is)."""
+
+    FLOAT32 = "float32"  # little-endian 32-bit float samples in [-1, 1]
+    PCM16 = "pcm16"  # little-endian signed 16-bit samples
+    MULAW = "mulaw"  # G.711 mu-law, one byte a sample (telephone audio, 8 kHz unless said otherwise)
+    ALAW = "alaw"  # G.711 A-law, one byte a sample
+    OPUS = "opus"  # Ogg or WebM pages of Opus packets, as a browser's MediaRecorder writes them
+
+
+G711_FORMATS = frozenset({AudioFormat.MULAW, AudioFormat.ALAW})
+G711_SAMPLE_RATE = 8000
+
 MIN_SAMPLE_RATE = 8000
 MAX_SAMPLE_RATE = 48000
 MAX_PROMPT_CHARS = 1000
@@ -179,12 +203,20 @@ class ConfigMessage(_ClientFrame):
     max_buffer_duration: float = Field(30.0, ge=3, le=120)
     enable_partial: bool = True
     partial_interval: float = Field(0.5, ge=0.1, le=10)
-    audio_format: Literal["float32", "pcm16"] = "float32"
+    audio_format: AudioFormat = AudioFormat.FLOAT32
     # Streaming extras, off unless asked for.
     word_timestamps: bool = False
     task: Literal["transcribe", "translate"] = "transcribe"
     prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
     hotwords: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
+
+    @model_validator(mode="after")
+    def _telephone_rate(self) -> ConfigMessage:
+        """G.711 audio is 8 kHz unless the config gives a rate (any allowed rate works: it is a sample
+        encoding, and some systems send it wideband). Opus streams carry their own rate."""
+        if self.audio_format in G711_FORMATS and "sample_rate" not in self.model_fields_set:
+            self.sample_rate = G711_SAMPLE_RATE
+        return self
 
     @field_validator("hotwords", mode="before")
     @classmethod

@@ -30,7 +30,7 @@ async def _ready_stream(url: str) -> ClientConnection:
     return ws
 
 
-def _flood(url: str, frame: str, ready: threading.Event, seconds: float) -> int:
+def _flood(url: str, frame: str | bytes, ready: threading.Event, seconds: float) -> int:
     """Send ``frame`` on a ready stream for ``seconds``, from a thread of its own (a loop that never waits
     would starve the pinging client's loop, not the server's); the frames sent."""
 
@@ -49,10 +49,12 @@ def _flood(url: str, frame: str, ready: threading.Event, seconds: float) -> int:
     return asyncio.run(flood())
 
 
-# 1 MiB frames of silence (16 s of audio each; tiny once compressed), and frames of one sample.
-FLOODS = {
+# 1 MiB frames of silence (16 s of audio each; tiny once compressed), frames of one sample, and the 1 MiB
+# frames as binary frames (no base64, no JSON).
+FLOODS: dict[str, str | bytes] = {
     "large_silent_frames": encode_samples(np.zeros(262_144, dtype=np.float32)),
     "tiny_frames": encode_samples(np.zeros(1, dtype=np.float32)),
+    "large_binary_frames": np.zeros(262_144, dtype="<f4").tobytes(),
 }
 
 
@@ -61,7 +63,8 @@ def test_another_streams_pings_are_answered_while_one_floods(
     make_server: Callable[..., RunningServer], flood: str
 ) -> None:
     running = make_server()
-    frame = json.dumps({"type": "audio", "data": FLOODS[flood]})
+    payload = FLOODS[flood]
+    frame = payload if isinstance(payload, bytes) else json.dumps({"type": "audio", "data": payload})
 
     async def scenario() -> tuple[float, int]:
         quiet = await _ready_stream(running.ws_url())

@@ -19,6 +19,8 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.typing import Origin
 
+from streamscribe.audio import encode_g711
+from streamscribe.protocol import AudioFormat
 from streamscribe.server.store import open_store
 from tests.conftest import RunningServer, word_error_rate
 from tests.server.test_multi_user import multi_user
@@ -124,6 +126,25 @@ def test_without_turn_detection_a_commit_ends_the_item(
     assert completed.item_id == committed.item_id
     assert committed.previous_item_id is None
     assert word_error_rate(SHORT_REFERENCE, completed.transcript) <= 0.2
+
+
+@pytest.mark.parametrize(
+    ("wire", "audio_format"), [("audio/pcmu", AudioFormat.MULAW), ("audio/pcma", AudioFormat.ALAW)]
+)
+def test_g711_audio_is_transcribed(
+    server: RunningServer, clip: Callable[[str], np.ndarray], wire: str, audio_format: AudioFormat
+) -> None:
+    telephone = encode_g711(soxr.resample(clip("short.wav"), 16000, 8000), audio_format)
+    session = {
+        "type": "transcription",
+        "audio": {"input": {"format": {"type": wire}, "turn_detection": None}},
+    }
+    events = asyncio.run(transcribe(server, telephone, session, commit=True))
+
+    assert events[1].session.audio.input.format.type == wire
+    [completed] = by_type(events, "conversation.item.input_audio_transcription.completed")
+    assert word_error_rate(SHORT_REFERENCE, completed.transcript) <= 0.2
+    assert 2.5 < completed.usage.seconds < 3.5  # seconds of audio as sent (8 kHz, a byte a sample)
 
 
 async def _raw_session(server: RunningServer, key: str | None = None) -> Any:

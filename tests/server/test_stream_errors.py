@@ -128,13 +128,16 @@ def test_bad_frames_get_errors_and_the_session_continues(
     )
     assert code == 1000
     errors = [f for f in frames if f["type"] == "error"]
-    assert [e["error_type"] for e in errors] == ["invalid_audio"] * 5 + ["bad_request"] * 4
+    # A binary frame after the config is audio in its format: two bytes are not a float32 sample.
+    kinds = ["invalid_audio"] * 5 + ["bad_request"] * 2 + ["invalid_audio", "bad_request"]
+    assert [e["error_type"] for e in errors] == kinds
     assert not any(e["fatal"] for e in errors), "the session goes on"
     assert "base64" in errors[0]["message"]
     assert "multiple" in errors[1]["message"]
     assert "NaN" in errors[2]["message"] and "NaN" in errors[3]["message"]
     assert "larger" in errors[4]["message"]
     assert "unknown message type" in errors[5]["message"]
+    assert "4-byte float32" in errors[7]["message"]
     assert "quarterly report" in normalize_text(frames[-1]["text"])
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -67,7 +68,9 @@ def test_page_and_its_files_are_served_from_the_package(server: Any) -> None:
 def test_microphone_session_shows_partials_then_finals_and_the_full_transcript(
     page: Page, server: Any, watch: PageWatch, save_screenshot: Callable[..., Path]
 ) -> None:
+    """The PCM path: float32 from the AudioWorklet, base64 in JSON audio frames."""
     open_page(page, server.base_url, server.api_key)
+    page.select_option("#audio-encoding", "pcm")
     page.evaluate(OBSERVE_TRANSCRIPT)
 
     page.click("#start")
@@ -106,6 +109,34 @@ def test_microphone_session_shows_partials_then_finals_and_the_full_transcript(
     assert all(url.startswith((server.base_url, "data:", "blob:")) for url in watch.requests), watch.requests
     # The microphone went through the AudioWorklet (resampled in it to 16 kHz).
     expect(page.locator("#debug-log li[data-type=note]").first).to_contain_text("sending 16000 Hz")
+
+
+def test_microphone_goes_as_opus_in_binary_frames_by_default(page: Page, server: Any) -> None:
+    """Chromium records Opus (WebM), so the page sends it: MediaRecorder's slices as binary frames, at
+    about 32 kbit/s instead of 680 kbit/s, and the server's text is as good."""
+    sent: list[str | bytes] = []
+    page.on("websocket", lambda socket: socket.on("framesent", lambda frame: sent.append(frame)))
+    open_page(page, server.base_url, server.api_key)
+    expect(page.locator("#audio-encoding")).to_have_value("opus")
+    page.click("#start")
+    expect(page.locator("#connection")).to_have_attribute("data-state", "ready")
+    started = time.monotonic()
+    expect(page.locator("#finals")).to_contain_text("friday", ignore_case=True)
+    page.click("#stop")
+    seconds = time.monotonic() - started
+    expect(page.locator("#full-state")).to_have_text("complete")
+    assert set(SHORT_CLIP_WORDS) <= set(words(page.input_value("#full")))
+
+    configs = [json.loads(frame) for frame in sent if isinstance(frame, str) and '"config"' in frame]
+    assert [config["audio_format"] for config in configs] == ["opus"]
+    audio = [frame for frame in sent if isinstance(frame, bytes)]
+    assert audio[0][:4] == b"\x1a\x45\xdf\xa3", "a WebM stream, from its EBML header"
+    assert not [frame for frame in sent if isinstance(frame, str) and '"audio"' in frame]
+    kbit_per_second = sum(len(frame) for frame in audio) * 8 / seconds / 1000
+    assert kbit_per_second < 64, kbit_per_second  # base64 float32 would be 680
+    expect(page.locator("#debug-audio")).to_contain_text("KiB of Opus")
+    page.click("#debug summary")
+    expect(page.locator("#debug-log li[data-type=note]").first).to_contain_text("sending Opus")
 
 
 def test_clear_during_a_session_resets_the_server_transcript(page: Page, server: Any) -> None:
@@ -184,7 +215,7 @@ def test_quota_close_is_explained(page: Page, server: Any) -> None:
 
     def fake_server(socket: WebSocketRoute) -> None:
         def on_message(message: str | bytes) -> None:
-            if json.loads(message)["type"] == "config":
+            if isinstance(message, str) and json.loads(message)["type"] == "config":
                 socket.send(json.dumps({"type": "status", "state": "configured", "model": "whisper"}))
                 socket.send(json.dumps({"type": "status", "state": "ready", "model": "whisper-tiny.en"}))
                 error = {

@@ -13,7 +13,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
@@ -28,6 +28,7 @@ from streamscribe.server.runtime import Runtime
 from streamscribe.streaming.session import LiveSession, SessionEvent, SessionOptions
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # A stream whose key is revoked or expires gets the final of its open utterance if it takes no longer.
 LAPSED_KEY_FINAL_SECONDS = 5.0
@@ -202,12 +203,12 @@ class LiveStreamConnection:
         await self._close(CloseCode.GOING_AWAY)
         raise SessionEnded
 
-    async def _receive_within_idle_timeout(self) -> str:
-        """The next text frame, or StreamError(timeout) when none comes within the idle timeout."""
+    async def _within_idle_timeout(self, receive: Awaitable[T]) -> T:
+        """The next frame (``receive``), or StreamError(timeout) when none comes within the idle timeout."""
         idle_timeout = self._runtime.settings.access.idle_timeout_seconds
         try:
             async with asyncio.timeout(idle_timeout):
-                return await self._receive_text()
+                return await receive
         except TimeoutError:
             raise StreamError(ErrorType.TIMEOUT, f"no message for {idle_timeout:g} s: closing") from None
 

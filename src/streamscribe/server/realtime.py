@@ -17,12 +17,10 @@ import logging
 import typing
 from dataclasses import dataclass, field
 
-import numpy as np
-
-from streamscribe.audio import AudioFormat, StreamResampler, decode_audio_payload
+from streamscribe.audio import AudioInput
 from streamscribe.engines.base import Engine, EngineUnavailable, UnsupportedLanguage
 from streamscribe.engines.registry import UnknownModel, resolve_model
-from streamscribe.protocol import ConfigRefused, ErrorType, StreamError
+from streamscribe.protocol import AudioFormat, ConfigRefused, ErrorType, StreamError
 from streamscribe.realtime_protocol import (
     G711_RATE,
     OPENAI_PCM_RATE,
@@ -76,11 +74,6 @@ _FORMAT_PARAM = "session.audio.input.format"
 _MODEL_PARAM = "session.audio.input.transcription.model"
 
 
-def g711_decoding() -> bool:
-    """Whether ``audio.py`` decodes G.711 (``mulaw`` and ``alaw``), which audio/pcmu and audio/pcma need."""
-    return {"mulaw", "alaw"} <= set(typing.get_args(AudioFormat))
-
-
 @dataclass(frozen=True)
 class RealtimeConfig:
     """A transcription session's effective configuration (what ``session.updated`` reports)."""
@@ -93,13 +86,13 @@ class RealtimeConfig:
     vad: VadOptions | None  # None: turn_detection null, commits end items
 
     @property
-    def wire_format(self) -> tuple[str, int]:
+    def wire_format(self) -> tuple[AudioFormat, int]:
         """(``audio.py`` format, sample rate) of the appended audio."""
         if isinstance(self.format, AudioPcmu):
-            return "mulaw", G711_RATE
+            return AudioFormat.MULAW, G711_RATE
         if isinstance(self.format, AudioPcma):
-            return "alaw", G711_RATE
-        return "pcm16", OPENAI_PCM_RATE
+            return AudioFormat.ALAW, G711_RATE
+        return AudioFormat.PCM16, OPENAI_PCM_RATE
 
     def describe(self, session_id: str, model: str) -> SessionDescription:
         vad = self.vad
@@ -162,8 +155,6 @@ class RealtimeConnection(LiveStreamConnection):
         # text (from the session's decode task) take this lock to send.
         self._order = asyncio.Lock()
         self._manual = False
-        self._rate = OPENAI_PCM_RATE  # of the audio as sent
-        self._audio_format: AudioFormat = "pcm16"
         self._engine_rate = OPENAI_PCM_RATE  # of the session's samples (utterance bounds are in these)
         self._open: _Item | None = None  # server VAD: the open utterance's item; manual: the buffer's
         self._closed: dict[int, _Item] = {}  # committed items waiting for their final, by utterance
@@ -204,19 +195,20 @@ class RealtimeConnection(LiveStreamConnection):
         defaults = RealtimeConfig(AudioPcm(), None, "en", None, None, self._runtime.settings.vad)
         model = self._runtime.settings.default_model
         await self._send(SessionCreated(session=defaults.describe(self._session_id, model)))
-        session, resampler = await self._configure(defaults, principal, lease)
+        session, audio_input = await self._configure(defaults, principal, lease)
         settler = asyncio.create_task(self._complete_unanswered(session))
         try:
-            await self._serve(session, resampler, lease)
+            await self._serve(session, audio_input, lease)
         finally:
             settler.cancel()
             await asyncio.gather(settler, return_exceptions=True)
+            audio_input.close()
 
     # Configuration -----------------------------------------------------------------------------------
 
     async def _configure(
         self, defaults: RealtimeConfig, principal: Principal, lease: StreamLease
-    ) -> tuple[LiveSession, StreamResampler]:
+    ) -> tuple[LiveSession, AudioInput]:
         """Read events until a ``session.update`` configures the session (within the config timeout);
         audio before it is refused."""
         timeout = self._runtime.settings.streaming.config_timeout_seconds
@@ -260,10 +252,6 @@ class RealtimeConnection(LiveStreamConnection):
         if audio is None:
             return defaults
         audio_format = audio.format if audio.format is not None else defaults.format
-        if not isinstance(audio_format, AudioPcm) and not g711_decoding():
-            raise refuse(
-                f"{_FORMAT_PARAM}.type", f"{audio_format.type} is not supported here yet: send audio/pcm"
-            )
         vad: VadOptions | None = defaults.vad
         if "turn_detection" in audio.model_fields_set:
             turn = audio.turn_detection
@@ -304,7 +292,7 @@ class RealtimeConnection(LiveStreamConnection):
 
     async def _open_session(
         self, update: SessionUpdate, defaults: RealtimeConfig, principal: Principal, lease: StreamLease
-    ) -> tuple[LiveSession, StreamResampler]:
+    ) -> tuple[LiveSession, AudioInput]:
         config = self._config_from(update, defaults)
         engine = await self._engine(config, update.event_id)
         self._admit(engine)
@@ -320,8 +308,6 @@ class RealtimeConnection(LiveStreamConnection):
             vad=config.vad or settings.vad,
         )
         self._manual = config.vad is None
-        audio_format, self._rate = config.wire_format
-        self._audio_format = typing.cast(AudioFormat, audio_format)
         self._engine_rate = engine.sample_rate
         if self._manual:
             self._open = _Item(new_id("item"))
@@ -337,7 +323,8 @@ class RealtimeConnection(LiveStreamConnection):
                 "protocol": "realtime",
             },
         )
-        return session, StreamResampler(self._rate, engine.sample_rate)
+        audio_format, rate = config.wire_format
+        return session, AudioInput(audio_format, rate, engine.sample_rate, settings.streaming.max_frame_bytes)
 
     async def _engine(self, config: RealtimeConfig, event_id: str | None) -> Engine:
         refuse = _refusal_for(event_id)
@@ -359,32 +346,30 @@ class RealtimeConnection(LiveStreamConnection):
 
     # Serving -----------------------------------------------------------------------------------------
 
-    async def _serve(self, session: LiveSession, resampler: StreamResampler, lease: StreamLease) -> None:
-        max_bytes = self._runtime.settings.streaming.max_frame_bytes
+    async def _serve(self, session: LiveSession, audio_input: AudioInput, lease: StreamLease) -> None:
         while True:
             await self._pace()
             try:
-                event = parse_client_event(await self._receive_within_idle_timeout())
+                event = parse_client_event(await self._within_idle_timeout(self._receive_text()))
                 if self._ending:
                     continue  # shutting down, or the key lapsed: audio after the last utterance is dropped
                 if isinstance(event, InputAudioBufferAppend):
                     try:
-                        count, samples = await asyncio.to_thread(
-                            _decode_and_resample, event.audio, self._audio_format, max_bytes, resampler
-                        )
+                        # Decoding and resampling run in a thread, off the event loop (the VAD too: feed).
+                        decoded = await asyncio.to_thread(audio_input.decode_base64, event.audio)
                     except StreamError as error:
                         raise RealtimeRefusal(
                             error.error_type, error.message, param="audio", event_id=event.event_id
                         ) from None
-                    seconds = count / self._rate
+                    seconds = decoded.seconds
                     self._pacing.audio(seconds)
                     await lease.charge(seconds)
-                    await self._take(await session.feed(samples))
+                    await self._take(await session.feed(decoded.samples))
                     if self._manual and self._open is not None:
                         self._open.seconds += seconds
                     self._received_audio(session, seconds)
                 elif isinstance(event, InputAudioBufferCommit):
-                    await self._take(await session.feed(resampler.flush()))
+                    await self._take(await session.feed(audio_input.flush()))
                     if not await self._commit(session):
                         raise RealtimeRefusal(
                             ErrorType.BAD_REQUEST,
@@ -395,7 +380,7 @@ class RealtimeConnection(LiveStreamConnection):
                             event_id=event.event_id,
                         )
                 elif isinstance(event, InputAudioBufferClear):
-                    await self._clear(session, resampler)
+                    await self._clear(session, audio_input)
                 else:
                     raise RealtimeRefusal(
                         ErrorType.BAD_REQUEST,
@@ -462,11 +447,11 @@ class RealtimeConnection(LiveStreamConnection):
         await self._complete_unanswered_now(session)
         return True
 
-    async def _clear(self, session: LiveSession, resampler: StreamResampler) -> None:
+    async def _clear(self, session: LiveSession, audio_input: AudioInput) -> None:
         """Drop the audio not yet committed; committed items still get their text first."""
         await session.finals_done()
         await self._complete_unanswered_now(session)
-        resampler.flush()
+        audio_input.flush()  # the filter's audio too
         session.reset()
         self._closed.clear()
         self._open = _Item(new_id("item")) if self._manual else None
@@ -544,11 +529,3 @@ def _refusal_for(event_id: str | None) -> typing.Callable[..., RealtimeRefusal]:
         return RealtimeRefusal(ErrorType.BAD_REQUEST, message, param=param, code=code, event_id=event_id)
 
     return refuse
-
-
-def _decode_and_resample(
-    data: str, audio_format: AudioFormat, max_bytes: int, resampler: StreamResampler
-) -> tuple[int, np.ndarray]:
-    """(samples in the event as sent, the audio at the engine's rate)."""
-    samples = decode_audio_payload(data, audio_format, max_bytes)
-    return len(samples), resampler(samples)

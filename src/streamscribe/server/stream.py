@@ -6,9 +6,7 @@ import asyncio
 import contextlib
 import logging
 
-import numpy as np
-
-from streamscribe.audio import AudioFormat, StreamResampler, decode_audio_payload
+from streamscribe.audio import AudioInput, DecodedAudio
 from streamscribe.engines.base import Engine, EngineUnavailable, UnsupportedLanguage
 from streamscribe.engines.registry import UnknownModel, resolve_model
 from streamscribe.protocol import (
@@ -50,20 +48,23 @@ class StreamConnection(LiveStreamConnection):
 
     async def _stream(self, principal: Principal, lease: StreamLease) -> None:
         config = await self._receive_config()
-        engine, resampler = await self._start(config)
-        self._admit(engine)
-        await self._send(StatusFrame(state="ready", model=engine.name))
-        log.info(
-            "stream started",
-            extra={
-                "event": "stream_start",
-                "engine": engine.name,
-                "language": config.language,
-                "task": config.task,
-            },
-        )
-        session = self._new_session(config, engine, principal, lease)
-        await self._serve(config, session, resampler, lease)
+        engine, audio_input = await self._start(config)
+        try:
+            self._admit(engine)
+            await self._send(StatusFrame(state="ready", model=engine.name))
+            log.info(
+                "stream started",
+                extra={
+                    "event": "stream_start",
+                    "engine": engine.name,
+                    "language": config.language,
+                    "task": config.task,
+                },
+            )
+            session = self._new_session(config, engine, principal, lease)
+            await self._serve(session, audio_input, lease)
+        finally:
+            audio_input.close()
 
     def _error_frame(self, error: StreamError) -> ErrorFrame:
         return error.to_frame()
@@ -90,8 +91,9 @@ class StreamConnection(LiveStreamConnection):
             )
         return message
 
-    async def _start(self, config: ConfigMessage) -> tuple[Engine, StreamResampler]:
-        """The engine for the config (a fallback announced with a warning frame) and the resampler to it."""
+    async def _start(self, config: ConfigMessage) -> tuple[Engine, AudioInput]:
+        """The engine for the config (a fallback announced with a warning frame) and the stream's audio
+        input, which decodes the config's format and resamples it to the engine's rate."""
         try:
             model, variant = resolve_model(
                 config.model or self._runtime.settings.default_model, config.variant
@@ -114,7 +116,8 @@ class StreamConnection(LiveStreamConnection):
                     message=choice.fallback_reason,
                 )
             )
-        return engine, StreamResampler(config.sample_rate, engine.sample_rate)
+        max_bytes = self._runtime.settings.streaming.max_frame_bytes
+        return engine, AudioInput(config.audio_format, config.sample_rate, engine.sample_rate, max_bytes)
 
     def _new_session(
         self, config: ConfigMessage, engine: Engine, principal: Principal, lease: StreamLease
@@ -168,42 +171,34 @@ class StreamConnection(LiveStreamConnection):
 
         return self._start_session(engine, options, emit, principal, lease)
 
-    async def _serve(
-        self,
-        config: ConfigMessage,
-        session: LiveSession,
-        resampler: StreamResampler,
-        lease: StreamLease,
-    ) -> None:
-        max_bytes = self._runtime.settings.streaming.max_frame_bytes
+    async def _serve(self, session: LiveSession, audio_input: AudioInput, lease: StreamLease) -> None:
         while True:
             await self._pace()
             try:
-                text = await self._receive_within_idle_timeout()
-                message = parse_client_message(text)
+                received = await self._within_idle_timeout(self._receive_frame())
+                # A binary frame is audio in the configured format, as is; a text frame is JSON.
+                message = received if isinstance(received, bytes) else parse_client_message(received)
                 if self._ending:
                     continue  # shutting down, or the key lapsed: audio after the last utterance is dropped
-                if isinstance(message, AudioMessage):
+                if isinstance(message, bytes | AudioMessage):
                     # Decoding and resampling run in a thread, off the event loop (the VAD too: feed).
-                    count, samples = await asyncio.to_thread(
-                        _decode_and_resample, message.data, config.audio_format, max_bytes, resampler
-                    )
-                    seconds = count / config.sample_rate
+                    decoded = await asyncio.to_thread(_decode, audio_input, message)
+                    seconds = decoded.seconds
                     self._pacing.audio(seconds)
                     await lease.charge(seconds)
-                    await session.feed(samples)
+                    await session.feed(decoded.samples)
                     self._received_audio(session, seconds)
                 elif isinstance(message, CommitMessage):
-                    await session.feed(resampler.flush())
+                    await session.feed(audio_input.flush())
                     await self._send(FullTranscriptFrame(text=await session.flush()))
                 elif isinstance(message, ResetMessage):
-                    resampler.flush()  # audio from before the reset is dropped, the filter's too
+                    audio_input.flush()  # audio from before the reset is dropped, the filter's too
                     session.reset()
                     await self._send(StatusFrame(state="reset"))
                 elif isinstance(message, PingMessage):
                     await self._send(PongFrame())
                 elif isinstance(message, StopMessage):
-                    await session.feed(resampler.flush())
+                    await session.feed(audio_input.flush())
                     await self._send(FullTranscriptFrame(text=await session.flush()))
                     await self._close(CloseCode.NORMAL)
                     return
@@ -216,19 +211,28 @@ class StreamConnection(LiveStreamConnection):
                 await self._send(error.to_frame())
 
     async def _receive_text(self) -> str:
+        """The next frame, which must be text (before the config, binary frames have no format yet)."""
+        received = await self._receive_frame()
+        if isinstance(received, bytes):
+            raise StreamError(
+                ErrorType.BAD_REQUEST,
+                "binary frames are not supported before the config: send JSON text frames",
+            )
+        return received
+
+    async def _receive_frame(self) -> str | bytes:
+        """The next frame, text or binary, counted by the pacing either way."""
         message = await self._ws.receive()
         if message["type"] == "websocket.disconnect":
             self._ended.set()
             raise SessionEnded
-        self._pacing.received(len(message.get("text") or message.get("bytes") or ""))
-        if message.get("text") is None:
-            raise StreamError(ErrorType.BAD_REQUEST, "binary frames are not supported: send JSON text frames")
-        return str(message["text"])
+        text, data = message.get("text"), message.get("bytes")
+        self._pacing.received(len(text) if text is not None else len(data or b""))
+        return str(text) if text is not None else bytes(data or b"")
 
 
-def _decode_and_resample(
-    data: str, audio_format: AudioFormat, max_bytes: int, resampler: StreamResampler
-) -> tuple[int, np.ndarray]:
-    """(samples in the frame as sent, the frame at the engine's rate)."""
-    samples = decode_audio_payload(data, audio_format, max_bytes)
-    return len(samples), resampler(samples)
+def _decode(audio_input: AudioInput, message: bytes | AudioMessage) -> DecodedAudio:
+    """A binary frame's bytes, or a JSON audio frame's base64, decoded and at the engine's rate."""
+    if isinstance(message, bytes):
+        return audio_input.decode(message)
+    return audio_input.decode_base64(message.data)

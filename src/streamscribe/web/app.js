@@ -2,7 +2,14 @@
 
 import { DebugPanel } from "./debug-panel.js";
 import { EnginePicker } from "./engine-picker.js";
-import { FileSource, MicrophoneSource, TARGET_RATE, decodeAudioFile } from "./sources.js";
+import {
+  FileSource,
+  MicrophoneSource,
+  OPUS_BITS_PER_SECOND,
+  TARGET_RATE,
+  decodeAudioFile,
+  opusRecorderType,
+} from "./sources.js";
 import { CLOSE_MESSAGES, StreamClient } from "./stream-client.js";
 import { TranscriptView, formatTime } from "./transcript.js";
 import { Visualizer } from "./visualizer.js";
@@ -28,6 +35,7 @@ const ui = {
   fileInput: $("file-input"),
   fileStatus: $("file-status"),
   speed: $("speed"),
+  encoding: $("audio-encoding"),
   copy: $("copy"),
   download: $("download"),
 };
@@ -123,6 +131,7 @@ function updateControls() {
   ui.stop.disabled = !live || !session.started || session.finishing;
   ui.chooseFile.disabled = live;
   ui.speed.disabled = live;
+  ui.encoding.disabled = live;
   ui.dropzone.classList.toggle("disabled", live);
   picker.setDisabled(live);
 }
@@ -169,7 +178,7 @@ function timerLoop() {
   ui.timer.textContent = duration
     ? `${formatTime(source.position)} / ${formatTime(duration)}`
     : formatTime(source.position);
-  debug.setAudio(session.client.framesSent, session.client.samplesSent, TARGET_RATE);
+  debug.setAudio(session.client, TARGET_RATE);
   session.timer = setTimeout(timerLoop, 100);
 }
 
@@ -234,7 +243,7 @@ function endSession() {
   const ended = session;
   session = null;
   clearTimeout(ended.timer);
-  debug.setAudio(ended.client.framesSent, ended.client.samplesSent, TARGET_RATE);
+  debug.setAudio(ended.client, TARGET_RATE);
   ended.source.stop().catch(() => {});
   visualizer.stop();
   ended.client.close();
@@ -252,16 +261,19 @@ async function startSession(samples = null, fileName = "") {
   }
   clearNotices();
   ui.key.removeAttribute("aria-invalid");
+  // The microphone goes as Opus where the browser records it (files as PCM: they stream faster than real
+  // time, and MediaRecorder records in real time only).
+  const opus = !samples && ui.encoding.value === "opus";
   const client = new StreamClient(token, {
     ...picker.choice,
     sample_rate: TARGET_RATE,
-    audio_format: "float32",
+    audio_format: opus ? "opus" : "float32",
     enable_partial: true,
   });
-  const onFrame = (frame) => client.sendAudio(frame);
+  const onFrame = (frame) => (opus ? client.sendEncoded(frame) : client.sendAudio(frame));
   const source = samples
     ? new FileSource(samples, Number(ui.speed.value), onFrame, () => finishSession())
-    : new MicrophoneSource(onFrame);
+    : new MicrophoneSource(onFrame, { opus });
   session = { client, source, started: false, finishing: false, awaitingReset: false, timer: 0 };
   updateControls();
   // Frames from an earlier session's socket, if any still arrive, are logged but change nothing.
@@ -282,7 +294,8 @@ async function startSession(samples = null, fileName = "") {
     setConnection("connecting", "Waiting for the microphone…");
     try {
       const { label } = await source.start();
-      debug.note(`microphone: ${label}, device rate ${source.sampleRate} Hz, sending ${TARGET_RATE} Hz`);
+      const sending = opus ? `Opus (${opusRecorderType()}, ${OPUS_BITS_PER_SECOND / 1000} kbit/s)` : `${TARGET_RATE} Hz`;
+      debug.note(`microphone: ${label}, device rate ${source.sampleRate} Hz, sending ${sending}`);
     } catch (exc) {
       session = null;
       source.stop().catch(() => {});
@@ -386,6 +399,16 @@ function initFiles() {
   });
 }
 
+// ---- Audio encoding ------------------------------------------------------------------------------
+
+/** Opus by default where this browser records it; PCM (float32) otherwise, or when chosen. */
+function initEncoding() {
+  if (!opusRecorderType()) {
+    ui.encoding.querySelector("option[value=opus]").disabled = true;
+    ui.encoding.value = "pcm";
+  }
+}
+
 // ---- Copy and download ---------------------------------------------------------------------------
 
 function flash(button, text) {
@@ -427,6 +450,7 @@ function downloadTranscript() {
 
 initKey();
 initFiles();
+initEncoding();
 ui.start.addEventListener("click", () => startSession());
 ui.stop.addEventListener("click", () => finishSession());
 ui.clear.addEventListener("click", clearAll);

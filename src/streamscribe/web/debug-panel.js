@@ -31,10 +31,11 @@ export class DebugPanel {
     this.url.textContent = url;
   }
 
-  setAudio(frames, samples, rate) {
-    this.audio.textContent = frames
-      ? `${frames} frames, ${(samples / rate).toFixed(1)} s at ${rate / 1000} kHz`
-      : "–";
+  /** What a StreamClient has sent: samples at `rate`, or bytes of encoded audio (Opus). */
+  setAudio({ framesSent, samplesSent, bytesSent }, rate) {
+    if (!framesSent) this.audio.textContent = "–";
+    else if (bytesSent) this.audio.textContent = `${framesSent} frames, ${(bytesSent / 1024).toFixed(1)} KiB of Opus`;
+    else this.audio.textContent = `${framesSent} frames, ${(samplesSent / rate).toFixed(1)} s at ${rate / 1000} kHz`;
   }
 
   setClose({ code, reason }) {

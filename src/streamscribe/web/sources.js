@@ -1,17 +1,33 @@
-// Where audio comes from: the microphone (through an AudioWorklet) or a decoded file. Both hand the page
-// mono Float32Array frames at TARGET_RATE and offer a window of recent samples for the visualizer.
+// Where audio comes from: the microphone (through an AudioWorklet, or MediaRecorder's Opus) or a decoded
+// file. Both hand the page frames (mono Float32Array at TARGET_RATE, or Opus bytes) and offer a window of
+// recent samples for the visualizer.
 
 export const TARGET_RATE = 16000;
 export const FRAME_MS = 100;
+export const OPUS_BITS_PER_SECOND = 32000;
 const MAX_FILE_SECONDS = 3 * 60 * 60;
+// The containers the server reads Opus in, in the order browsers write them (Chromium: WebM, Firefox: Ogg).
+const OPUS_RECORDER_TYPES = ["audio/webm;codecs=opus", "audio/ogg;codecs=opus"];
 
-/** Live microphone audio, resampled to 16 kHz by capture-worklet.js. */
+/** The MediaRecorder type this browser records Opus in, or null when it records none the server reads. */
+export function opusRecorderType() {
+  if (typeof MediaRecorder === "undefined") return null;
+  return OPUS_RECORDER_TYPES.find((type) => MediaRecorder.isTypeSupported(type)) ?? null;
+}
+
+/**
+ * Live microphone audio: resampled to 16 kHz by capture-worklet.js (Float32Array frames), or with `opus`
+ * recorded by MediaRecorder as Opus, each FRAME_MS slice of its stream an ArrayBuffer frame.
+ */
 export class MicrophoneSource {
-  constructor(onFrame) {
+  constructor(onFrame, { opus = false } = {}) {
     this.onFrame = onFrame;
+    this.opus = opus;
     this.context = null;
     this.stream = null;
     this.node = null;
+    this.recorder = null;
+    this.sending = Promise.resolve(); // the recorder's slices, handed on in order
     this.analyser = null;
     this.startedAt = 0;
   }
@@ -26,11 +42,39 @@ export class MicrophoneSource {
     });
     const context = new AudioContext({ latencyHint: "interactive" });
     this.context = context;
-    await context.audioWorklet.addModule(new URL("./capture-worklet.js", import.meta.url));
     const input = context.createMediaStreamSource(this.stream);
     this.analyser = context.createAnalyser();
     this.analyser.fftSize = 2048;
     this.analyser.smoothingTimeConstant = 0;
+    const mute = context.createGain();
+    mute.gain.value = 0;
+    mute.connect(context.destination);
+    input.connect(this.analyser);
+    if (this.opus) {
+      this.analyser.connect(mute); // pulled by every browser, as the worklet is below
+      this.startRecorder();
+    } else {
+      await this.startWorklet(context, input, mute);
+    }
+    if (context.state === "suspended") await context.resume();
+    this.startedAt = performance.now();
+    return { label: this.stream.getAudioTracks()[0]?.label || "microphone", deviceRate: context.sampleRate };
+  }
+
+  startRecorder() {
+    const mimeType = opusRecorderType();
+    this.recorder = new MediaRecorder(this.stream, { mimeType, audioBitsPerSecond: OPUS_BITS_PER_SECOND });
+    // Handed on as ArrayBuffers, in order. (A socket sends Blobs too, but DevTools, and so the tests, do not
+    // see Blob frames.)
+    this.recorder.addEventListener("dataavailable", (event) => {
+      if (!event.data.size) return;
+      this.sending = this.sending.then(() => event.data.arrayBuffer()).then((bytes) => this.onFrame(bytes));
+    });
+    this.recorder.start(FRAME_MS);
+  }
+
+  async startWorklet(context, input, mute) {
+    await context.audioWorklet.addModule(new URL("./capture-worklet.js", import.meta.url));
     this.node = new AudioWorkletNode(context, "streamscribe-capture", {
       numberOfInputs: 1,
       numberOfOutputs: 1,
@@ -43,15 +87,8 @@ export class MicrophoneSource {
       else if (event.data.type === "flushed") this.flushed?.();
     };
     // The worklet writes nothing, but a node must reach the destination to be pulled by every browser.
-    const mute = context.createGain();
-    mute.gain.value = 0;
-    input.connect(this.analyser);
     input.connect(this.node);
     this.node.connect(mute);
-    mute.connect(context.destination);
-    if (context.state === "suspended") await context.resume();
-    this.startedAt = performance.now();
-    return { label: this.stream.getAudioTracks()[0]?.label || "microphone", deviceRate: context.sampleRate };
   }
 
   get sampleRate() {
@@ -73,8 +110,19 @@ export class MicrophoneSource {
     else out.fill(0);
   }
 
-  /** Stops capture after the worklet has posted what it still holds. */
+  /** Stops capture after the worklet (or the recorder) has posted what it still holds. */
   async stop() {
+    if (this.recorder && this.recorder.state !== "inactive") {
+      const recorder = this.recorder;
+      await Promise.race([
+        new Promise((resolve) => {
+          recorder.addEventListener("stop", resolve, { once: true });
+          recorder.stop(); // its last slice comes before "stop"
+        }),
+        new Promise((resolve) => setTimeout(resolve, 500)),
+      ]);
+    }
+    await this.sending;
     if (this.node) {
       await Promise.race([
         new Promise((resolve) => {
@@ -89,6 +137,7 @@ export class MicrophoneSource {
     this.stream?.getTracks().forEach((track) => track.stop());
     await this.context?.close().catch(() => {});
     this.node = null;
+    this.recorder = null;
     this.analyser = null;
     this.context = null;
     this.stream = null;

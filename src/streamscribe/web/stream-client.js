@@ -1,5 +1,6 @@
 // The streamscribe WebSocket protocol, client side: config first, then audio frames, commit, reset, close.
-// See the README, "The WebSocket protocol"; frames are JSON text, audio is base64 little-endian float32.
+// See the README, "The WebSocket protocol". Frames are JSON text; audio is base64 little-endian float32 in
+// JSON frames, or Opus (WebM pages from MediaRecorder) in binary frames.
 
 export const STREAM_PATH = "api/v1/audio/stream/transcribe";
 export const STATUS_PATH = "api/v1/audio/stream/status";
@@ -65,6 +66,7 @@ export class StreamClient extends EventTarget {
     this.lastError = null;
     this.framesSent = 0;
     this.samplesSent = 0;
+    this.bytesSent = 0;
     this.commitWaiters = [];
   }
 
@@ -118,14 +120,22 @@ export class StreamClient extends EventTarget {
       return;
     }
     if (this.socket.readyState !== WebSocket.OPEN) return;
-    this.socket.send(JSON.stringify(frame));
-    this.dispatchEvent(new CustomEvent("sent", { detail: frame }));
+    const binary = frame instanceof ArrayBuffer;
+    this.socket.send(binary ? frame : JSON.stringify(frame));
+    this.dispatchEvent(new CustomEvent("sent", { detail: binary ? { type: "audio", bytes: frame.byteLength } : frame }));
   }
 
   sendAudio(samples) {
     this.framesSent += 1;
     this.samplesSent += samples.length;
     this.send({ type: "audio", data: encodeFloat32(samples) });
+  }
+
+  /** Sends encoded audio (the configured format's bytes, e.g. Opus pages) as one binary frame. */
+  sendEncoded(bytes) {
+    this.framesSent += 1;
+    this.bytesSent += bytes.byteLength;
+    this.send(bytes);
   }
 
   /** True when the socket is not backed up (a server under load stops reading: audio waits, never drops). */
