@@ -22,7 +22,6 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from streamscribe.protocol import MAX_PROMPT_CHARS, ErrorType, StreamError
 
 OPENAI_PCM_RATE = 24000  # audio/pcm: 16-bit little-endian mono at 24 kHz, the only rate OpenAI takes
-G711_RATE = 8000  # audio/pcmu and audio/pcma
 
 
 def new_id(prefix: str) -> str:

@@ -17,12 +17,13 @@ import logging
 import typing
 from dataclasses import dataclass, field
 
+from starlette.websockets import WebSocket
+
 from streamscribe.audio import AudioInput
 from streamscribe.engines.base import Engine, EngineUnavailable, UnsupportedLanguage
 from streamscribe.engines.registry import UnknownModel, resolve_model
-from streamscribe.protocol import AudioFormat, ConfigRefused, ErrorType, StreamError
+from streamscribe.protocol import G711_SAMPLE_RATE, AudioFormat, ConfigRefused, ErrorType, StreamError
 from streamscribe.realtime_protocol import (
-    G711_RATE,
     OPENAI_PCM_RATE,
     AudioPcm,
     AudioPcma,
@@ -55,6 +56,7 @@ from streamscribe.realtime_protocol import (
 from streamscribe.server.auth import Principal
 from streamscribe.server.lifecycle import LiveStreamConnection, SessionEnded, WireFrame
 from streamscribe.server.quotas import StreamLease
+from streamscribe.server.runtime import Runtime
 from streamscribe.streaming.policy import normalize_word
 from streamscribe.streaming.segmenter import Closed, Dropped, Opened, UtteranceEvent
 from streamscribe.streaming.session import (
@@ -89,9 +91,9 @@ class RealtimeConfig:
     def wire_format(self) -> tuple[AudioFormat, int]:
         """(``audio.py`` format, sample rate) of the appended audio."""
         if isinstance(self.format, AudioPcmu):
-            return AudioFormat.MULAW, G711_RATE
+            return AudioFormat.MULAW, G711_SAMPLE_RATE
         if isinstance(self.format, AudioPcma):
-            return AudioFormat.ALAW, G711_RATE
+            return AudioFormat.ALAW, G711_SAMPLE_RATE
         return AudioFormat.PCM16, OPENAI_PCM_RATE
 
     def describe(self, session_id: str, model: str) -> SessionDescription:
@@ -148,8 +150,8 @@ class _Item:
 class RealtimeConnection(LiveStreamConnection):
     """One client's WebSocket in OpenAI's Realtime API, transcription intent."""
 
-    def __init__(self, *args: typing.Any, **kwargs: typing.Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, websocket: WebSocket, runtime: Runtime) -> None:
+        super().__init__(websocket, runtime)
         self._session_id = new_id("sess")
         # Events about items go out in the order they happen: boundaries (from the receive loop) and
         # text (from the session's decode task) take this lock to send.
