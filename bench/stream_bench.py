@@ -3,6 +3,7 @@
     python bench/stream_bench.py --clients 1 4 8            # starts its own server on a free port
     python bench/stream_bench.py --full                     # the README's table and issue #15's targets
     python bench/stream_bench.py --url ws://host:8000 --token KEY --server-pid PID --clients 4
+    python bench/stream_bench.py --protocol realtime --clients 1 4   # OpenAI's Realtime API instead
 
 It prints the machine factor first (bench/machine.py: offline CPU seconds per audio second of the same
 model on the same clip, measured in this run, and the file API's WER on it), then per N one JSON object
@@ -26,6 +27,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import contextlib
 import difflib
 import json
 import os
@@ -43,7 +46,10 @@ from typing import Any
 
 import jiwer
 import numpy as np
+import soxr
 from machine import machine_factor, words
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
 from streamscribe.client import ReceivedFrame, StreamResult, stream_audio, stream_url
 
@@ -164,11 +170,92 @@ def start_server(token: str, stderr: Any = None) -> tuple[subprocess.Popen[bytes
     raise RuntimeError("server did not start")
 
 
+async def stream_realtime(
+    url: str, token: str, samples: np.ndarray, speed: float, config: dict[str, Any]
+) -> StreamResult:
+    """Stream through OpenAI's Realtime API (server VAD, 0.1 s appends of 24 kHz pcm16, a commit at the end)
+    and note its events as the seed protocol's frames, so ``measure`` reads both alike: the deltas so far
+    of an item as a partial, its completion as a final (timed by speech_started/stopped), then the full
+    transcript once every committed item is completed."""
+    pcm = (np.clip(soxr.resample(samples, 16000, 24000), -1, 1) * 32767).astype("<i2").tobytes()
+    result = StreamResult(audio_seconds=len(samples) / 16000)
+    transcription = {key: config[key] for key in ("model", "language") if key in config}
+    session = {"type": "transcription", "audio": {"input": {"transcription": transcription}}}
+    headers = {"Authorization": f"Bearer {token}"}
+    async with connect(url, additional_headers=headers, max_size=None, open_timeout=30) as ws:
+        start = time.monotonic()
+        texts: dict[str, str] = {}
+        spans: dict[str, list[float]] = {}
+        committed: set[str] = set()
+        finals: list[str] = []
+        answered = False  # the closing commit: it ended the open utterance, or there was none
+        done = asyncio.Event()
+
+        def note(frame: dict[str, Any]) -> None:
+            result.frames.append(ReceivedFrame(time.monotonic() - start, frame))
+
+        async def receive() -> None:
+            nonlocal answered
+            with contextlib.suppress(ConnectionClosed):
+                async for raw in ws:
+                    event = json.loads(raw)
+                    kind, item = event["type"], event.get("item_id", "")
+                    if kind == "input_audio_buffer.speech_started":
+                        spans[item] = [event["audio_start_ms"] / 1000, float("inf")]
+                    elif kind == "input_audio_buffer.speech_stopped":
+                        spans.setdefault(item, [0.0, 0.0])[1] = event["audio_end_ms"] / 1000
+                    elif kind == "input_audio_buffer.committed":
+                        committed.add(item)
+                        answered = answered or spans.get(item, [0.0, 0.0])[1] == float("inf")
+                    elif kind.endswith("input_audio_transcription.delta"):
+                        texts[item] = texts.get(item, "") + event["delta"]
+                        note({"type": "partial", "text": texts[item]})
+                    elif kind.endswith("input_audio_transcription.completed"):
+                        committed.discard(item)
+                        begin, end = spans.get(item, [0.0, result.audio_seconds])
+                        note({"type": "final", "text": event["transcript"], "start": begin, "end": end})
+                        if event["transcript"]:
+                            finals.append(event["transcript"])
+                    elif kind == "error" and event["error"]["code"] == "input_audio_buffer_commit_empty":
+                        answered = True  # the last utterance had ended before the commit
+                    elif kind == "error":
+                        note(event)
+                    if answered and not committed:
+                        done.set()
+            done.set()
+
+        receiver = asyncio.create_task(receive())
+        await ws.send(json.dumps({"type": "session.update", "session": session}))
+        step = 2 * 2400  # 0.1 s of 24 kHz pcm16
+        for index, offset in enumerate(range(0, len(pcm), step)):
+            if speed > 0 and (delay := start + index * 0.1 / speed - time.monotonic()) > 0:
+                await asyncio.sleep(delay)
+            chunk = base64.b64encode(pcm[offset : offset + step]).decode()
+            await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": chunk}))
+        result.sent_at_end = time.monotonic() - start
+        await ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
+        await asyncio.wait_for(done.wait(), 600)
+        note({"type": "full_transcript", "text": " ".join(finals)})
+        await ws.close()
+        receiver.cancel()
+        result.close_code = 1000
+    return result
+
+
 async def run_clients(
-    url: str, samples: np.ndarray, clients: int, speed: float, config: dict[str, Any], binary: bool = False
+    url: str,
+    samples: np.ndarray,
+    clients: int,
+    speed: float,
+    config: dict[str, Any],
+    binary: bool = False,
+    protocol: str = "seed",
+    token: str = "",
 ) -> list[StreamResult]:
     async def one(index: int) -> StreamResult:
         await asyncio.sleep(index * 0.5 / clients)  # real users do not start in lockstep
+        if protocol == "realtime":
+            return await stream_realtime(url, token, samples, speed, config)
         return await stream_audio(url, samples, 16000, config=config, speed=speed, timeout=600, binary=binary)
 
     return await asyncio.gather(*(one(i) for i in range(clients)))
@@ -182,9 +269,11 @@ def measure(
     speed: float,
     config: dict[str, Any],
     binary: bool = False,
+    protocol: str = "seed",
+    token: str = "",
 ) -> dict[str, Any]:
     cpu_before = process_cpu_seconds(pid) if pid else None
-    results = asyncio.run(run_clients(url, clip.samples, clients, speed, config, binary))
+    results = asyncio.run(run_clients(url, clip.samples, clients, speed, config, binary, protocol, token))
     cpu = process_cpu_seconds(pid) - cpu_before if pid and cpu_before is not None else None
     reference = " ".join(words(clip.reference))
     first_word = clip.segments[0]["start"] / speed
@@ -207,6 +296,7 @@ def measure(
     audio_seconds = clients * len(clip.samples) / 16000
     return {
         "clip": clip.name,
+        "protocol": protocol,
         "clients": clients,
         "wer_mean": round(statistics.mean(wers), 4),
         "wer_worst": round(max(wers), 4),
@@ -349,6 +439,12 @@ def main() -> int:
     parser.add_argument("--language", default="en")
     parser.add_argument("--audio-format", choices=["float32", "pcm16", "mulaw", "alaw"], default="float32")
     parser.add_argument("--binary", action="store_true", help="audio in binary frames, not base64 JSON")
+    parser.add_argument(
+        "--protocol",
+        choices=["seed", "realtime"],
+        default="seed",
+        help="this server's or OpenAI's Realtime API (24 kHz pcm16: --audio-format, --binary not used)",
+    )
     args = parser.parse_args()
     if args.full:
         args.clients, args.capacity, args.continuous = [1, 4, 8, 16], True, args.continuous or [1, 8]
@@ -370,7 +466,13 @@ def main() -> int:
         pid = process.pid
 
     def run(streamed: Clip, clients: int) -> dict[str, Any]:
-        row = measure(stream_url(url, args.token), pid, streamed, clients, args.speed, config, args.binary)
+        if args.protocol == "realtime":
+            target = f"{url}/v1/realtime?intent=transcription"
+        else:
+            target = stream_url(url, args.token)
+        row = measure(
+            target, pid, streamed, clients, args.speed, config, args.binary, args.protocol, args.token
+        )
         cpu = row["cpu_s_per_audio_s"]
         row["cpu_x_offline"] = round(cpu / offline, 2) if cpu is not None else None
         return row

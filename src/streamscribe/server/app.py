@@ -28,6 +28,7 @@ from streamscribe.server.openai_api import (
     stream_error_response,
 )
 from streamscribe.server.openai_api import router as openai_router
+from streamscribe.server.realtime import REALTIME_PATH, RealtimeConnection
 from streamscribe.server.runtime import Runtime
 from streamscribe.server.stream import StreamConnection
 from streamscribe.server.uploads import UploadGate
@@ -107,6 +108,11 @@ def create_app(settings: Settings, api_key: str) -> FastAPI:
     @app.websocket(STREAM_PATH)
     async def transcribe_stream(websocket: WebSocket) -> None:
         await StreamConnection(websocket, websocket.app.state.runtime).run()
+
+    @app.websocket(REALTIME_PATH)
+    async def realtime_transcription(websocket: WebSocket) -> None:
+        """OpenAI's Realtime API, transcription sessions (``?intent=transcription``)."""
+        await RealtimeConnection(websocket, websocket.app.state.runtime).run()
 
     @app.get("/api/v1/audio/stream/status")
     async def stream_status() -> dict[str, Any]:

@@ -20,7 +20,7 @@ from streamscribe.engines.base import (
     StreamUpdate,
     Transcript,
 )
-from streamscribe.engines.registry import EngineChoice, EngineRegistry
+from streamscribe.engines.registry import EngineChoice, EngineRegistry, resolve_model
 from streamscribe.protocol import ErrorType, StreamError
 from streamscribe.server.auth import AccessControl
 from streamscribe.server.metrics import ServerMetrics
@@ -131,13 +131,17 @@ class Runtime:
         log.info("model %s ready", engine.name, extra={"event": "model_ready", "engine": engine.name})
 
     async def preload_configured(self) -> None:
-        """Load every other engine this server is configured for (weights set, packages installed), one after
-        another, then mark the models ready: a NeMo load takes 10-25 s, which no first stream should wait
-        for. Meanwhile ``/readyz`` says 503; a stream for an engine still loading waits for its load, one
-        for another engine does not. A load that fails is logged, and its streams get the reason."""
+        """Load every other engine this server is configured for (NeMo weights set and their packages
+        installed; Moonshine when it is the default model), one after another, then mark the models ready:
+        a NeMo load takes 10-25 s, which no first stream should wait for. Meanwhile ``/readyz`` says 503; a
+        stream for an engine still loading waits for its load, one for another engine does not. A load
+        that fails is logged, and its streams get the reason."""
+        default_model, _ = resolve_model(self.settings.default_model)
         for status in self.registry.status():
             if status.model == "whisper" or not status.available:
                 continue
+            if status.model == "moonshine" and default_model != "moonshine":
+                continue  # installed, not configured: its first stream loads it
             try:
                 load = functools.partial(self.registry.get, status.model, status.variant, "en")
                 engine = await self._load(load)

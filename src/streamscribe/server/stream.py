@@ -5,10 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
-from collections import deque
-
-from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from streamscribe.audio import AudioInput, DecodedAudio
 from streamscribe.engines.base import Engine, EngineUnavailable, UnsupportedLanguage
@@ -19,12 +15,12 @@ from streamscribe.protocol import (
     CommitMessage,
     ConfigMessage,
     ConfigRefused,
+    ErrorFrame,
     ErrorType,
     FullTranscriptFrame,
     PingMessage,
     PongFrame,
     ResetMessage,
-    ServerFrame,
     StatusFrame,
     StopMessage,
     StreamError,
@@ -34,12 +30,9 @@ from streamscribe.protocol import (
     parse_client_message,
 )
 from streamscribe.server.auth import Principal
-from streamscribe.server.logs import new_request_id
-from streamscribe.server.origins import origin_allowed
-from streamscribe.server.pacing import StreamPacing
+from streamscribe.server.lifecycle import LiveStreamConnection, SessionEnded
 from streamscribe.server.quotas import StreamLease
 from streamscribe.server.resume import ResumableStream
-from streamscribe.server.runtime import Runtime
 from streamscribe.streaming.diarization import StreamSpeakers, turn_vad
 from streamscribe.streaming.session import (
     EngineFailure,
@@ -51,148 +44,53 @@ from streamscribe.streaming.session import (
 
 log = logging.getLogger(__name__)
 
-# A stream whose key is revoked or expires gets the final of its open utterance if it takes no longer.
-LAPSED_KEY_FINAL_SECONDS = 5.0
 
+class StreamConnection(LiveStreamConnection):
+    """One client's WebSocket in the seed protocol (``protocol.py``), from accept to close."""
 
-class _SessionEnded(Exception):
-    """The socket is closed (by us or the peer); stop handling it."""
+    _audio_input: AudioInput | None = None
+    _resume: ResumableStream | None = None
 
-
-class StreamConnection:
-    """One client's WebSocket, from accept to close."""
-
-    def __init__(self, websocket: WebSocket, runtime: Runtime) -> None:
-        self._ws = websocket
-        self._runtime = runtime
-        self._send_lock = asyncio.Lock()
-        self._ended = asyncio.Event()  # the socket is closed, by us or the peer
-        self._ending = False  # shutting down or the key lapsed: audio from now on is not transcribed
-        self._pacing = StreamPacing(runtime.settings.streaming)
-        self._paced = False  # whether the stream has been read more slowly (logged once)
-        # (seconds of stream audio received, monotonic time then): for the emission-delay metric.
-        self._received_at: deque[tuple[float, float]] = deque(maxlen=2000)
-
-    async def run(self) -> None:
-        new_request_id("ws")
-        if not origin_allowed(self._ws, self._runtime.settings.allowed_origins):
-            # Refused before the upgrade (HTTP 403): a page from another site gets no socket at all.
-            log.warning(
-                "WebSocket from a foreign origin refused",
-                extra={"event": "origin_refused", "origin": self._ws.headers.get("origin")},
+    async def _stream(self, principal: Principal, lease: StreamLease) -> None:
+        config = await self._receive_config()
+        resume = self._resume = await self._runtime.resumes.start(principal.user_id, config.resume)
+        engine, audio_input = await self._start(config)
+        self._audio_input = audio_input
+        diarizer = await self._runtime.diarizer() if config.diarization else None
+        self._admit(engine)
+        await self._send(
+            StatusFrame(
+                state="ready",
+                model=engine.name,
+                resume_token=resume.token,
+                resume_from=round(resume.base_seconds, 3),
             )
-            self._runtime.metrics.errors.labels("origin_refused").inc()
-            await self._ws.close(code=int(CloseCode.POLICY_VIOLATION))
-            return
-        if self._runtime.draining.is_set():
-            await self._ws.close(code=int(CloseCode.GOING_AWAY))
-            return
-        await self._ws.accept()
-        session: LiveSession | None = None
-        watchers: list[asyncio.Task[None]] = []
-        lease: StreamLease | None = None
-        audio_input: AudioInput | None = None
-        resume: ResumableStream | None = None
-        admitted = False
-        started = time.monotonic()
-        self._runtime.stream_opened()
-        try:
-            access = self._runtime.access
-            principal = await access.admit(self._ws, self._receive_text)
-            lease = await access.quotas.open_stream(principal.user_id, principal.limits)
-            self._runtime.metrics.streams.inc()
-            config = await self._receive_config()
-            resume = await self._runtime.resumes.start(principal.user_id, config.resume)
-            engine, audio_input = await self._start(config)
-            diarizer = await self._runtime.diarizer() if config.diarization else None
-            self._runtime.admit(engine)
-            admitted = True
-            await self._send(
-                StatusFrame(
-                    state="ready",
-                    model=engine.name,
-                    resume_token=resume.token,
-                    resume_from=round(resume.base_seconds, 3),
-                )
-            )
-            log.info(
-                "stream started",
-                extra={
-                    "event": "stream_start",
-                    "engine": engine.name,
-                    "language": config.language,
-                    "task": config.task,
-                },
-            )
-            session = self._new_session(config, engine, resume)
-            if diarizer is not None:
-                session.label_speakers(StreamSpeakers(diarizer))
-            watchers = [
-                asyncio.create_task(self._finish_on_shutdown(session)),
-                asyncio.create_task(self._end_when_key_lapses(principal, session, lease.heartbeat_seconds)),
-            ]
-            await self._serve(session, audio_input, lease, resume)
-        except StreamError as error:
-            await self._fail(error)
-        except (_SessionEnded, WebSocketDisconnect):
-            pass
-        except Exception:
-            log.exception("unexpected error in stream")
-            await self._fail(StreamError(ErrorType.INTERNAL_ERROR, "internal server error"))
-        finally:
-            for watcher in watchers:
-                watcher.cancel()
-            await asyncio.gather(*watchers, return_exceptions=True)
-            if session is not None:
-                await session.close()
-            if audio_input is not None:
-                audio_input.close()
-            if resume is not None and lease is not None:
-                await resume.dropped(lease)  # unless the client stopped it: then there is nothing to resume
-            if lease is not None:
-                await lease.close()
-            if admitted:
-                self._runtime.release()
-            self._runtime.stream_closed()
-            log.info(
-                "stream ended",
-                extra={
-                    "event": "stream_end",
-                    "audio_seconds": round(session.received_seconds, 2) if session else 0.0,
-                    "duration_seconds": round(time.monotonic() - started, 2),
-                },
-            )
+        )
+        log.info(
+            "stream started",
+            extra={
+                "event": "stream_start",
+                "engine": engine.name,
+                "language": config.language,
+                "task": config.task,
+            },
+        )
+        session = self._new_session(config, engine, principal, lease, resume)
+        if diarizer is not None:
+            session.label_speakers(StreamSpeakers(diarizer))
+        await self._serve(session, audio_input, lease, resume)
 
-    async def _finish_on_shutdown(self, session: LiveSession) -> None:
-        """On server shutdown: let the current utterance end (up to half the grace time), then send its
-        final and the full transcript and close with 1001; the other half is for decoding it."""
-        await self._runtime.draining.wait()
-        deadline = time.monotonic() + self._runtime.settings.shutdown_grace_seconds / 2
-        while session.in_utterance and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        self._ending = True
-        with contextlib.suppress(_SessionEnded):
-            await self._send(FullTranscriptFrame(text=await session.flush()))
-        await self._close(CloseCode.GOING_AWAY)
+    async def _session_closed(self, lease: StreamLease) -> None:
+        if self._audio_input is not None:
+            self._audio_input.close()
+        if self._resume is not None:
+            await self._resume.dropped(lease)  # unless the client stopped it: then there is nothing to resume
 
-    async def _end_when_key_lapses(self, principal: Principal, session: LiveSession, every: float) -> None:
-        """Re-check the key as often as the lease refreshes its slot, and when it expires. Once it is
-        revoked or expired: the open utterance's final (if it comes within LAPSED_KEY_FINAL_SECONDS),
-        then auth_failed and close 4401."""
-        authenticator = self._runtime.access.authenticator
-        while True:
-            delay = every
-            if principal.expires_at is not None:
-                delay = min(delay, max(0.0, principal.expires_at - time.time()))
-            await asyncio.sleep(delay)
-            if not await authenticator.still_usable(principal):
-                break
-        self._ending = True
-        log.info("the stream's key was revoked or expired", extra={"event": "key_lapsed"})
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(LAPSED_KEY_FINAL_SECONDS):
-                await session.flush()
-        await self._fail(StreamError(ErrorType.AUTH_FAILED, "this API key was revoked or has expired"))
+    def _error_frame(self, error: StreamError) -> ErrorFrame:
+        return error.to_frame()
+
+    async def _wrap_up(self, session: LiveSession) -> None:
+        await self._send(FullTranscriptFrame(text=await session.flush()))
 
     async def _receive_config(self) -> ConfigMessage:
         timeout = self._runtime.settings.streaming.config_timeout_seconds
@@ -241,7 +139,14 @@ class StreamConnection:
         max_bytes = self._runtime.settings.streaming.max_frame_bytes
         return engine, AudioInput(config.audio_format, config.sample_rate, engine.sample_rate, max_bytes)
 
-    def _new_session(self, config: ConfigMessage, engine: Engine, resume: ResumableStream) -> LiveSession:
+    def _new_session(
+        self,
+        config: ConfigMessage,
+        engine: Engine,
+        principal: Principal,
+        lease: StreamLease,
+        resume: ResumableStream,
+    ) -> LiveSession:
         settings = self._runtime.settings
         options = SessionOptions(
             language=config.language,
@@ -296,27 +201,20 @@ class StreamConnection:
                 speakers=list(speakers) if len(speakers) > 1 else None,
                 committed_until=committed_until,
             )
-            with contextlib.suppress(_SessionEnded):  # the client left; the receive loop will see it
+            with contextlib.suppress(SessionEnded):  # the client left; the receive loop will see it
                 await self._send(frame)
 
-        session = self._runtime.new_session(engine, options, emit)
+        session = self._start_session(engine, options, emit, principal, lease)
         session.carry_over(resume.earlier_finals)
         return session
 
     async def _serve(
         self, session: LiveSession, audio_input: AudioInput, lease: StreamLease, resume: ResumableStream
     ) -> None:
-        idle_timeout = self._runtime.settings.access.idle_timeout_seconds
         while True:
             await self._pace()
             try:
-                try:
-                    async with asyncio.timeout(idle_timeout):
-                        received = await self._receive_frame()
-                except TimeoutError:
-                    raise StreamError(
-                        ErrorType.TIMEOUT, f"no message for {idle_timeout:g} s: closing"
-                    ) from None
+                received = await self._within_idle_timeout(self._receive_frame())
                 # A binary frame is audio in the configured format, as is; a text frame is JSON.
                 message = received if isinstance(received, bytes) else parse_client_message(received)
                 if self._ending:
@@ -329,8 +227,7 @@ class StreamConnection:
                     if charged := resume.received(seconds):  # audio resent after a resume is free
                         await lease.charge(charged)
                     await session.feed(decoded.samples)
-                    self._runtime.metrics.audio_seconds.labels("stream").inc(seconds)
-                    self._received_at.append((session.received_seconds, time.monotonic()))
+                    self._received_audio(session, seconds)
                 elif isinstance(message, CommitMessage):
                     await session.feed(audio_input.flush())
                     await self._send(FullTranscriptFrame(text=await session.flush()))
@@ -355,22 +252,6 @@ class StreamConnection:
                 self._runtime.metrics.errors.labels(error.error_type.value).inc()
                 await self._send(error.to_frame())
 
-    async def _receive_unless_draining(self) -> str:
-        """The next text frame; if the server starts shutting down first, close with 1001 instead."""
-        receive = asyncio.ensure_future(self._receive_text())
-        draining = asyncio.ensure_future(self._runtime.draining.wait())
-        try:
-            await asyncio.wait({receive, draining}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            draining.cancel()
-            if not receive.done():  # shutting down, or the config timeout fired
-                receive.cancel()
-                await asyncio.gather(receive, return_exceptions=True)
-        if not receive.cancelled():
-            return receive.result()
-        await self._close(CloseCode.GOING_AWAY)
-        raise _SessionEnded
-
     async def _receive_text(self) -> str:
         """The next frame, which must be text (before the config, binary frames have no format yet)."""
         received = await self._receive_frame()
@@ -386,62 +267,10 @@ class StreamConnection:
         message = await self._ws.receive()
         if message["type"] == "websocket.disconnect":
             self._ended.set()
-            raise _SessionEnded
+            raise SessionEnded
         text, data = message.get("text"), message.get("bytes")
         self._pacing.received(len(text) if text is not None else len(data or b""))
         return str(text) if text is not None else bytes(data or b"")
-
-    async def _pace(self) -> None:
-        """Wait until the stream is back within its budget before reading on (see server/pacing.py), or
-        until the socket closes."""
-        delay = self._pacing.wait()
-        if delay <= 0:
-            return
-        if not self._paced:
-            self._paced = True
-            log.info(
-                "stream sends faster than its budget: reading it more slowly",
-                extra={"event": "stream_paced"},
-            )
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._ended.wait(), delay)
-
-    async def _send(self, frame: ServerFrame) -> None:
-        if self._ended.is_set():
-            raise _SessionEnded
-        async with self._send_lock:
-            try:
-                await self._ws.send_text(frame.to_json())
-            except (WebSocketDisconnect, RuntimeError):
-                self._ended.set()
-                raise _SessionEnded from None
-
-    def _observe_emission(self, kind: str, end: float) -> None:
-        """Delay from receiving the audio at ``end`` (stream seconds) to now."""
-        received = next((at for seconds, at in self._received_at if seconds >= end - 1e-3), None)
-        if received is not None:
-            self._runtime.metrics.emission_delay.labels(kind).observe(time.monotonic() - received)
-
-    async def _fail(self, error: StreamError) -> None:
-        self._runtime.metrics.errors.labels(error.error_type.value).inc()
-        if error.error_type is ErrorType.QUOTA_EXCEEDED:
-            self._runtime.metrics.quota_rejections.labels(error.quota or "unknown").inc()
-        log.info(
-            "stream error: %s",
-            error.message,
-            extra={"event": "stream_error", "error_type": error.error_type.value},
-        )
-        with contextlib.suppress(_SessionEnded):
-            await self._send(error.to_frame())
-        await self._close(error.close_code or CloseCode.ENGINE_FAILURE)
-
-    async def _close(self, code: CloseCode) -> None:
-        if self._ended.is_set() or self._ws.client_state != WebSocketState.CONNECTED:
-            return
-        self._ended.set()
-        async with self._send_lock:
-            with contextlib.suppress(RuntimeError, WebSocketDisconnect):
-                await self._ws.close(code=int(code))
 
 
 def _decode(audio_input: AudioInput, message: bytes | AudioMessage) -> DecodedAudio:

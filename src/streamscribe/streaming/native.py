@@ -164,7 +164,8 @@ class NativeStreamDecoder:
         ):
             return []
         self._last_partial, self._last_partial_at = text, piece.end
-        return [PartialText(utterance.index, text, start, piece.end / self._rate)]
+        stable = sum(len(part.split()) for part in utterance.final_parts)  # the engine's own finals
+        return [PartialText(utterance.index, text, start, piece.end / self._rate, stable)]
 
     def _hold(self, utterance: _UtteranceStream, start: int, samples: np.ndarray) -> None:
         """Add audio beginning at absolute ``start`` to what waits for the utterance's next piece."""

@@ -55,12 +55,14 @@ class SessionOptions:
 @dataclass(frozen=True)
 class PartialText:
     """The open utterance's text so far (replaces the previous partial); ``index`` is the utterance's
-    (the wire's ``segment_id``), times are seconds of the stream."""
+    (the wire's ``segment_id``), times are seconds of the stream. Its first ``stable_words`` words are
+    kept by every later partial of the utterance (the final is decoded afresh and may still differ)."""
 
     index: int
     text: str
     start: float
     end: float
+    stable_words: int = 0
 
 
 @dataclass(frozen=True)
@@ -164,15 +166,27 @@ class LiveSession:
         """Seconds of audio received but not yet decoded."""
         return self._decoder.backlog_samples / self._rate
 
-    async def feed(self, samples: np.ndarray) -> None:
+    @property
+    def settled(self) -> bool:
+        """True when every closed utterance's final has been emitted (or the engine failed)."""
+        return self._idle.is_set()
+
+    async def feed(self, samples: np.ndarray) -> list[UtteranceEvent]:
         """Add audio; waits (backpressure) while too much audio is waiting for the engine. The VAD runs in
-        a thread, off the event loop; one task feeds a session (and resets it), one call at a time."""
+        a thread, off the event loop; one task feeds a session (and resets it), one call at a time.
+        Returns what the audio did to utterances (for protocols that report where speech starts and
+        stops); no final of an utterance it closed has been emitted yet when it returns."""
         while self._decoder.backlog_samples > self._max_backlog and self._decoder.owes_finals:
             self._drained.clear()
             await self._drained.wait()
         async with self._segmenting:
             events = await asyncio.to_thread(self._segmenter.feed, samples)
         self._take(events)
+        return events
+
+    async def finals_done(self) -> None:
+        """Wait until the finals of the utterances closed so far have been emitted (see ``settled``)."""
+        await self._idle.wait()
 
     async def flush(self) -> str:
         """Finish everything received so far: emit its finals, then return the full transcript."""

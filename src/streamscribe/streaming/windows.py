@@ -187,4 +187,5 @@ class WindowDecoder:
         if not text or text == self._last_partial:
             return []
         self._last_partial = text
-        return [PartialText(self._open_index, text, start / self._rate, end / self._rate)]
+        stable = len(self._agreement.stable)
+        return [PartialText(self._open_index, text, start / self._rate, end / self._rate, stable)]
