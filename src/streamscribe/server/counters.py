@@ -277,23 +277,30 @@ return count
 """
 
 
+def fail_fast_redis(url: str, timeout: float) -> Any:
+    """An asyncio Redis client without retries: a dead Redis must be noticed within ``timeout``, not after
+    seconds of backoff. (Imported here: Redis is only needed with a shared store.)"""
+    import redis.asyncio as redis
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+
+    return redis.Redis.from_url(
+        url,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        retry=Retry(NoBackoff(), 0),
+        decode_responses=True,
+    )
+
+
 class RedisCounters:
     """Counters in Redis, shared by every replica that points at it."""
 
     def __init__(self, url: str, timeout: float, policy: str) -> None:
         """``policy``: what the quotas do while Redis is unreachable, for the log line that says so."""
         import redis.asyncio as redis
-        from redis.asyncio.retry import Retry
-        from redis.backoff import NoBackoff
 
-        # No retries: a dead Redis must be noticed within ``timeout``, not after seconds of backoff.
-        self._redis = redis.Redis.from_url(
-            url,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            retry=Retry(NoBackoff(), 0),
-            decode_responses=True,
-        )
+        self._redis = fail_fast_redis(url, timeout)
         self._timeout = timeout
         self._policy = policy
         self.failures = 0  # calls that failed since start

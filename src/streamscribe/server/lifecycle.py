@@ -138,6 +138,18 @@ class LiveStreamConnection:
                 },
             )
 
+    def _log_start(self, engine: Engine, language: str | None, task: str, protocol: str) -> None:
+        log.info(
+            "stream started",
+            extra={
+                "event": "stream_start",
+                "engine": engine.name,
+                "language": language,
+                "task": task,
+                "protocol": protocol,
+            },
+        )
+
     def _admit(self, engine: Engine) -> None:
         """Take a server stream slot on ``engine`` (``Runtime.admit``), given back when the socket closes."""
         self._runtime.admit(engine)

@@ -315,16 +315,7 @@ class RealtimeConnection(LiveStreamConnection):
             self._open = _Item(new_id("item"))
         session = self._start_session(engine, options, self._emit, principal, lease)
         await self._send(SessionUpdated(session=config.describe(self._session_id, engine.name)))
-        log.info(
-            "stream started",
-            extra={
-                "event": "stream_start",
-                "engine": engine.name,
-                "language": config.language,
-                "task": "transcribe",
-                "protocol": "realtime",
-            },
-        )
+        self._log_start(engine, config.language, "transcribe", "realtime")
         audio_format, rate = config.wire_format
         return session, AudioInput(audio_format, rate, engine.sample_rate, settings.streaming.max_frame_bytes)
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from streamscribe.protocol import ConfigRefused, ErrorType
+from streamscribe.server.counters import fail_fast_redis
 from streamscribe.server.quotas import StreamLease
 
 log = logging.getLogger(__name__)
@@ -185,16 +186,8 @@ class RedisResumeStore:
 
     def __init__(self, url: str, timeout: float) -> None:
         import redis.asyncio as redis
-        from redis.asyncio.retry import Retry
-        from redis.backoff import NoBackoff
 
-        self._redis = redis.Redis.from_url(
-            url,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            retry=Retry(NoBackoff(), 0),
-            decode_responses=True,
-        )
+        self._redis = fail_fast_redis(url, timeout)
         self._timeout = timeout
         self._errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError, TimeoutError)
         self._take = self._redis.register_script(_TAKE)

@@ -66,15 +66,7 @@ class StreamConnection(LiveStreamConnection):
                 resume_from=round(resume.base_seconds, 3),
             )
         )
-        log.info(
-            "stream started",
-            extra={
-                "event": "stream_start",
-                "engine": engine.name,
-                "language": config.language,
-                "task": config.task,
-            },
-        )
+        self._log_start(engine, config.language, config.task, "seed")
         session = self._new_session(config, engine, principal, lease, resume)
         if diarizer is not None:
             session.label_speakers(StreamSpeakers(diarizer))
