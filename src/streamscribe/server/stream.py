@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 
 from streamscribe.audio import AudioInput, DecodedAudio
 from streamscribe.engines.base import Engine, EngineUnavailable, UnsupportedLanguage
@@ -41,8 +40,6 @@ from streamscribe.streaming.session import (
     SessionEvent,
     SessionOptions,
 )
-
-log = logging.getLogger(__name__)
 
 
 class StreamConnection(LiveStreamConnection):
