@@ -65,7 +65,6 @@ from streamscribe.streaming.session import (
     LiveSession,
     PartialText,
     SessionEvent,
-    SessionOptions,
 )
 from streamscribe.streaming.vad import VadOptions
 
@@ -300,14 +299,8 @@ class RealtimeConnection(LiveStreamConnection):
         self._admit(engine)
         settings = self._runtime.settings
         hotwords = ", ".join(config.keywords) if config.keywords else None
-        options = SessionOptions(
-            language=config.language,
-            max_segment_seconds=settings.streaming.max_segment_seconds,
-            max_backlog_seconds=settings.streaming.max_backlog_seconds,
-            prompt_chars=settings.streaming.prompt_chars,
-            prompt=config.prompt,
-            hotwords=hotwords,
-            vad=config.vad or settings.vad,
+        options = self._runtime.session_options(
+            config.language, prompt=config.prompt, hotwords=hotwords, vad=config.vad or settings.vad
         )
         self._manual = config.vad is None
         self._engine_rate = engine.sample_rate

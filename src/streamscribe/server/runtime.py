@@ -109,6 +109,18 @@ class Runtime:
             )
         return self._steppers[engine.name]
 
+    def session_options(self, language: str, **choices: Any) -> SessionOptions:
+        """A stream's options, any protocol: the client's ``choices`` over this server's streaming and VAD
+        settings."""
+        streaming = self.settings.streaming
+        server: dict[str, Any] = {
+            "max_segment_seconds": streaming.max_segment_seconds,
+            "max_backlog_seconds": streaming.max_backlog_seconds,
+            "prompt_chars": streaming.prompt_chars,
+            "vad": self.settings.vad,
+        }
+        return SessionOptions(language=language, **(server | choices))
+
     def new_session(
         self, engine: Engine, options: SessionOptions, emit: Callable[[SessionEvent], Awaitable[None]]
     ) -> LiveSession:

@@ -38,7 +38,6 @@ from streamscribe.streaming.session import (
     FinalText,
     LiveSession,
     SessionEvent,
-    SessionOptions,
 )
 
 
@@ -137,13 +136,11 @@ class StreamConnection(LiveStreamConnection):
         resume: ResumableStream,
     ) -> LiveSession:
         settings = self._runtime.settings
-        options = SessionOptions(
-            language=config.language,
+        options = self._runtime.session_options(
+            config.language,
             enable_partial=config.enable_partial,
             partial_interval=config.partial_interval,
             max_segment_seconds=min(settings.streaming.max_segment_seconds, config.max_buffer_duration),
-            max_backlog_seconds=settings.streaming.max_backlog_seconds,
-            prompt_chars=settings.streaming.prompt_chars,
             word_timestamps=config.word_timestamps,
             task=config.task,
             prompt=config.prompt,

@@ -52,7 +52,7 @@ from streamscribe.protocol import (
 from streamscribe.server.logs import new_request_id
 from streamscribe.server.pacing import StreamPacing
 from streamscribe.server.runtime import Runtime
-from streamscribe.streaming.session import EngineFailure, FinalText, LiveSession, SessionEvent, SessionOptions
+from streamscribe.streaming.session import EngineFailure, FinalText, LiveSession, SessionEvent
 
 log = logging.getLogger(__name__)
 
@@ -317,15 +317,7 @@ class WyomingConnection:
         engine = choice.engine
         runtime.admit(engine)  # max_streams, overload: StreamError(server_busy)
         runtime.stream_opened()
-        settings = runtime.settings
-        options = SessionOptions(
-            language=language,
-            enable_partial=False,
-            max_segment_seconds=settings.streaming.max_segment_seconds,
-            max_backlog_seconds=settings.streaming.max_backlog_seconds,
-            prompt_chars=settings.streaming.prompt_chars,
-            vad=settings.vad,
-        )
+        options = runtime.session_options(language, enable_partial=False)
         session = runtime.new_session(engine, options, self._emit)
         self._transcription = _Transcription(
             session, language, engine.sample_rate, rate, StreamResampler(rate, engine.sample_rate)
