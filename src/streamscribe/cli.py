@@ -47,8 +47,10 @@ def _serve(args: argparse.Namespace) -> int:
     from streamscribe.server.app import STREAM_PATH, create_app
     from streamscribe.server.auth import MIN_API_KEY_LENGTH, generate_api_key
     from streamscribe.server.logs import configure_logging
+    from streamscribe.server.memory import limit_arenas
     from streamscribe.server.serving import GracefulServer, uvicorn_config
 
+    limit_arenas()  # before any engine's or decoder's thread starts
     try:
         settings = Settings.load(
             args.config,

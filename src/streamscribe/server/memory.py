@@ -1,0 +1,67 @@
+"""Giving freed memory back to the system, so that a server's resident memory stays flat over days.
+
+glibc's malloc gives each thread that allocates a heap of its own (an arena, up to eight per core), and
+hands freed memory back to the system only from the top of a heap. Decode workers, Opus decoders and the
+event loop each allocate and free audio windows of many sizes, so the resident memory of a long-running
+server creeps up to a high-water mark of fragments that no stream holds any more: 23 % in a 30-minute
+soak (``bench/soak.py``), with Python's own allocations flat. Two glibc calls bound it: fewer arenas, set
+before the threads start, and ``malloc_trim`` once streams have ended. Elsewhere (musl, macOS) both are
+no-ops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import ctypes.util
+import os
+from typing import Any
+
+M_ARENA_MAX = -8  # mallopt's parameter number, from glibc's malloc.h
+ARENAS = 2  # measured: the lowest memory in a probe of many streams, and streams as fast as with 8 per core
+TRIM_DELAY_SECONDS = 2.0  # streams ending together are trimmed for once
+
+
+def _glibc() -> Any | None:
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        libc = ctypes.CDLL(name)
+    except OSError:
+        return None
+    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+
+
+_LIBC = _glibc()
+
+
+def limit_arenas() -> None:
+    """Cap glibc's arenas (call before threads start), unless the operator set ``MALLOC_ARENA_MAX``."""
+    if _LIBC is not None and "MALLOC_ARENA_MAX" not in os.environ:
+        _LIBC.mallopt(M_ARENA_MAX, ARENAS)
+
+
+class MemoryTrimmer:
+    """Returns freed memory to the system a moment after streams end, in a worker thread (a trim walks
+    every arena, a few milliseconds the event loop need not wait)."""
+
+    def __init__(self) -> None:
+        self._pending: asyncio.TimerHandle | None = None
+
+    def trim_soon(self) -> None:
+        """After a stream or an upload ended: trim in a moment (one trim for all that end by then)."""
+        if _LIBC is None or self._pending is not None:
+            return
+        loop = asyncio.get_running_loop()
+        self._pending = loop.call_later(TRIM_DELAY_SECONDS, self._trim, loop)
+
+    def _trim(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._pending = None
+        if _LIBC is not None:
+            loop.run_in_executor(None, _LIBC.malloc_trim, 0)
+
+    def close(self) -> None:
+        if self._pending is not None:
+            self._pending.cancel()
+            self._pending = None
