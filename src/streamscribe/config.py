@@ -239,7 +239,9 @@ class TierSettings(BaseModel):
     premium: PremiumTier = Field(default_factory=PremiumTier)
 
     def limits(self, tier: str) -> TierLimits:
-        return getattr(self, tier)
+        """A tier's limits. A tier this server does not know (a database edited by hand, or by a newer
+        release) gets the free tier's: the fewest, and no key is refused or fails for it."""
+        return getattr(self, tier) if tier in TIERS else self.free
 
 
 TIERS = ("free", "standard", "premium")

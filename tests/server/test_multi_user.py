@@ -262,6 +262,26 @@ def test_free_tier_allows_one_stream_at_a_time(mu_server: RunningServer) -> None
     asyncio.run(scenario())
 
 
+def test_a_tier_the_server_does_not_know_gets_the_free_tiers_limits(mu_server: RunningServer) -> None:
+    key = new_key(mu_server, "dora", tier="premium")
+    store = open_store(mu_server.settings)
+    try:
+        assert store.set_tier("dora", "gold")  # a hand-edited database, or one a newer release wrote
+    finally:
+        store.close()
+    report = limits(mu_server, key)
+    assert report["tier"] == "gold"
+    assert report["limits"]["concurrent_streams"] == 1  # the free tier's, not premium's
+
+    async def scenario() -> None:
+        first = await open_stream(mu_server.ws_url(key))
+        code, _ = await refused(mu_server.ws_url(key))
+        assert code == 4003
+        await first.close()
+
+    asyncio.run(scenario())
+
+
 def test_standard_tier_allows_three_streams(mu_server: RunningServer) -> None:
     key = new_key(mu_server, "alice", tier="standard")
 

@@ -18,7 +18,7 @@ from typing import Protocol
 
 from starlette.requests import HTTPConnection, Request
 
-from streamscribe.config import Settings, TierLimits
+from streamscribe.config import TIERS, Settings, TierLimits
 from streamscribe.protocol import AddressRefused, AuthMessage, ErrorType, StreamError, parse_client_message
 from streamscribe.server.quotas import Quotas
 from streamscribe.server.store import KeyRecord, KeyStore, open_store
@@ -183,6 +183,13 @@ class MultiUserAuth:
         matches = self._hasher.matches(presented, record.key_hash if record else self._dummy_hash)
         if record is None or not matches or not record.is_usable(time.time()):
             return None
+        if record.tier not in TIERS:
+            log.warning(
+                "user %s has an unknown tier %r: the free tier's limits apply",
+                record.user_id,
+                record.tier,
+                extra={"event": "unknown_tier"},
+            )
         return Principal(
             record.user_id,
             record.key_id,
