@@ -4,6 +4,7 @@ redis-server (the Debian package; scripts/test.sh installs it), one SQLite key d
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -20,6 +21,8 @@ import httpx
 import numpy as np
 import pytest
 import redis
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
 from streamscribe.client import encode_samples, stream_audio, stream_url
 from streamscribe.config import Settings
@@ -392,3 +395,39 @@ def test_a_stream_dropped_mid_utterance_resumes_on_the_other_replica(
     assert '"event": "stream_resumed"' in b.log() and '"event": "stream_resumed"' not in a.log()
     used = (limits(b, key)["used_today_minutes"] - used_before) * 60
     assert used == pytest.approx(SECONDS, abs=0.2), "each audio second is charged once, across replicas"
+
+
+def test_a_one_stream_tier_resumes_on_the_other_replica_while_its_old_socket_is_open(
+    start_replicas: Callable[..., list[Replica]],
+) -> None:
+    """The old socket, on one replica, went quiet without closing; the stream resumes on the other. It is
+    let in on its own slot, and the old connection ends at its replica's next check (a third of the slot's
+    lifetime), without freeing the slot the resumed stream holds."""
+    a, b = start_replicas({}, {})
+    key = new_key(a, "carol")  # the free tier: one stream at a time
+
+    async def scenario() -> None:
+        old = await open_stream(a.ws_url(key))
+        while (frame := json.loads(await old.recv())).get("state") != "ready":
+            pass
+        new = await connect(b.ws_url(key))
+        await new.send(json.dumps({"type": "config", "resume": frame["resume_token"]}))
+        while (frame := json.loads(await new.recv())).get("state") != "ready":
+            assert frame["type"] != "error", frame
+        async with asyncio.timeout(STREAM_TTL_SECONDS * 3):
+            with contextlib.suppress(ConnectionClosed):
+                async for _ in old:
+                    pass
+        assert old.close_code == 1001
+        await asyncio.sleep(STREAM_TTL_SECONDS)  # past any refresh the old lease could have made
+        for replica in (a, b):
+            code, error = await refused(replica.ws_url(key))
+            assert code == 4003, ("the resumed stream holds the user's one slot", error)
+        await new.send(json.dumps({"type": "stop"}))
+        async for _ in new:
+            pass
+        assert new.close_code == 1000
+
+    asyncio.run(scenario())
+    assert '"event": "stream_superseded"' in a.log()
+    assert limits(b, key)["active_streams"] == 0

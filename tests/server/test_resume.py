@@ -5,13 +5,15 @@ frame) reconnects with its resume token and gets the same session; tokens are bo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-from websockets.asyncio.client import connect
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
 
 from streamscribe.client import StreamResult, encode_samples, stream_audio
 from streamscribe.protocol import StreamError
@@ -126,9 +128,13 @@ class GivenBack:
 
     def __init__(self) -> None:
         self.seconds: list[float] = []
+        self.handed_over = False
 
     async def give_back(self, seconds: float) -> None:
         self.seconds.append(seconds)
+
+    def hand_over(self) -> None:
+        self.handed_over = True
 
 
 async def test_a_taken_point_is_no_longer_written_by_its_old_connection_and_points_lapse(
@@ -141,6 +147,7 @@ async def test_a_taken_point_is_no_longer_written_by_its_old_connection_and_poin
     old.received(2.0)
     await old.dropped(lease)  # type: ignore[arg-type]
     assert lease.seconds == [], "seen before the resume: the resumed stream knows what was received"
+    assert not lease.handed_over, "not resumed yet: the slot is freed with the connection"
 
     with pytest.raises(StreamError):
         await resumes.start("bob", old.token)
@@ -153,8 +160,12 @@ async def test_a_taken_point_is_no_longer_written_by_its_old_connection_and_poin
     new.received(1.5)  # up to 4.0, not saved yet
     newest = await resumes.start("alice", new.token)  # resumed before `new` saw its end
     assert newest.earlier_finals == ["one", "two"]
+    assert new.superseded.is_set(), "resumed in this process: the connection it left is told at once"
+    assert not await new.still_here()
+    assert newest.slot == new.slot == old.slot, "one slot among the user's streams, across connections"
     await new.dropped(lease)  # type: ignore[arg-type]
     assert lease.seconds == [pytest.approx(1.5)], "what `newest` charges again is given back"
+    assert lease.handed_over, "the slot is `newest`'s now: closing the old lease must not free it"
     with pytest.raises(StreamError):
         await resumes.start("alice", old.token)
 
@@ -162,3 +173,55 @@ async def test_a_taken_point_is_no_longer_written_by_its_old_connection_and_poin
     with pytest.raises(StreamError):
         await resumes.start("alice", newest.token)
     await resumes.close()
+
+
+async def test_an_open_stream_keeps_its_point_from_lapsing_while_it_is_silent(
+    resume_store: ResumeStore,
+) -> None:
+    resumes = Resumes(resume_store, ttl=0.5)
+    stream = await resumes.start("alice", None)
+    for _ in range(4):  # 1.2 s with no final: the connection's checks keep the point
+        await asyncio.sleep(0.3)
+        assert await stream.still_here()
+    resumed = await resumes.start("alice", stream.token)
+    assert resumed.slot == stream.slot
+    await resumes.close()
+
+
+def test_a_one_stream_tier_resumes_while_its_old_socket_is_still_open(
+    mu_server: RunningServer, speech: np.ndarray
+) -> None:
+    """A phone that changed networks: its old socket went quiet without closing, and the server still
+    holds it. The resume is let in on the stream's own slot, the old connection ends at once, and the user
+    holds one slot, not two."""
+    key = new_key(mu_server, "carol")  # the free tier: one stream at a time
+
+    async def ready(ws: ClientConnection, config: dict[str, object]) -> dict[str, object]:
+        await ws.send(json.dumps({"type": "config", **config}))
+        while (frame := json.loads(await ws.recv())).get("state") != "ready":
+            assert frame["type"] != "error", frame
+        return frame  # type: ignore[no-any-return]
+
+    async def scenario() -> None:
+        old = await connect(mu_server.ws_url(key))
+        token = (await ready(old, {}))["resume_token"]
+        await old.send(json.dumps({"type": "audio", "data": encode_samples(speech[: 16000 * 3])}))
+        async with connect(mu_server.ws_url(key)) as new:
+            await ready(new, {"resume": token})
+            async with asyncio.timeout(5):
+                with contextlib.suppress(ConnectionClosed):
+                    async for _ in old:
+                        pass
+            assert old.close_code == 1001, "the connection the stream left is ended"
+            assert limits(mu_server, key)["active_streams"] == 1
+            code, error = await refused(mu_server.ws_url(key))
+            assert code == 4003, ("the resumed stream holds the user's one slot", error)
+            await new.send(json.dumps({"type": "audio", "data": encode_samples(speech[16000 * 3 :])}))
+            await new.send(json.dumps({"type": "stop"}))
+            frames = [json.loads(raw) async for raw in new]
+        full = [f for f in frames if f["type"] == "full_transcript"]
+        assert full and len(full[0]["text"].split()) >= 20, frames
+        await asyncio.sleep(0.2)
+        assert limits(mu_server, key)["active_streams"] == 0
+
+    asyncio.run(scenario())

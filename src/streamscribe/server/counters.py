@@ -54,7 +54,8 @@ class Counters(Protocol):
     """Live quota counters, in this process or shared by replicas."""
 
     async def acquire_stream(self, user: str, stream_id: str, limit: int, ttl: float) -> bool:
-        """Take a stream slot unless ``limit`` are taken."""
+        """Take a stream slot unless ``limit`` are taken; a slot already held (a resumed stream's, still
+        held by the connection it left) is its own again, whatever the limit."""
         ...
 
     async def refresh_stream(self, user: str, stream_id: str, ttl: float) -> None: ...
@@ -112,7 +113,7 @@ class LocalCounters:
 
     async def acquire_stream(self, user: str, stream_id: str, limit: int, ttl: float) -> bool:
         streams = self._live(user)
-        if len(streams) >= limit:
+        if stream_id not in streams and len(streams) >= limit:
             return False
         streams[stream_id] = self._clock() + ttl
         return True
@@ -180,7 +181,9 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 _ACQUIRE_STREAM = (
     _NOW_MS
     + """redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
+if not redis.call('ZSCORE', KEYS[1], ARGV[2]) and redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then
+  return 0
+end
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[2])
 redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]))
 return 1

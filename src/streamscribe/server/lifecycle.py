@@ -61,9 +61,11 @@ class LiveStreamConnection:
         self._session: LiveSession | None = None
         self._watchers: list[asyncio.Task[None]] = []
         self._admitted = False
+        self._lease: StreamLease | None = None
 
-    async def _stream(self, principal: Principal, lease: StreamLease) -> None:
-        """The protocol's part, once the key and a stream slot are granted: configure, then serve."""
+    async def _stream(self, principal: Principal) -> None:
+        """The protocol's part, once the key is granted: configure, take a stream slot (``_open_lease``),
+        then serve."""
         raise NotImplementedError
 
     async def _receive_text(self) -> str:
@@ -100,15 +102,11 @@ class LiveStreamConnection:
             await self._ws.close(code=int(CloseCode.GOING_AWAY))
             return
         await self._ws.accept()
-        lease: StreamLease | None = None
         started = time.monotonic()
         self._runtime.stream_opened()
         try:
-            access = self._runtime.access
-            principal = await access.admit(self._ws, self._receive_text)
-            lease = await access.quotas.open_stream(principal.user_id, principal.limits)
-            self._runtime.metrics.streams.inc()
-            await self._stream(principal, lease)
+            principal = await self._runtime.access.admit(self._ws, self._receive_text)
+            await self._stream(principal)
         except StreamError as error:
             await self._fail(error)
         except (SessionEnded, WebSocketDisconnect):
@@ -123,9 +121,9 @@ class LiveStreamConnection:
             session = self._session
             if session is not None:
                 await session.close()
-            if lease is not None:
-                await self._session_closed(lease)
-                await lease.close()
+            if self._lease is not None:
+                await self._session_closed(self._lease)
+                await self._lease.close()
             if self._admitted:
                 self._runtime.release()
             self._runtime.stream_closed()
@@ -149,6 +147,13 @@ class LiveStreamConnection:
                 "protocol": protocol,
             },
         )
+
+    async def _open_lease(self, principal: Principal, slot: str | None = None) -> StreamLease:
+        """The stream's slot among its user's concurrent streams, and its minutes (``slot``: a resumed
+        stream's own); closed with the socket."""
+        self._lease = await self._runtime.access.quotas.open_stream(principal.user_id, principal.limits, slot)
+        self._runtime.metrics.streams.inc()
+        return self._lease
 
     def _admit(self, engine: Engine) -> None:
         """Take a server stream slot on ``engine`` (``Runtime.admit``), given back when the socket closes."""

@@ -172,11 +172,12 @@ class Quotas:
                 f"too many connection attempts {what}: at most {per_minute} a minute; try again shortly",
             )
 
-    async def open_stream(self, user: str, limits: TierLimits | None) -> StreamLease:
+    async def open_stream(self, user: str, limits: TierLimits | None, slot: str | None = None) -> StreamLease:
         """A slot for one stream of ``user``, or StreamError: quota_exceeded, or unavailable when the shared
-        store is down and the policy is fail_closed. ``limits`` None: count, never refuse."""
+        store is down and the policy is fail_closed. ``limits`` None: count, never refuse. ``slot``: the
+        slot's id, a resumed stream's own (it may still be held by the connection the stream left)."""
         day = utc_day(self._clock())
-        stream_id = uuid.uuid4().hex
+        stream_id = slot or uuid.uuid4().hex
         ttl = self._settings.shared_store.stream_ttl_seconds
         counters = self._counters
         try:
@@ -297,6 +298,7 @@ class StreamLease:
     lost is sent again under its number, which Redis adds once.
 
     Args:
+        stream_id: The slot's id. A resumed stream's connections share it; each counts its own batches.
         counters: Where the slot and the minutes are counted: the shared counters, or this replica's
             fail_open allowance.
         usage: Records what is charged, for the database; gives the stored minutes of a new day.
@@ -323,6 +325,7 @@ class StreamLease:
         self._user = user
         self._limits = limits
         self._stream_id = stream_id
+        self._batch_prefix = uuid.uuid4().hex  # this connection's batches: numbered from 1 like every other
         self._counters = counters
         self._usage = usage
         self._clock = clock
@@ -338,6 +341,7 @@ class StreamLease:
         self._refundable: dict[str, float] = {}  # day -> seconds charge_if_fits charged (files)
         self._heartbeat: asyncio.Task[None] | None = None
         self._closed = False
+        self._handed_over = False
 
     @property
     def heartbeat_seconds(self) -> float:
@@ -394,7 +398,7 @@ class StreamLease:
             number, day, seconds = self._batch
             try:
                 total = await self._counters.add_batch(
-                    self._user, day, seconds, self._usage.seed(self._user, day), (self._stream_id, number)
+                    self._user, day, seconds, self._usage.seed(self._user, day), (self._batch_prefix, number)
                 )
             except SharedStoreUnavailable:
                 self._resend_at = time.monotonic() + RESEND_AFTER_SECONDS
@@ -410,8 +414,16 @@ class StreamLease:
         if seconds > 0:
             await self.charge(-seconds)
 
+    @property
+    def slot(self) -> str:
+        return self._stream_id
+
+    def hand_over(self) -> None:
+        """The stream was resumed on another connection, which holds this slot now: ``close`` keeps it."""
+        self._handed_over = True
+
     async def close(self) -> None:
-        """Free the slot and write the usage out."""
+        """Free the slot (unless handed over) and write the usage out."""
         if self._closed:
             return
         self._closed = True
@@ -425,8 +437,9 @@ class StreamLease:
         undelivered = [*self._unsent.items(), *([self._batch[1:]] if self._batch else [])]
         for day, seconds in undelivered:
             self._usage.counted(self._user, day, seconds)
-        with contextlib.suppress(SharedStoreUnavailable):
-            await self._counters.release_stream(self._user, self._stream_id)
+        if not self._handed_over:
+            with contextlib.suppress(SharedStoreUnavailable):
+                await self._counters.release_stream(self._user, self._stream_id)
         await self._usage.flush()
 
     # Files: refused without side effects, and refunded when they fail (see openai_api.py). A stream's

@@ -186,7 +186,8 @@ class RealtimeConnection(LiveStreamConnection):
         await session.flush()
         await self._complete_unanswered_now(session)
 
-    async def _stream(self, principal: Principal, lease: StreamLease) -> None:
+    async def _stream(self, principal: Principal) -> None:
+        lease = await self._open_lease(principal)
         if self._ws.query_params.get("intent") != "transcription":
             raise ConfigRefused(
                 ErrorType.BAD_REQUEST,

@@ -9,18 +9,27 @@ refused as if the token did not exist), it is used once (resuming hands out a ne
 connection, if it is still half open somewhere, can no longer write to it), and it lapses
 ``resume_seconds`` after its stream last changed it.
 
+A resumed stream keeps its slot among its user's concurrent streams: a phone whose old socket is still
+half open on the server (it went silent rather than closing) is let in on a one-stream tier, and the old
+connection ends as soon as it is noticed: at once in the same process, at its next check (every third of
+``stream_ttl_seconds``) on another replica. The same check keeps an open stream's point from lapsing
+during a long silence.
+
 Redis keys (``ss:`` prefix, like the counters):
-    ss:resume:{sha256}         hash: user, committed, next_segment, received, state ("open" or "taken")
+    ss:resume:{sha256}         hash: user, slot, committed, next_segment, received, state ("open" or
+                               "taken")
     ss:resume:{sha256}:finals  list: the stream's finals, oldest first
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -40,6 +49,7 @@ class ResumePoint:
 
     Attributes:
         user_id: The user whose key opened the stream.
+        slot: The stream's slot among the user's concurrent streams (``StreamLease.slot``).
         finals: The stream's finals so far, oldest first.
         committed_seconds: The end of the last final's audio; the client resends audio from here.
         next_segment: The ``segment_id`` the next utterance gets.
@@ -47,6 +57,7 @@ class ResumePoint:
     """
 
     user_id: str
+    slot: str = field(default_factory=lambda: secrets.token_hex(16))
     finals: list[str] = field(default_factory=list)
     committed_seconds: float = 0.0
     next_segment: int = 0
@@ -134,7 +145,12 @@ class LocalResumeStore:
 
 def _copy(point: ResumePoint) -> ResumePoint:
     return ResumePoint(
-        point.user_id, list(point.finals), point.committed_seconds, point.next_segment, point.received_seconds
+        point.user_id,
+        point.slot,
+        list(point.finals),
+        point.committed_seconds,
+        point.next_segment,
+        point.received_seconds,
     )
 
 
@@ -167,14 +183,14 @@ redis.call('PEXPIRE', KEYS[1], ARGV[1])
 if redis.call('EXISTS', KEYS[2]) == 1 then redis.call('PEXPIRE', KEYS[2], ARGV[1]) end
 return 1
 """
-# KEYS: the hash, its finals. ARGV: ttl ms, user, committed, next_segment, received, finals...
+# KEYS: the hash, its finals. ARGV: ttl ms, user, slot, committed, next_segment, received, finals...
 _OPEN = """
 redis.call('DEL', KEYS[1], KEYS[2])
-redis.call('HSET', KEYS[1], 'state', 'open', 'user', ARGV[2], 'committed', ARGV[3], 'next_segment', ARGV[4],
-  'received', ARGV[5])
+redis.call('HSET', KEYS[1], 'state', 'open', 'user', ARGV[2], 'slot', ARGV[3], 'committed', ARGV[4],
+  'next_segment', ARGV[5], 'received', ARGV[6])
 redis.call('PEXPIRE', KEYS[1], ARGV[1])
-if #ARGV > 5 then
-  redis.call('RPUSH', KEYS[2], unpack(ARGV, 6))
+if #ARGV > 6 then
+  redis.call('RPUSH', KEYS[2], unpack(ARGV, 7))
   redis.call('PEXPIRE', KEYS[2], ARGV[1])
 end
 return 1
@@ -203,7 +219,9 @@ class RedisResumeStore:
 
     async def open(self, key: str, point: ResumePoint, ttl: float) -> None:
         offsets = [point.committed_seconds, point.next_segment, point.received_seconds]
-        await self._run(self._open, key, [int(ttl * 1000), point.user_id, *offsets, *point.finals])
+        await self._run(
+            self._open, key, [int(ttl * 1000), point.user_id, point.slot, *offsets, *point.finals]
+        )
 
     async def take(self, key: str, user_id: str) -> ResumePoint | None:
         found = await self._run(self._take, key, [user_id])
@@ -213,6 +231,7 @@ class RedisResumeStore:
         fields = dict(zip(flat[::2], flat[1::2], strict=True))
         return ResumePoint(
             user_id,
+            fields.get("slot") or secrets.token_hex(16),  # a point saved before slots were kept
             list(finals),
             float(fields["committed"]),
             int(fields["next_segment"]),
@@ -245,11 +264,15 @@ class ResumableStream:
     ``received_seconds``) is not charged twice.
     """
 
-    def __init__(self, store: ResumeStore, ttl: float, token: str, point: ResumePoint) -> None:
+    def __init__(
+        self, store: ResumeStore, ttl: float, token: str, point: ResumePoint, ended: Callable[[], None]
+    ) -> None:
         self._store = store
         self._ttl = ttl
+        self._ended = ended
         self.token = token
         self.point = point
+        self.superseded = asyncio.Event()  # set when the stream is resumed on another connection here
         self.base_seconds = point.committed_seconds
         self.base_segment = point.next_segment
         self._charged_until = point.received_seconds  # whole-stream seconds
@@ -260,6 +283,10 @@ class ResumableStream:
     @property
     def earlier_finals(self) -> list[str]:
         return list(self.point.finals)
+
+    @property
+    def slot(self) -> str:
+        return self.point.slot
 
     def received(self, seconds: float) -> float:
         """Note ``seconds`` more of audio; returns how many of them to charge (resent audio is free)."""
@@ -287,10 +314,27 @@ class ResumableStream:
         self.point.committed_seconds = self._received
         await self._write(self._store.note(_hash(self.token), self.point, self._ttl, clear_finals=True))
 
+    async def still_here(self) -> bool:
+        """Note the point again, so that it does not lapse while the stream is open (silent or not); False
+        when the stream was resumed on another connection. True when the store does not answer."""
+        if self.superseded.is_set():
+            return False
+        received = self.point.received_seconds
+        try:
+            noted = await self._store.note(_hash(self.token), self.point, self._ttl)
+        except Exception as exc:  # as in _write
+            log.warning("resume point not saved: %s", type(exc).__name__, extra={"event": "resume_unsaved"})
+            return True
+        if noted:
+            self._saved_received = received
+        return noted
+
     async def dropped(self, lease: StreamLease) -> None:
         """The connection ended: unless the client stopped the stream, keep its point ``ttl`` from now, with
         what was received. When the stream was resumed before this connection saw its end, the resumed
-        one charges what it is sent after the point last saved here: that is given back."""
+        one holds the stream's slot now, and charges what it is sent after the point last saved here: that
+        is given back."""
+        self._ended()
         if self._finished:
             return
         try:
@@ -299,6 +343,7 @@ class ResumableStream:
             log.warning("resume point not saved: %s", type(exc).__name__, extra={"event": "resume_unsaved"})
             return
         if not noted:
+            lease.hand_over()
             await lease.give_back(self._charged_until - self._saved_received)
 
     async def finished(self) -> None:
@@ -323,6 +368,7 @@ class Resumes:
     def __init__(self, store: ResumeStore, ttl: float) -> None:
         self._store = store
         self._ttl = ttl
+        self._open: dict[str, ResumableStream] = {}  # token hash -> the stream open on it in this process
 
     @classmethod
     def for_settings(cls, redis_url: str | None, timeout: float, ttl: float) -> Resumes:
@@ -341,6 +387,9 @@ class Resumes:
             if taken is None:
                 raise ConfigRefused(ErrorType.BAD_REQUEST, REFUSED)
             point = taken
+            left = self._open.pop(_hash(token), None)
+            if left is not None:  # its socket is still open here (half open, most likely): it ends now
+                left.superseded.set()
             log.info(
                 "stream resumed",
                 extra={
@@ -349,9 +398,15 @@ class Resumes:
                     "at": point.committed_seconds,
                 },
             )
-        stream = ResumableStream(self._store, self._ttl, secrets.token_urlsafe(32), point)
+        token = secrets.token_urlsafe(32)
+        key = _hash(token)
+        stream = ResumableStream(self._store, self._ttl, token, point, functools.partial(self._ended, key))
+        self._open[key] = stream
         await stream.opened()
         return stream
+
+    def _ended(self, key: str) -> None:
+        self._open.pop(key, None)
 
     async def close(self) -> None:
         await self._store.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 
 from streamscribe.audio import AudioInput, DecodedAudio
 from streamscribe.engines.base import Engine, EngineUnavailable, UnsupportedLanguage
@@ -40,6 +41,8 @@ from streamscribe.streaming.session import (
     SessionEvent,
 )
 
+log = logging.getLogger(__name__)
+
 
 class StreamConnection(LiveStreamConnection):
     """One client's WebSocket in the seed protocol (``protocol.py``), from accept to close."""
@@ -47,9 +50,10 @@ class StreamConnection(LiveStreamConnection):
     _audio_input: AudioInput | None = None
     _resume: ResumableStream | None = None
 
-    async def _stream(self, principal: Principal, lease: StreamLease) -> None:
+    async def _stream(self, principal: Principal) -> None:
         config = await self._receive_config()
         resume = self._resume = await self._runtime.resumes.start(principal.user_id, config.resume)
+        lease = await self._open_lease(principal, resume.slot)
         engine, audio_input = await self._start(config)
         self._audio_input = audio_input
         diarizer = await self._runtime.diarizer() if config.diarization else None
@@ -192,7 +196,22 @@ class StreamConnection(LiveStreamConnection):
 
         session = self._start_session(engine, options, emit, principal, lease)
         session.carry_over(resume.earlier_finals)
+        watcher = self._end_when_resumed_elsewhere(resume, lease.heartbeat_seconds)
+        self._watchers.append(asyncio.create_task(watcher))
         return session
+
+    async def _end_when_resumed_elsewhere(self, resume: ResumableStream, every: float) -> None:
+        """When the stream is resumed on another connection, this one (whose socket is most likely half
+        open) ends: at once in this process, else at the next check, as often as the lease refreshes its
+        slot. The check also keeps the resume point from lapsing while the stream is silent."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(resume.superseded.wait(), every)
+            if not await resume.still_here():
+                break
+        self._ending = True
+        log.info("stream resumed on another connection: this one ends", extra={"event": "stream_superseded"})
+        await self._close(CloseCode.GOING_AWAY)
 
     async def _serve(
         self, session: LiveSession, audio_input: AudioInput, lease: StreamLease, resume: ResumableStream
