@@ -8,9 +8,11 @@ lose a sentence.
 Starts its own server (``streamscribe serve``). Each pass is one stream: the clip at real-time pace, then a
 commit; no new pass starts after ``--minutes``. Every ``--drop-every`` minutes the next client in turn has
 its TCP connection cut mid-pass and resumes it with its resume token (our client resends the audio after
-the committed offset). Prints JSON lines: the server's RSS as it goes, one row per pass (WER, whether every
-sentence of the clip got a final, reconnects), then a summary with RSS at start (after the first pass of
-every client: the warm-up), half-time and end, and the verdicts: RSS flat (end within 10 % of start),
+the committed offset). Prints JSON lines: the server's RSS as it goes (also split: anonymous memory, the
+heap; and touched pages of mapped files, libraries and models, which grow as new code paths run), one row
+per pass (WER, whether every sentence of the clip got a final, reconnects), then a summary with RSS at
+start (after the first pass of every client: the warm-up), half-time and end, and the verdicts: RSS flat
+(end within 10 % of start),
 every pass with every sentence final, WER not drifting (the last quarter's mean within 0.02 of the
 first's), errors, reconnects.
 """
@@ -34,12 +36,16 @@ from stream_bench import read_wav, start_server, words
 from streamscribe.client import StreamResult, stream_audio, stream_url
 
 
-def rss_mib(pid: int) -> float:
-    """Resident memory of a process (Linux: /proc)."""
+def memory_mib(pid: int) -> dict[str, float]:
+    """Resident memory of a process (Linux: /proc): all of it, its heap and other anonymous memory, and
+    the pages of mapped files (libraries, models) it has touched so far."""
+    fields = {"VmRSS": "rss_mib", "RssAnon": "anon_mib", "RssFile": "file_mib"}
+    found = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return round(int(line.split()[1]) / 1024, 1)
-    raise RuntimeError("no VmRSS")
+        name, _, value = line.partition(":")
+        if name in fields:
+            found[fields[name]] = round(int(value.split()[0]) / 1024, 1)
+    return found
 
 
 @dataclass
@@ -117,14 +123,16 @@ async def client_loop(
     return problems
 
 
-async def sample_rss(pid: int, every: float, samples: list[tuple[float, float]], began: float) -> None:
+async def sample_memory(
+    pid: int, every: float, samples: list[tuple[float, dict[str, float]]], began: float
+) -> None:
     while True:
-        samples.append((time.monotonic() - began, rss_mib(pid)))
-        print(json.dumps({"t_s": round(samples[-1][0], 1), "rss_mib": samples[-1][1]}), flush=True)
+        samples.append((time.monotonic() - began, memory_mib(pid)))
+        print(json.dumps({"t_s": round(samples[-1][0], 1), **samples[-1][1]}), flush=True)
         await asyncio.sleep(every)
 
 
-def rss_at(samples: list[tuple[float, float]], at: float) -> float:
+def memory_at(samples: list[tuple[float, dict[str, float]]], at: float) -> dict[str, float]:
     return min(samples, key=lambda sample: abs(sample[0] - at))[1]
 
 
@@ -136,18 +144,28 @@ async def soak(args: argparse.Namespace, pid: int, base: str, token: str) -> dic
     began = time.monotonic()
     until = began + args.minutes * 60
     drops = DropSchedule(began, args.drop_every * 60, args.clients)
-    memory: list[tuple[float, float]] = []
-    sampler = asyncio.create_task(sample_rss(pid, args.rss_every, memory, began))
+    memory: list[tuple[float, dict[str, float]]] = []
+    sampler = asyncio.create_task(sample_memory(pid, args.rss_every, memory, began))
     url = stream_url(base, token)
     problems = await asyncio.gather(
         *(client_loop(i, url, samples, state, drops, until) for i in range(args.clients))
     )
     sampler.cancel()
-    memory.append((time.monotonic() - began, rss_mib(pid)))
+    memory.append((time.monotonic() - began, memory_mib(pid)))
     ended = memory[-1][0]
     # Warm-up: until every client has finished its first pass (engine, VAD and buffers all allocated).
     warm = len(samples) / 16000 + args.clients * 1.3 + 5
-    start, half, end = rss_at(memory, warm), rss_at(memory, (warm + ended) / 2), memory[-1][1]
+    points = {
+        "start": memory_at(memory, warm),
+        "half": memory_at(memory, (warm + ended) / 2),
+        "end": memory[-1][1],
+    }
+    start, end = points["start"]["rss_mib"], points["end"]["rss_mib"]
+    figures = {
+        kind: {point: found[kind] for point, found in points.items()}
+        for kind in ("rss_mib", "anon_mib", "file_mib")
+    }
+    figures["rss_mib"]["max"] = max(found["rss_mib"] for _, found in memory)
     rows = state.rows
     wers = [row["wer"] for row in rows]
     quarter = max(1, len(wers) // 4)
@@ -160,7 +178,7 @@ async def soak(args: argparse.Namespace, pid: int, base: str, token: str) -> dic
             "minutes": round(ended / 60, 2),
             "clip": args.clip.name,
             "passes": len(rows),
-            "rss_mib": {"start": start, "half": half, "end": end, "max": max(m for _, m in memory)},
+            **figures,
             "rss_flat": abs(end - start) <= 0.1 * start,
             "passes_every_sentence_final": sum(row["every_sentence_final"] for row in rows),
             "all_sentences_final": all(row["every_sentence_final"] for row in rows),
