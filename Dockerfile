@@ -13,6 +13,14 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     STREAMSCRIBE_PORT=8000 \
     STREAMSCRIBE_CACHE_DIR=/opt/streamscribe/cache
 
+# jemalloc as malloc: glibc's heaps keep the fragments of the audio windows and tensors that streams free,
+# so a long-running server's memory creeps up (docs/deployment.md, Memory); jemalloc gives them back.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends libjemalloc2 \
+ && rm -rf /var/lib/apt/lists/* \
+ && ln -s "/usr/lib/$(uname -m)-linux-gnu/libjemalloc.so.2" /usr/local/lib/libjemalloc.so.2
+ENV LD_PRELOAD=/usr/local/lib/libjemalloc.so.2
+
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY src ./src

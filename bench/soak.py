@@ -4,6 +4,7 @@ lose a sentence.
 
     python bench/soak.py                                   # 8 clients, 30 minutes, a drop every 5 minutes
     python bench/soak.py --minutes 2 --clients 2 --drop-every 1
+    python bench/soak.py --allocator glibc                 # without jemalloc (a plain pip install)
 
 Starts its own server (``streamscribe serve``). Each pass is one stream: the clip at real-time pace, then a
 commit; no new pass starts after ``--minutes``. Every ``--drop-every`` minutes the next client in turn has
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import secrets
 import statistics
 import time
@@ -34,6 +36,8 @@ from machine import ROOT
 from stream_bench import read_wav, start_server, words
 
 from streamscribe.client import StreamResult, stream_audio, stream_url
+
+JEMALLOC = next(Path("/usr/lib").glob("*-linux-gnu/libjemalloc.so.2"), None)
 
 
 def memory_mib(pid: int) -> dict[str, float]:
@@ -174,6 +178,7 @@ async def soak(args: argparse.Namespace, pid: int, base: str, token: str) -> dic
     drift_ok = bool(wers) and statistics.fmean(wers[-quarter:]) <= statistics.fmean(wers[:quarter]) + 0.02
     return {
         "summary": {
+            "allocator": args.allocator,
             "clients": args.clients,
             "minutes": round(ended / 60, 2),
             "clip": args.clip.name,
@@ -203,7 +208,18 @@ def main() -> None:
     parser.add_argument("--drop-every", type=float, default=5.0, help="minutes between drops (0: none)")
     parser.add_argument("--clip", type=Path, default=ROOT / "tests" / "data" / "long.wav")
     parser.add_argument("--rss-every", type=float, default=10.0, help="seconds between RSS samples")
+    parser.add_argument(
+        "--allocator",
+        choices=["jemalloc", "glibc"],
+        default="jemalloc" if JEMALLOC else "glibc",
+        help="the server's malloc: jemalloc, preloaded as in the Docker image (the default where it is "
+        "installed: Debian's libjemalloc2), or glibc's",
+    )
     args = parser.parse_args()
+    if args.allocator == "jemalloc":
+        if JEMALLOC is None:
+            parser.error("jemalloc is not installed (Debian: apt-get install libjemalloc2)")
+        os.environ["LD_PRELOAD"] = str(JEMALLOC)  # the server's environment (start_server)
     token = "soak-" + secrets.token_hex(20)
     process, base = start_server(token)
     try:

@@ -48,6 +48,11 @@ def test_glibc_is_found_on_glibc_systems() -> None:
     assert memory._LIBC.malloc_trim(0) in (0, 1)
 
 
+def test_under_jemalloc_glibcs_calls_are_skipped(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LD_PRELOAD", "/usr/local/lib/libjemalloc.so.2")
+    assert memory._glibc_malloc() is None
+
+
 def test_arenas_are_capped_unless_the_operator_chose(
     libc: RecordingLibc, monkeypatch: pytest.MonkeyPatch
 ) -> None:

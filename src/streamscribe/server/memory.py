@@ -4,9 +4,10 @@ glibc's malloc gives each thread that allocates a heap of its own (an arena, up 
 hands freed memory back to the system only from the top of a heap. Decode workers, Opus decoders and the
 event loop each allocate and free audio windows of many sizes, so the resident memory of a long-running
 server creeps up to a high-water mark of fragments that no stream holds any more: 23 % in a 30-minute
-soak (``bench/soak.py``), with Python's own allocations flat. Two glibc calls bound it: fewer arenas, set
-before the threads start, and ``malloc_trim`` once streams have ended. Elsewhere (musl, macOS) both are
-no-ops.
+soak (``bench/soak.py``), with Python's own allocations flat. Two glibc calls halve it: fewer arenas, set
+before the threads start, and ``malloc_trim`` once streams have ended. jemalloc keeps it flat: the Docker
+image preloads it (``LD_PRELOAD``), and then, as with other C libraries (musl, macOS), both calls are
+skipped.
 """
 
 from __future__ import annotations
@@ -33,7 +34,12 @@ def _glibc() -> Any | None:
     return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
 
 
-_LIBC = _glibc()
+def _glibc_malloc() -> Any | None:
+    """glibc, when its malloc is the one in use."""
+    return None if "jemalloc" in os.environ.get("LD_PRELOAD", "") else _glibc()
+
+
+_LIBC = _glibc_malloc()
 
 
 def limit_arenas() -> None:
