@@ -225,3 +225,4 @@ def test_a_one_stream_tier_resumes_while_its_old_socket_is_still_open(
         assert limits(mu_server, key)["active_streams"] == 0
 
     asyncio.run(scenario())
+    assert not mu_server.app.state.runtime.resumes._open, "ended and refused streams leave no hold here"

@@ -347,8 +347,9 @@ class ResumableStream:
             await lease.give_back(self._charged_until - self._saved_received)
 
     async def finished(self) -> None:
-        """The client stopped the stream: there is nothing to resume."""
+        """The client stopped the stream (or it was refused): there is nothing to resume."""
         self._finished = True
+        self._ended()
         await self._write(self._store.forget(_hash(self.token)))
 
     async def _write(self, change: Any) -> bool:

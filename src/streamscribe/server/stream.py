@@ -53,7 +53,11 @@ class StreamConnection(LiveStreamConnection):
     async def _stream(self, principal: Principal) -> None:
         config = await self._receive_config()
         resume = self._resume = await self._runtime.resumes.start(principal.user_id, config.resume)
-        lease = await self._open_lease(principal, resume.slot)
+        try:
+            lease = await self._open_lease(principal, resume.slot)
+        except StreamError:
+            await resume.finished()  # refused: there is nothing to resume
+            raise
         engine, audio_input = await self._start(config)
         self._audio_input = audio_input
         diarizer = await self._runtime.diarizer() if config.diarization else None
