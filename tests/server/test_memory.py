@@ -87,6 +87,6 @@ def test_streams_that_end_are_followed_by_a_trim(
     assert all(result.full_transcript for result in results)
     time.sleep(1.0)  # five trim delays
     trims = libc.trims()
-    assert 1 <= trims <= len(results)
+    assert trims >= 1
     time.sleep(0.5)
     assert libc.trims() == trims  # nothing ended since: no more trims
