@@ -182,7 +182,9 @@ async def stream_realtime(
     transcription = {key: config[key] for key in ("model", "language") if key in config}
     session = {"type": "transcription", "audio": {"input": {"transcription": transcription}}}
     headers = {"Authorization": f"Bearer {token}"}
-    async with connect(url, additional_headers=headers, max_size=None, open_timeout=30) as ws:
+    async with connect(
+        url, additional_headers=headers, max_size=None, open_timeout=30, ping_timeout=None
+    ) as ws:
         start = time.monotonic()
         texts: dict[str, str] = {}
         spans: dict[str, list[float]] = {}

@@ -146,11 +146,27 @@ def test_opus_decodes_as_its_bytes_arrive(opus_tone: dict[str, bytes], container
     assert peak_hz(out[1600:-1600], 16000) == pytest.approx(440, abs=2)
 
 
+@pytest.mark.parametrize("container", ["ogg", "webm"])
+def test_opus_whose_first_bytes_come_split_over_frames_decodes(
+    opus_tone: dict[str, bytes], container: str
+) -> None:
+    """Chromium's MediaRecorder may send a one-byte first slice: the container is told once 4 bytes came."""
+    audio_input = AudioInput(AudioFormat.OPUS, 16000, 16000, 10_000)
+    data = opus_tone[container]
+    pieces = [data[:1], data[1:2], data[2:3], *(data[i : i + 700] for i in range(3, len(data), 700))]
+    decoded = [audio_input.decode(piece) for piece in pieces]
+    audio_input.close()
+    assert sum(d.seconds for d in decoded) == pytest.approx(2.0, abs=0.05)
+
+
 def test_a_bad_opus_stream_is_refused_and_the_next_one_decodes(opus_tone: dict[str, bytes]) -> None:
     audio_input = AudioInput(AudioFormat.OPUS, 16000, 16000, 100_000)
     with pytest.raises(StreamError, match="Ogg or WebM") as caught:
         audio_input.decode(b"RIFF....WAVEfmt ")
     assert caught.value.error_type is ErrorType.INVALID_AUDIO
+    assert audio_input.decode(b"Og").seconds == 0  # perhaps Ogg: told by the next bytes
+    with pytest.raises(StreamError, match="Ogg or WebM"):
+        audio_input.decode(b"x")  # "Ogx": neither
     noise = np.random.default_rng(1).integers(0, 256, 70_000, dtype=np.uint8).tobytes()
     with pytest.raises(StreamError, match="not a valid Ogg or WebM Opus stream"):
         audio_input.decode(b"OggS" + noise)

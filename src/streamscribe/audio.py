@@ -172,6 +172,7 @@ class StreamResampler:
 OPUS_SAMPLE_RATE = 48000  # what Opus decodes to, whatever the encoder's input was
 # The magic numbers that open each container Opus may come in, and FFmpeg's demuxer for it.
 _OPUS_CONTAINERS = {b"OggS": "ogg", b"\x1a\x45\xdf\xa3": "matroska"}
+_OPUS_MAGIC_BYTES = 4
 # One frame may hold at most this much audio: a frame of Opus silence (a few bytes per 20 ms) would
 # otherwise decode to an hour of samples.
 MAX_OPUS_FRAME_SECONDS = 60.0
@@ -261,24 +262,30 @@ class _ContainerReader:
 
 class _ContainerOpusDecoder:
     """Opus in Ogg or WebM (the container told by its first bytes), one stream after another: after a bad
-    or ended stream, the next frame starts a new one (a client restarts its recorder)."""
+    or ended stream, the next frame starts a new one (a client restarts its recorder). The first bytes may
+    come split over frames (Chromium's MediaRecorder may hand over a one-byte first slice): they are kept
+    until they name a container."""
 
     def __init__(self) -> None:
         self._reader: _ContainerReader | None = None
+        self._head = b""  # a new stream's first bytes, fewer than a magic number's
 
     def __call__(self, raw: bytes) -> tuple[np.ndarray, int]:
         if self._reader is not None and self._reader.finished:
             self.close()
         if self._reader is None:
-            if not raw:
+            head, self._head = self._head + bytes(raw), b""
+            if len(head) < _OPUS_MAGIC_BYTES and any(magic.startswith(head) for magic in _OPUS_CONTAINERS):
+                self._head = head
                 return np.zeros(0, dtype=np.float32), OPUS_SAMPLE_RATE
-            container = _OPUS_CONTAINERS.get(bytes(raw[:4]))
+            container = _OPUS_CONTAINERS.get(head[:_OPUS_MAGIC_BYTES])
             if container is None:
                 raise StreamError(
                     ErrorType.INVALID_AUDIO,
                     "opus audio must be an Ogg or WebM stream, sent from its first bytes (OggS or EBML)",
                 )
             self._reader = _ContainerReader(container)
+            raw = head
         try:
             return self._reader.feed(raw), OPUS_SAMPLE_RATE
         except StreamError:

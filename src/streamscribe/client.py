@@ -123,7 +123,11 @@ async def stream_audio(
     urls = list(resume_urls) or [url]
     while True:
         target = urls[result.reconnects % len(urls)]
-        async with connect(target, additional_headers=headers, max_size=None, open_timeout=30, **tls) as ws:
+        # Pings without a pong deadline: a server reading behind this client (it paces fast senders) reads
+        # the ping, and so answers it, only after the audio sent before it; ``timeout`` bounds the waits.
+        async with connect(
+            target, additional_headers=headers, max_size=None, open_timeout=30, ping_timeout=None, **tls
+        ) as ws:
             lost = await stream.connection(ws, finish, on_frame, timeout)
         result.close_code = ws.close_code
         result.close_reason = ws.close_reason or ""

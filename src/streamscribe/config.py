@@ -459,7 +459,12 @@ class Settings(BaseSettings):
         10.0, gt=0, description="Server WebSocket pings keep proxies from closing idle streams."
     )
     ws_ping_timeout_seconds: float = Field(
-        20.0, gt=0, description="A peer that does not answer a ping within this time is disconnected."
+        0.0,
+        ge=0,
+        description="A peer that does not answer a ping within this time is disconnected. 0 (the default): "
+        "no deadline, because a pong queues behind the audio this server has not read yet (a client "
+        "ahead of a busy server would be cut off with 1011); a client gone silent is closed by "
+        "access.idle_timeout_seconds.",
     )
     resume_seconds: float = Field(
         30.0,

@@ -32,7 +32,7 @@ def test_a_dialog_stream_gets_two_stable_speakers_that_follow_the_turns(
 
     finals = result.of_type("final")
     speakers_given = finals and all(f["speaker"] in ("S1", "S2") for f in finals)
-    assert speakers_given, (result.error, result.close_code, finals)
+    assert speakers_given, (result.error, result.close_code, result.close_reason, finals)
     assert turn_speakers(finals, manifest["dialog.wav"]["segments"]) == ["S1", "S2", "S1", "S2"]
     assert not any("speaker" in p for p in result.of_type("partial")), "partials carry no speaker"
     plain = server.stream(clip("short.wav"), speed=0)

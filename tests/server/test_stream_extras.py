@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+import pytest
 from websockets.asyncio.client import connect
 
 from streamscribe.engines.base import AudioWindow, Engine, Transcript
@@ -160,3 +161,23 @@ def test_server_sends_websocket_pings(make_server: Callable[..., RunningServer])
             opcodes.append(opcode)
             rest = rest[2 + length :]
         assert 0x9 in opcodes, f"no ping frame within 5 s (got opcodes {opcodes})"
+
+
+@pytest.mark.parametrize(("pong_deadline", "close_code"), [(0.0, 1000), (0.6, 1011)])
+def test_a_client_ahead_of_the_server_is_not_taken_for_dead_unless_a_pong_deadline_is_set(
+    make_server: Callable[..., RunningServer],
+    clip: Callable[[str], np.ndarray],
+    pong_deadline: float,
+    close_code: int,
+) -> None:
+    """The server reads a fast sender at its own pace, so the client's pong waits behind audio not read yet:
+    a pong deadline (off by default) cuts such a client off with 1011 and no error frame."""
+    server = make_server(
+        ws_ping_interval_seconds=0.2,
+        ws_ping_timeout_seconds=pong_deadline,
+        streaming={"max_audio_speed": 1.0, "audio_burst_seconds": 0.5},
+    )
+    result = server.stream(clip("short.wav"), speed=0)
+
+    assert result.close_code == close_code, (result.close_reason, result.error)
+    assert bool(result.of_type("final")) is (close_code == 1000)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import wave
 from collections.abc import Callable, Iterator
@@ -18,7 +19,15 @@ ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
 CHROMIUM_CANDIDATES = ("/usr/bin/chromium", "/usr/bin/chromium-browser")
 
 try:
-    from playwright.sync_api import Browser, ConsoleMessage, Page, Playwright, expect, sync_playwright
+    from playwright.sync_api import (
+        Browser,
+        ConsoleMessage,
+        Page,
+        Playwright,
+        WebSocket,
+        expect,
+        sync_playwright,
+    )
 except ImportError:  # pragma: no cover - the test extra installs it
     pytest.fail("playwright is not installed: scripts/test.sh installs the test extra", pytrace=False)
 
@@ -92,12 +101,32 @@ def browser(playwright_driver: Playwright, microphone_wav: Path) -> Iterator[Bro
     browser.close()
 
 
+_TOKEN = re.compile(r'"token": ?"[^"]*"')
+_MASKED_TOKEN = '"token":"•••"'
+
+
 @dataclass
 class PageWatch:
-    """What a page did besides rendering: its requests and its script errors."""
+    """What a page did besides rendering: its requests, its script errors, and its socket frames (the
+    first bytes of each: shown when the test fails, for what the page and the server said)."""
 
     requests: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    frames: list[str] = field(default_factory=list)
+
+    def frame(self, direction: str, payload: str | bytes) -> None:
+        if isinstance(payload, bytes):
+            self.frames.append(f"{direction} binary {len(payload)} B: {payload[:8].hex()}")
+        else:
+            self.frames.append(f"{direction} {_TOKEN.sub(_MASKED_TOKEN, payload)[:160]}")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item) -> Iterator[Any]:
+    """Keeps each phase's report on the test, so that the page fixture knows whether the test failed."""
+    report = yield
+    setattr(item, f"report_{report.when}", report)
+    return report
 
 
 @pytest.fixture
@@ -106,13 +135,22 @@ def watch() -> PageWatch:
 
 
 @pytest.fixture
-def page(browser: Browser, watch: PageWatch) -> Iterator[Page]:
-    """A fresh browser context (empty localStorage) with a desktop-size page; fails on script errors."""
+def page(browser: Browser, watch: PageWatch, request: pytest.FixtureRequest) -> Iterator[Page]:
+    """A fresh browser context (empty localStorage) with a desktop-size page; fails on script errors.
+    When the test fails, the page's socket frames are printed (the report's captured output)."""
     context = browser.new_context(viewport={"width": 1280, "height": 900})
     page = context.new_page()
     page.set_default_timeout(60_000)
     page.on("request", lambda request: watch.requests.append(request.url))
     page.on("pageerror", lambda error: watch.errors.append(str(error)))
+
+    def on_socket(socket: WebSocket) -> None:
+        watch.frames.append(f"socket {socket.url.split('?')[0]}")
+        socket.on("framesent", lambda payload: watch.frame("out", payload))
+        socket.on("framereceived", lambda payload: watch.frame("in", payload))
+        socket.on("close", lambda _: watch.frames.append("socket closed"))
+
+    page.on("websocket", on_socket)
 
     def on_console(message: ConsoleMessage) -> None:
         if message.type == "error":
@@ -121,6 +159,10 @@ def page(browser: Browser, watch: PageWatch) -> Iterator[Page]:
     page.on("console", on_console)
     yield page
     context.close()
+    report = getattr(request.node, "report_call", None)
+    if report is not None and report.failed:
+        shown = watch.frames if len(watch.frames) <= 80 else [*watch.frames[:60], "…", *watch.frames[-20:]]
+        print("The page's socket frames:", *shown, sep="\n  ")
     assert not watch.errors, f"the page logged errors: {watch.errors}"
 
 

@@ -112,7 +112,7 @@ def uvicorn_config(settings: Settings, app: FastAPI, **overrides: Any) -> uvicor
         # Off unless configured: inflating happens before the app can pace a stream (see server/pacing.py).
         "ws_per_message_deflate": settings.streaming.permessage_deflate,
         "ws_ping_interval": settings.ws_ping_interval_seconds,
-        "ws_ping_timeout": settings.ws_ping_timeout_seconds,
+        "ws_ping_timeout": settings.ws_ping_timeout_seconds or None,
         # The app drains streams itself (GracefulServer); this bounds what is left after that.
         "timeout_graceful_shutdown": 5,
         "http": http_protocol(settings.header_timeout_seconds),
