@@ -36,6 +36,8 @@ class RecordingLibc:
 
 @pytest.fixture
 def libc(monkeypatch: pytest.MonkeyPatch) -> RecordingLibc:
+    """A recorder for the trimmers made in the test (and for ``limit_arenas``); other servers in this test
+    process keep theirs."""
     recording = RecordingLibc(memory._LIBC)
     monkeypatch.setattr(memory, "_LIBC", recording)
     monkeypatch.setattr(memory, "TRIM_DELAY_SECONDS", 0.2)
@@ -82,6 +84,7 @@ def test_streams_that_end_are_followed_by_a_trim(
     libc: RecordingLibc, make_server: Callable[..., RunningServer], clip: Callable[[str], np.ndarray]
 ) -> None:
     server = make_server()
+    assert server.app.state.runtime.memory.libc is libc
     samples = clip("short.wav")
     results: list[Any] = [server.stream(samples, speed=0) for _ in range(2)]
     assert all(result.full_transcript for result in results)

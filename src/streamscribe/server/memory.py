@@ -53,19 +53,19 @@ class MemoryTrimmer:
     every arena, a few milliseconds the event loop need not wait)."""
 
     def __init__(self) -> None:
+        self.libc = _LIBC  # glibc, or None where its malloc is not the one in use
         self._pending: asyncio.TimerHandle | None = None
 
     def trim_soon(self) -> None:
         """After a stream or an upload ended: trim in a moment (one trim for all that end by then)."""
-        if _LIBC is None or self._pending is not None:
+        if self.libc is None or self._pending is not None:
             return
         loop = asyncio.get_running_loop()
-        self._pending = loop.call_later(TRIM_DELAY_SECONDS, self._trim, loop)
+        self._pending = loop.call_later(TRIM_DELAY_SECONDS, self._trim, loop, self.libc)
 
-    def _trim(self, loop: asyncio.AbstractEventLoop) -> None:
+    def _trim(self, loop: asyncio.AbstractEventLoop, libc: Any) -> None:
         self._pending = None
-        if _LIBC is not None:
-            loop.run_in_executor(None, _LIBC.malloc_trim, 0)
+        loop.run_in_executor(None, libc.malloc_trim, 0)
 
     def close(self) -> None:
         if self._pending is not None:

@@ -50,7 +50,7 @@ class Runtime:
         self.resumes = Resumes.for_settings(shared.redis_url, shared.timeout_seconds, settings.resume_seconds)
         self.draining = asyncio.Event()
         self.models_ready = not settings.preload
-        self._memory = MemoryTrimmer()
+        self.memory = MemoryTrimmer()
         self._schedulers: dict[str, Scheduler[AudioWindow, Transcript]] = {}
         self._steppers: dict[str, Scheduler[StreamPiece, StreamUpdate]] = {}
         self.active_streams = 0  # admitted streams (admission control)
@@ -184,7 +184,7 @@ class Runtime:
     def stream_closed(self) -> None:
         self._open_streams -= 1
         self.metrics.active_streams.dec()
-        self._memory.trim_soon()
+        self.memory.trim_soon()
         if self._open_streams == 0:
             self._no_streams.set()
 
@@ -194,7 +194,7 @@ class Runtime:
 
     def upload_finished(self) -> None:
         self._open_uploads -= 1
-        self._memory.trim_soon()
+        self.memory.trim_soon()
         if self._open_uploads == 0:
             self._no_uploads.set()
 
@@ -231,7 +231,7 @@ class Runtime:
         return True
 
     async def close(self) -> None:
-        self._memory.close()
+        self.memory.close()
         await self.access.close()
         await self.resumes.close()
         schedulers: list[Scheduler[Any, Any]] = [*self._schedulers.values(), *self._steppers.values()]
