@@ -281,6 +281,30 @@ def test_addresses_off_the_allowlist_are_refused(make_server: Callable[..., Runn
     assert [(e.type, Error.from_event(e).code) for e in asyncio.run(scenario())] == [("error", "forbidden")]
 
 
+def test_a_client_refused_with_bytes_unread_gets_its_error_and_a_clean_end(
+    make_server: Callable[..., RunningServer],
+) -> None:
+    """A server that closes with the client's bytes unread resets the connection: the client gets
+    ECONNRESET, and may lose the error event it has not read yet. The server half-closes and reads the
+    leftovers instead. Here an HTTP request (with a body) comes to the Wyoming port."""
+    port = free_port()
+    server = make_server(wyoming_port=port)
+
+    async def scenario() -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST / HTTP/1.1\r\nHost: wyoming\r\n\r\n" + b"x" * 2_000_000)
+        await writer.drain()
+        await asyncio.sleep(0.5)  # the server has refused the first line; a reset would be here by now
+        received = await asyncio.wait_for(reader.read(), READ_TIMEOUT)  # up to the end; a reset raises
+        writer.close()
+        await writer.wait_closed()
+        return received
+
+    header = json.loads(asyncio.run(scenario()).split(b"\n")[0])
+    assert header["type"] == "error"
+    assert httpx.get(f"{server.base_url}/healthz").status_code == 200
+
+
 class _BrokenEngine:
     """Loads fine, fails on every decode (a model out of memory)."""
 

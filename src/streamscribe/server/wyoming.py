@@ -59,6 +59,10 @@ log = logging.getLogger(__name__)
 PROGRAM_NAME = "streamscribe"
 # An event's JSON header line, and its JSON data, are refused past this (a chunk's audio has its own limit).
 MAX_EVENT_JSON_BYTES = 64 * 1024
+# After its last event the server reads (and drops) what the client still sends for at most this long, so
+# that its close does not reset a connection with unread bytes: a reset can destroy the error event the
+# client has not read yet.
+LINGER_SECONDS = 2.0
 
 
 class _DrainStarted(Exception):
@@ -210,10 +214,25 @@ class WyomingConnection:
         finally:
             if self._reading is not None:
                 self._reading.cancel()
+                await asyncio.wait({self._reading})  # the reader is free again for _close
             await self._end_transcription()
-            self._writer.close()
-            with contextlib.suppress(ConnectionError):
-                await self._writer.wait_closed()
+            await self._close()
+
+    async def _close(self) -> None:
+        """Half-close (the client reads every event, then the end), read the client's leftovers until it
+        closes too or LINGER_SECONDS pass, then close. A connection cancelled by the server's close does not
+        linger."""
+        task = asyncio.current_task()
+        cancelled = task is not None and task.cancelling() > 0
+        if not cancelled and not self._writer.is_closing() and self._writer.can_write_eof():
+            with contextlib.suppress(ConnectionError, RuntimeError, TimeoutError):
+                self._writer.write_eof()
+                async with asyncio.timeout(LINGER_SECONDS):
+                    while await self._reader.read(MAX_EVENT_JSON_BYTES):
+                        pass
+        self._writer.close()
+        with contextlib.suppress(ConnectionError):
+            await self._writer.wait_closed()
 
     async def _serve(self) -> None:
         while not self._finished_draining():
